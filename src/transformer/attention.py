@@ -1,0 +1,190 @@
+"""Scaled dot-product attention, multi-head attention and the key/value cache.
+
+The mask convention, used everywhere in the package: a boolean tensor that broadcasts to (B, H, T, S),
+**True = this query may attend to this key**. `padding_mask` and `causal_mask` build the two kinds; combine
+them with `&`. A query row with no key allowed (e.g. a source that is all padding) yields zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks
+
+
+def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
+    """(B, S) token ids -> (B, 1, 1, S) mask: every query may attend to every non-pad key."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+def causal_mask(size: int, device: torch.device | None = None, keys: int | None = None) -> Tensor:
+    """(1, 1, T, S) mask: query t may attend to keys <= t. With `keys` = S > T, the T queries are the last T
+    of S positions (decoding T new tokens after S - T cached ones)."""
+    keys = size if keys is None else keys
+    return torch.ones(size, keys, dtype=torch.bool, device=device).tril(keys - size)[None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention itself
+
+
+def attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The six steps of self-attention, written out. Returns (output, weights).
+
+    q: (B, H, T, D); k, v: (B, H, S, D); mask broadcasts to (B, H, T, S), True = may attend.
+    Step 1 (making q, k, v from the input) is the projections in `MultiHeadAttention`.
+    """
+    d_k = q.size(-1)
+    scores = q @ k.transpose(-2, -1)  # step 2: dot products           (B, H, T, S)
+    scores = scores / math.sqrt(d_k)  # step 3: scale by sqrt(d_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # step 4: softmax over keys
+    if mask is not None:
+        # A row with every key masked is all NaN after softmax; give it zero weight instead.
+        weights = weights.masked_fill(~mask, 0.0)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    weighted = weights.unsqueeze(-1) * v.unsqueeze(-3)  # step 5: weight each V  (B, H, T, S, D)
+    out = weighted.sum(dim=-2)  # step 6: sum the weighted V's                  (B, H, T, D)
+    return out, weights
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    need_weights: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Attention by the fused kernel (`F.scaled_dot_product_attention`), or by the six-step reference when
+    the weights are wanted. Same arguments as `attention_reference`; `is_causal` adds the causal mask."""
+    if need_weights:
+        if is_causal:
+            c = causal_mask(q.size(-2), q.device)
+            mask = c if mask is None else mask & c
+        return attention_reference(q, k, v, mask, dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return out, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key/value cache for incremental decoding
+
+
+class KVCache:
+    """Keys and values of one attention layer, kept across decoding steps.
+
+    Self-attention appends each step's keys/values into a pre-allocated buffer that doubles when full;
+    cross-attention stores the source's keys/values once (`static`). `reorder` selects batch rows, for beam
+    search and for dropping finished sentences.
+    """
+
+    def __init__(self, capacity: int = 64, static: bool = False) -> None:
+        self.capacity = capacity
+        self.static = static
+        self.k: Optional[Tensor] = None  # (B, H, capacity, D), or (B, H, S, D) when static
+        self.v: Optional[Tensor] = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add (B, H, t, D) keys/values; return all of them so far, (B, H, length, D)."""
+        t = k.size(2)
+        if self.k is None:
+            B, H, _, D = k.shape
+            cap = max(self.capacity, t)
+            self.k = k.new_empty(B, H, cap, D)
+            self.v = v.new_empty(B, H, cap, D)
+        elif self.length + t > self.k.size(2):
+            cap = max(2 * self.k.size(2), self.length + t)
+            self.k = _grow(self.k, cap, self.length)
+            self.v = _grow(self.v, cap, self.length)
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def set(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v, self.length = k, v, k.size(2)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (in that order): beams that survive, sentences still decoding."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+def _grow(x: Tensor, capacity: int, length: int) -> Tensor:
+    out = x.new_empty(x.size(0), x.size(1), capacity, x.size(3))
+    out[:, :, :length] = x[:, :, :length]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-head attention
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with fused projections.
+
+    Self-attention (`cross=False`) projects q, k, v with one (E -> 3E) matrix; cross-attention projects q from
+    the decoder with one matrix and k, v from the encoder output ("memory") with one fused (E -> 2E) matrix.
+    Each head attends in its own d_model / n_heads subspace; an output projection mixes the heads.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, cross: bool = False) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        self.cross = cross
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape  # (B, T, E) -> (B, H, T, D)
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        cache: Optional[KVCache] = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """x: (B, T, E) queries (and keys/values for self-attention); memory: (B, S, E) for cross-attention.
+        Returns the (B, T, E) output and, if `need_weights`, the (B, H, T, S) attention weights."""
+        B, T, E = x.shape
+        if self.cross:
+            q = self._heads(self.q_proj(x))
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v  # the source's keys/values, computed on the first step
+            else:
+                k, v = (self._heads(t) for t in self.kv_proj(memory).split(E, dim=-1))
+                if cache is not None:
+                    cache.set(k, v)
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv_proj(x).split(E, dim=-1))
+            if cache is not None:
+                k, v = cache.append(k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = attention(q, k, v, mask, dropout_p, is_causal, need_weights)
+        out = out.transpose(1, 2).reshape(B, T, E)  # (B, H, T, D) -> (B, T, E)
+        return self.out_proj(out), weights

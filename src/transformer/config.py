@@ -1,0 +1,335 @@
+"""Typed configs (dataclasses) and strict loading from dicts and YAML files.
+
+`ModelConfig` describes the network. `DataConfig` and `TrainConfig` describe a training run; `RunConfig` holds
+all three and is what a YAML recipe in `configs/` contains. Loading is strict: an unknown key is an error with a
+close-match suggestion, a value of the wrong type is an error naming the key, and each config checks its own
+ranges in `__post_init__`, so a bad value fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from .errors import ConfigError
+
+Activation = Literal["relu", "gelu"]
+Positional = Literal["sinusoidal", "learned"]
+Tying = Literal["none", "decoder", "all"]
+Arch = Literal["encoder-decoder", "decoder-only"]
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Transformer. Defaults are the base model of "Attention Is All You Need".
+
+    `arch` picks the encoder-decoder (translation) or the decoder-only (language model) form; both use the
+    same layers. `final_norm` adds a LayerNorm after each stack (None: only with `norm_first`, where it is
+    needed; `torch.nn.Transformer` always has one). `tie_embeddings`: "decoder" shares the decoder's input
+    embedding with the output layer, "all" also shares it with the encoder's (needs one joint vocabulary).
+    """
+
+    src_vocab_size: int = 0
+    tgt_vocab_size: int = 32000
+    d_model: int = 512
+    n_heads: int = 8
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: Activation = "relu"
+    norm_first: bool = False
+    final_norm: Optional[bool] = None
+    positional: Positional = "sinusoidal"
+    max_positions: int = 1024
+    tie_embeddings: Tying = "none"
+    pad_id: int = 0
+    layer_norm_eps: float = 1e-5
+    arch: Arch = "encoder-decoder"
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        enc_dec = self.arch == "encoder-decoder"
+        if self.final_norm is None:
+            self.final_norm = self.norm_first
+        for name in ("tgt_vocab_size", "d_model", "n_heads", "n_decoder_layers", "d_ff", "max_positions"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        if enc_dec:
+            _check(self.src_vocab_size > 0, "src_vocab_size", self.src_vocab_size, "must be > 0")
+            _check(self.n_encoder_layers > 0, "n_encoder_layers", self.n_encoder_layers, "must be > 0")
+        _check(
+            self.d_model % self.n_heads == 0, "d_model", self.d_model,
+            f"must be divisible by n_heads={self.n_heads}",
+        )
+        for name in ("dropout", "attention_dropout"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, name, v, "must be in [0, 1)")
+        _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
+        vocab = max(self.tgt_vocab_size, self.src_vocab_size)
+        _check(0 <= self.pad_id < vocab, "pad_id", self.pad_id, f"must be a token id in [0, {vocab})")
+        if self.tie_embeddings == "all" and enc_dec:
+            _check(
+                self.src_vocab_size == self.tgt_vocab_size, "tie_embeddings", self.tie_embeddings,
+                f"'all' needs one joint vocabulary, but src_vocab_size={self.src_vocab_size} "
+                f"!= tgt_vocab_size={self.tgt_vocab_size}",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DataConfig:
+    """Where the training text is and how to tokenise it.
+
+    task "translation": `train_src`/`train_tgt` line-aligned files (or `train_tsv`, tab-separated pairs), the
+    same for validation. task "lm": one plain `text` file, split into train/validation by `val_fraction`.
+    task "synthetic": the built-in sequence task (see `transformer.data.SyntheticTask`).
+    """
+
+    task: Literal["translation", "lm", "synthetic"] = "translation"
+    train_src: Optional[str] = None
+    train_tgt: Optional[str] = None
+    train_tsv: Optional[str] = None
+    val_src: Optional[str] = None
+    val_tgt: Optional[str] = None
+    val_tsv: Optional[str] = None
+    text: Optional[str] = None
+    val_fraction: float = 0.1
+    tokenizer: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    max_len: int = 128
+    block_size: int = 64
+    synthetic_task: str = "reverse"
+    synthetic_train_size: int = 20000
+    synthetic_val_size: int = 500
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size"):
+            _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. `lr` is the peak learning rate reached after `warmup_steps`; `schedule`
+    "inverse_sqrt" decays as 1/sqrt(step) afterwards (the paper), "cosine" decays to `min_lr` at `max_steps`."""
+
+    seed: int = 0
+    max_tokens: int = 4096
+    batch_size: int = 0  # sentences (or LM blocks) per batch; 0 means batch by max_tokens only
+    accumulate: int = 1
+    lr: float = 7e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 4000
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    max_steps: int = 0
+    max_epochs: int = 0
+    max_minutes: float = 0.0
+    eval_every: int = 500
+    eval_bleu_sentences: int = 500
+    eval_beam: int = 1
+    keep_checkpoints: int = 5
+    bf16: bool = False
+    threads: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        for name in ("max_tokens", "accumulate", "eval_every", "log_every", "eval_beam", "keep_checkpoints"):
+            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
+        for name in ("batch_size", "warmup_steps", "max_steps", "max_epochs", "threads", "eval_bleu_sentences"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, "must be in [0, lr]")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "must be >= 0 (0 disables clipping)")
+        _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must be >= 0")
+        _check(
+            all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be two numbers in [0, 1)"
+        )
+        if self.schedule == "cosine":
+            _check(self.max_steps > 0, "train.schedule", self.schedule, "'cosine' needs train.max_steps > 0")
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe: what a YAML file in `configs/` holds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def _check_literals(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        allowed = _literal_values(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and value not in allowed and value is not None:
+            raise ConfigError(f"{f.name}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
+def _literal_values(tp: Any) -> Optional[tuple]:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            vals = _literal_values(arg)
+            if vals is not None:
+                return vals
+    return None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless (int -> float, list ->
+    tuple). Raises ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(repr, typing.get_args(tp)))
+            raise ConfigError(f"{key}={value!r}: must be one of {choices}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in a config class
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build the dataclass `cls` from a plain dict, strictly: unknown keys and wrong types are ConfigErrors
+    naming the key (with a close-match suggestion for a misspelt key)."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        if prefix and not msg.startswith(prefix):
+            msg = prefix + msg
+        raise ConfigError(msg) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set key.sub=value` override; the value is read as YAML (so 3, 0.1, true, [1, 2] work)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.lr=5e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_run_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Read a YAML recipe strictly and apply `key=value` overrides. Every problem is a ConfigError that names
+    the file and the key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, data, train")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

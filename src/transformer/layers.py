@@ -1,0 +1,160 @@
+"""The building blocks: embeddings, positional encodings, feed-forward, and the Transformer layer.
+
+One `TransformerLayer` class serves every stack: without cross-attention it is an encoder layer (or, with a
+causal mask, a decoder-only language-model layer); with cross-attention it is an encoder-decoder decoder layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, MultiHeadAttention
+from .config import ModelConfig
+from .errors import TransformerError
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids -> vectors, scaled by sqrt(d_model) so they are not drowned by the positional encoding."""
+
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[pad_id].zero_()
+        self.scale = math.sqrt(d_model)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.embedding(ids) * self.scale  # (B, T) -> (B, T, E)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+    The table is computed on demand and grows with the longest sequence seen, so any length works.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("table", self._make(64), persistent=False)
+
+    def _make(self, length: int) -> Tensor:
+        pos = torch.arange(length, dtype=torch.float64)[:, None]
+        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / self.d_model))
+        table = torch.zeros(length, self.d_model, dtype=torch.float64)
+        table[:, 0::2] = torch.sin(pos * inv_freq)
+        table[:, 1::2] = torch.cos(pos * inv_freq)[:, : self.d_model // 2]
+        return table.float()
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        end = offset + x.size(1)
+        if end > self.table.size(0):
+            self.table = self._make(max(end, 2 * self.table.size(0))).to(x.device)
+        return x + self.table[offset:end].to(x.dtype)
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """A trained vector per position, up to `max_positions`."""
+
+    def __init__(self, max_positions: int, d_model: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(max_positions, d_model)
+        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        end = offset + x.size(1)
+        if end > self.embedding.num_embeddings:
+            raise TransformerError(
+                f"a sequence of {end} positions is longer than the learned positional table "
+                f"(max_positions={self.embedding.num_embeddings}); shorten the input"
+            )
+        return x + self.embedding.weight[offset:end]
+
+
+def positional_encoding(cfg: ModelConfig) -> nn.Module:
+    if cfg.positional == "learned":
+        return LearnedPositionalEncoding(cfg.max_positions, cfg.d_model)
+    return SinusoidalPositionalEncoding(cfg.d_model)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Linear(d_model -> d_ff), activation, dropout, Linear(d_ff -> d_model)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation: Callable[[Tensor], Tensor] = F.gelu if activation == "gelu" else F.relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; each wrapped in dropout, a residual connection
+    and LayerNorm: after the residual (post-norm, the paper) or on the sublayer's input (pre-norm)."""
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm_first = cfg.norm_first
+        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.cross_attn: Optional[MultiHeadAttention] = None
+        self.cross_attn_norm: Optional[nn.LayerNorm] = None
+        if cross_attention:
+            self.cross_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout, cross=True)
+            self.cross_attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(d, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.ff_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        memory: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        cache: Optional[tuple[KVCache, KVCache]] = None,
+        weights: Optional[list] = None,
+    ) -> Tensor:
+        """x: (B, T, E). mask/is_causal: self-attention mask. memory: (B, S, E) encoder output, with
+        memory_mask (B, 1, 1, S). cache: (self, cross) KV caches when decoding step by step. weights: a list
+        to append this layer's attention weights to ({"self": (B, H, T, T), "cross": (B, H, T, S)})."""
+        need = weights is not None
+        record = {}
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+
+        def self_attention(h: Tensor) -> Tensor:
+            out, record["self"] = self.self_attn(h, mask=mask, is_causal=is_causal, cache=self_cache, need_weights=need)
+            return out
+
+        x = self._residual(x, self.self_attn_norm, self_attention)
+        if self.cross_attn is not None:
+
+            def cross_attention(h: Tensor) -> Tensor:
+                out, record["cross"] = self.cross_attn(h, memory, memory_mask, cache=cross_cache, need_weights=need)
+                return out
+
+            x = self._residual(x, self.cross_attn_norm, cross_attention)
+        x = self._residual(x, self.ff_norm, self.ff)
+        if need:
+            weights.append(record)
+        return x

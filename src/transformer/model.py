@@ -1,0 +1,188 @@
+"""The models: encoder-decoder `Transformer` and decoder-only `TransformerLM`, built from the same layers.
+
+    source ids -> embedding * sqrt(d) + position -> N x [self-attn, feed-forward]                 = memory
+    target ids -> embedding * sqrt(d) + position -> N x [masked self-attn, cross-attn(memory), ff] -> linear
+    -> logits (softmax gives next-token probabilities)
+
+Target sequences are right-padded: the causal mask alone keeps real positions from seeing the pads after them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, causal_mask, padding_mask
+from .config import ModelConfig
+from .layers import TokenEmbedding, TransformerLayer, positional_encoding
+
+
+class Encoder(nn.Module):
+    """Source ids -> contextual vectors ("memory"), (B, S) -> (B, S, E)."""
+
+    def __init__(self, cfg: ModelConfig, embed: TokenEmbedding) -> None:
+        super().__init__()
+        self.embed = embed
+        self.pos = positional_encoding(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+
+    def forward(self, src: Tensor, mask: Optional[Tensor], weights: Optional[list] = None) -> Tensor:
+        x = self.dropout(self.pos(self.embed(src)))
+        for layer in self.layers:
+            x = layer(x, mask=mask, weights=weights)
+        return self.norm(x) if self.norm is not None else x
+
+
+class DecoderCache:
+    """Per-layer key/value caches for incremental decoding, plus how many positions are cached."""
+
+    def __init__(self, n_layers: int, capacity: int, cross: bool) -> None:
+        self.layers = [(KVCache(capacity), KVCache(static=True) if cross else None) for _ in range(n_layers)]
+        self.length = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index`, in that order (beam search, dropping finished sentences)."""
+        for self_cache, cross_cache in self.layers:
+            self_cache.reorder(index)
+            if cross_cache is not None:
+                cross_cache.reorder(index)
+
+
+class Decoder(nn.Module):
+    """Target ids (+ memory) -> hidden states, (B, T) -> (B, T, E); causal. Without cross-attention this is
+    the decoder-only language model's stack."""
+
+    def __init__(self, cfg: ModelConfig, embed: TokenEmbedding, cross_attention: bool) -> None:
+        super().__init__()
+        self.embed = embed
+        self.pos = positional_encoding(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.cross_attention = cross_attention
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+
+    def new_cache(self, capacity: int = 64) -> DecoderCache:
+        return DecoderCache(len(self.layers), capacity, self.cross_attention)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        cache: Optional[DecoderCache] = None,
+        weights: Optional[list] = None,
+    ) -> Tensor:
+        offset = cache.length if cache is not None else 0
+        T = tgt.size(1)
+        # Self-attention mask: causal. One new token attends to every cached one (no mask at all); a block of
+        # new tokens after cached ones needs the causal mask shifted by the cache length.
+        mask, is_causal = None, False
+        if offset == 0 and T > 1:
+            is_causal = True
+        elif T > 1:
+            mask = causal_mask(T, tgt.device, keys=offset + T)
+        x = self.dropout(self.pos(self.embed(tgt), offset))
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = layer(x, mask, is_causal, memory, memory_mask, layer_cache, weights)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x) if self.norm is not None else x
+
+
+def _init_linears(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def label_smoothed_loss(logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
+    """Mean cross entropy over tokens; (N, V) logits, (N,) targets (already stripped of padding)."""
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+class Transformer(nn.Module):
+    """The encoder-decoder Transformer of "Attention Is All You Need".
+
+    `forward(src, tgt_in)` gives next-token logits (B, T, V_tgt) for every target position (teacher forcing);
+    `encode` and `decode` are the two halves, used step by step by `transformer.generate`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
+        src_embed = tgt_embed if cfg.tie_embeddings == "all" else TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
+        self.encoder = Encoder(cfg, src_embed)
+        self.decoder = Decoder(cfg, tgt_embed, cross_attention=True)
+        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        _init_linears(self)
+        if cfg.tie_embeddings != "none":
+            self.output.weight = tgt_embed.weight
+
+    def encode(self, src: Tensor, weights: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """(B, S) source ids -> memory (B, S, E) and its mask (B, 1, 1, S)."""
+        mask = padding_mask(src, self.config.pad_id)
+        return self.encoder(src, mask, weights), mask
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor,
+        cache: Optional[DecoderCache] = None,
+        weights: Optional[list] = None,
+    ) -> Tensor:
+        """(B, T) target ids -> logits (B, T, V). With a cache, `tgt` holds only the new tokens."""
+        return self.output(self.decoder(tgt, memory, memory_mask, cache, weights))
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        memory, memory_mask = self.encode(src)
+        return self.decode(tgt, memory, memory_mask)
+
+    def loss(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Label-smoothed cross entropy of predicting `tgt_out` from `src` and `tgt_in` (its shift by one),
+        averaged over non-pad target tokens. The output layer runs only on those tokens."""
+        memory, memory_mask = self.encode(src)
+        hidden = self.decoder(tgt_in, memory, memory_mask)
+        keep = tgt_out != self.config.pad_id
+        return label_smoothed_loss(self.output(hidden[keep]), tgt_out[keep], label_smoothing)
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: the decoder stack without cross-attention, output tied to the input
+    embedding unless `tie_embeddings` is "none"."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
+        self.decoder = Decoder(cfg, embed, cross_attention=False)
+        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        _init_linears(self)
+        if cfg.tie_embeddings != "none":
+            self.output.weight = embed.weight
+
+    def forward(self, ids: Tensor, cache: Optional[DecoderCache] = None, weights: Optional[list] = None) -> Tensor:
+        """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens."""
+        return self.output(self.decoder(ids, cache=cache, weights=weights))
+
+    def loss(self, ids: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        logits = self(ids)
+        return label_smoothed_loss(logits.flatten(0, 1), targets.flatten(), label_smoothing)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model that `cfg.arch` names."""
+    return TransformerLM(cfg) if cfg.arch == "decoder-only" else Transformer(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
