@@ -1,2 +1,375 @@
-def main(argv=None):
+"""The `transformer` command: argument parsing, progress and exit codes over the library.
+
+Exit status: 0 success; 2 a user mistake (one line on stderr, no traceback); 130/143 training interrupted by
+Ctrl-C/SIGTERM after saving a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import TransformerError
+
+log = logging.getLogger("transformer")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, force=True)
+
+
+class _ProgressBar:
+    """A tqdm bar fed by the trainer's progress callback: loss, learning rate, tokens/s, ETA."""
+
+    def __init__(self, total: Optional[int], enabled: bool, max_minutes: float = 0.0) -> None:
+        self.bar = None
+        self.max_minutes = max_minutes
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(info["step"] - self.bar.n)
+        post = {"loss": f"{info['loss']:.3f}", "lr": f"{info['lr']:.2e}", "tok/s": f"{info['tokens_per_s']:.0f}"}
+        if self.max_minutes:
+            post["left"] = f"{max(0.0, self.max_minutes - info['minutes']):.1f}min"
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _read_inputs(texts: Sequence[str], input_file: Optional[str]) -> list[str]:
+    if texts and input_file:
+        raise TransformerError("give sentences as arguments or with --input, not both")
+    if input_file:
+        from .data import read_lines
+
+        return read_lines(input_file, "input file")
+    if texts:
+        return list(texts)
+    return [line.rstrip("\r\n") for line in sys.stdin]
+
+
+def _run_trainer(run, out: Path, resume: bool, quiet: bool):
+    from .train import Trainer
+
+    trainer = Trainer(run, out, resume=resume)
+    t = run.train
+    bar = _ProgressBar(t.max_steps or None, enabled=not quiet, max_minutes=t.max_minutes)
+    trainer.progress = bar
+    try:
+        started = time.perf_counter()
+        record = trainer.train()
+        seconds = time.perf_counter() - started
+    finally:
+        bar.close()
+    return trainer, record, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train a small model on the built-in task (reverse letter strings), test it on held-out strings."""
+    from .checkpoint import load_checkpoint
+    from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from .evaluate import exact_match
+    from .generate import translate_texts
+    from .tasks import build_task
+
+    # Sized to solve the task on a 2-core CPU in under two minutes: post-norm (the paper's), no dropout (the
+    # data is unlimited), a cosine schedule that anneals to zero at the last step.
+    run = RunConfig(
+        model=ModelConfig(d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=256, dropout=0.0,
+                          tie_embeddings="all", src_vocab_size=30, tgt_vocab_size=30),
+        data=DataConfig(task="synthetic", synthetic_task=args.task, synthetic_train_size=50000,
+                        synthetic_val_size=500, max_len=32),
+        train=TrainConfig(seed=args.seed, max_tokens=1536, lr=3e-3, warmup_steps=100, schedule="cosine",
+                          label_smoothing=0.0, max_steps=args.steps, max_minutes=args.max_minutes, eval_every=500,
+                          eval_bleu_sentences=200, log_every=10),
+    )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "run_config.json").exists():
+        raise TransformerError(f"{out}: exists and is not a run directory; choose another --out")
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh demo run replaces an old one
+    if not args.json:
+        print(f"Training a Transformer to {args.task} letter strings (held-out strings never seen in training)...",
+              file=sys.stderr)
+    trainer, _, seconds = _run_trainer(run, out, resume=False, quiet=args.json)
+    ckpt = load_checkpoint(out / "best")
+    task = build_task(run, ckpt.tokenizers)
+    hyps = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, task.val_src)
+    score = exact_match(hyps, task.val_tgt)
+    result = {"task": args.task, "exact_match": round(score, 4), "held_out": len(task.val_src),
+              "train_seconds": round(seconds, 1), "steps": trainer.pos.step, "checkpoint": str(out / "best"),
+              "examples": [{"input": s, "output": h, "expected": r} for s, h, r in
+                           list(zip(task.val_src, hyps, task.val_tgt))[:5]]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for ex in result["examples"]:
+            mark = "ok" if ex["output"] == ex["expected"] else "WRONG"
+            print(f"  {ex['input']:>18}  ->  {ex['output']:<18} [{mark}]")
+        print(f"exact match on {len(task.val_src)} held-out strings: {score:.3f}  "
+              f"(trained {trainer.pos.step} steps in {seconds:.0f} s)")
+        print(f"checkpoint: {out / 'best'}    try: transformer translate {out / 'best'} stressed")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .train import load_run_dir_config
+
+    if args.resume:
+        out = Path(args.resume)
+        run = load_run_dir_config(out)
+        if args.config is not None:
+            log.info("--resume: using the recipe saved in %s (ignoring %s)", out, args.config)
+        if args.set:
+            from .config import RunConfig, from_dict, parse_override
+
+            data = run.to_dict()
+            for item in args.set:
+                keys, value = parse_override(item)
+                node = data
+                for k in keys[:-1]:
+                    node = node.setdefault(k, {})
+                node[keys[-1]] = value
+            run = from_dict(RunConfig, data)
+    else:
+        if args.config is None:
+            raise TransformerError("give a config file (e.g. configs/multi30k-en-de.yaml) or --resume RUN_DIR")
+        run = load_run_config(args.config, args.set)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        if (out / "last").exists():
+            raise TransformerError(f"{out}: already holds a run; resume it with --resume {out} or choose another --out")
+    if args.max_minutes is not None:
+        run.train.max_minutes = args.max_minutes
+    _, record, seconds = _run_trainer(run, out, resume=bool(args.resume), quiet=args.json)
+    result = {"run_dir": str(out), "seconds": round(seconds, 1), **record}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        figures = ", ".join(f"{k}={v}" for k, v in record.items())
+        print(f"done: {figures}\nrun directory: {out} (best checkpoint: {out / 'best'})")
+    return 0
+
+
+def _max_src_len(ckpt) -> Optional[int]:
+    cfg = ckpt.config
+    return cfg.max_positions if cfg.positional == "learned" else None
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .generate import translate_texts
+
+    ckpt = load_checkpoint(args.checkpoint, task="translation")
+    texts = _read_inputs(args.text, args.input)
+    outputs = translate_texts(
+        ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, [t.strip() for t in texts], beam_size=args.beam,
+        batch_size=args.batch_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b, max_src_len=_max_src_len(ckpt),
+    )
+    for line in outputs:
+        print(line)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import read_parallel
+    from .evaluate import bleu_chrf
+    from .generate import translate_texts
+
+    ckpt = load_checkpoint(args.checkpoint, task="translation")
+    src, ref = read_parallel(args.src, args.ref, None, "evaluation")
+    start = time.perf_counter()
+    hyps = translate_texts(
+        ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, beam_size=args.beam, batch_size=args.batch_size,
+        length_penalty=args.length_penalty, max_src_len=_max_src_len(ckpt),
+    )
+    seconds = time.perf_counter() - start
+    scores = bleu_chrf(hyps, ref)
+    result = {**scores.as_dict(), "beam": args.beam, "seconds": round(seconds, 2)}
+    if args.output:
+        Path(args.output).write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"BLEU = {scores.bleu:.2f}  ({scores.bleu_signature})")
+        print(f"chrF = {scores.chrf:.2f}  ({scores.chrf_signature})")
+        print(f"{scores.sentences} sentences, beam {args.beam}, {seconds:.1f} s")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from .train import average_checkpoints
+
+    run_dir = Path(args.run_dir)
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    if not steps:
+        raise TransformerError(f"{run_dir}: no checkpoints/step-* directories to average")
+    chosen = steps[-args.last :]
+    out = Path(args.out) if args.out else run_dir / "averaged"
+    average_checkpoints(chosen, out)
+    print(f"averaged {len(chosen)} checkpoints ({chosen[0].name} .. {chosen[-1].name}) into {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import BOS
+    from .generate import check_sampling, sample
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    ckpt = load_checkpoint(args.checkpoint, task="lm")
+    tok = ckpt.tgt_tokenizer
+    ids = tok.encode(args.prompt) if args.prompt else []
+    prompt = torch.tensor([[BOS, *ids]] * args.num_samples, dtype=torch.long)
+    gen = torch.Generator().manual_seed(args.seed)
+    for n in range(args.num_samples):
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        # decode the growing sequence and print only what is new, so multi-token characters come out whole
+        produced: list[int] = []
+        shown = ""
+        for tokens in sample(ckpt.model, prompt[n : n + 1], args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, gen):
+            produced.append(int(tokens[0]))
+            text = tok.decode(produced)
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transformer", description="Train, run and inspect Transformer models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train and test a small model on a built-in task (no downloads)")
+    d.add_argument("--out", default="demo-run", help="run directory (default: demo-run)")
+    d.add_argument("--task", default="reverse", choices=["reverse", "sort", "copy"])
+    d.add_argument("--steps", type=_positive_int, default=2000, help="training steps (default 2000)")
+    d.add_argument("--max-minutes", type=_nonneg_float, default=2.75, help="time budget (default 2.75)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/multi30k-en-de.yaml")
+    t.add_argument("--out", help="run directory (default: runs/<config name>)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=5e-4")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    t.add_argument("--max-minutes", type=_nonneg_float, help="time budget in minutes (overrides train.max_minutes)")
+    t.add_argument("--json", action="store_true", help="print one JSON object at the end (no progress bar)")
+    t.set_defaults(fn=cmd_train)
+
+    def decoding_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--beam", type=_positive_int, default=1, help="beam size (1 = greedy)")
+        q.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
+        q.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**LP")
+
+    tr = sub.add_parser("translate", help="translate sentences with a checkpoint")
+    tr.add_argument("checkpoint", help="checkpoint directory")
+    tr.add_argument("text", nargs="*", help="sentences (default: read lines from stdin)")
+    tr.add_argument("--input", help="read sentences from this file, one per line")
+    tr.add_argument("--max-len-a", type=_nonneg_float, default=1.5, help="max output tokens = a * source tokens + b")
+    tr.add_argument("--max-len-b", type=int, default=10)
+    decoding_options(tr)
+    tr.set_defaults(fn=cmd_translate)
+
+    e = sub.add_parser("evaluate", help="BLEU and chrF of a checkpoint on a test set (sacreBLEU)")
+    e.add_argument("checkpoint")
+    e.add_argument("--src", required=True, help="source sentences, one per line")
+    e.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
+    e.add_argument("--output", help="also write the translations to this file")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    decoding_options(e)
+    e.set_defaults(fn=cmd_evaluate)
+
+    a = sub.add_parser("average", help="average the weights of a run's last checkpoints")
+    a.add_argument("run_dir")
+    a.add_argument("--last", type=_positive_int, default=5, help="how many of the newest checkpoints (default 5)")
+    a.add_argument("--out", help="output checkpoint directory (default: RUN_DIR/averaged)")
+    a.set_defaults(fn=cmd_average)
+
+    g = sub.add_parser("generate", help="sample text from a language-model checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most probable tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with probability >= p")
+    g.add_argument("--num-samples", type=_positive_int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(quiet=getattr(args, "json", False))
+    from .train import TrainingInterrupted
+
+    try:
+        return args.fn(args)
+    except TrainingInterrupted as e:
+        print(f"transformer: {e}", file=sys.stderr)
+        return e.exit_code
+    except TransformerError as e:
+        print(f"transformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transformer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

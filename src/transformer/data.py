@@ -1,0 +1,334 @@
+"""Text in, batches out: tokenizers, reading data files, token-bucketed batches, the built-in tasks.
+
+Every tokenizer reserves the same four ids: <pad>=0, <s>=1 (begin), </s>=2 (end), <unk>=3. A translation
+pair becomes src = tokens, tgt_in = <s> tokens, tgt_out = tokens </s> (the same sequence shifted by one).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, path: Path) -> None: ...
+
+
+class CharTokenizer:
+    """One token per character; characters not seen in training map to <unk>."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        self.chars = list(chars)
+        self.itos = SPECIALS + self.chars
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen))
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(c, UNK) for c in text]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] for i in ids if i >= len(SPECIALS) and i < self.vocab_size)
+
+    def save(self, path: Path) -> None:
+        _write_text_atomic(Path(path), json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
+
+
+class BPETokenizer:
+    """Subword tokenizer (byte-pair encoding, Hugging Face `tokenizers`), trained on the training text.
+
+    NFKC-normalised; spaces are kept as the "▁" marker, so decoding gives back plain detokenised text.
+    """
+
+    def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([i for i in ids if i >= len(SPECIALS)], skip_special_tokens=True)
+
+    def save(self, path: Path) -> None:
+        _write_text_atomic(Path(path), self.tok.to_str())
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    return CharTokenizer.train(texts) if kind == "char" else BPETokenizer.train(texts, vocab_size)
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Read a tokenizer saved by `save` (JSON only: nothing is unpickled)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: tokenizer file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable tokenizer file ({e})") from None
+    if isinstance(data, dict) and data.get("type") == "char":
+        return CharTokenizer(data["chars"])
+    if isinstance(data, dict) and "model" in data:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(data)))
+        except Exception as e:  # the library's own parse errors
+            raise DataError(f"{path}: invalid tokenizer file ({e})") from None
+    raise DataError(f"{path}: not a tokenizer file this package wrote")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading text files
+
+
+def read_lines(path: str | Path, what: str = "data file") -> list[str]:
+    """All lines of a UTF-8 text file, stripped (so CRLF, trailing spaces and NBSP-only lines are handled).
+    Errors name the file and, for bad UTF-8, the line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: {what} is a directory, expected a text file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = [line.strip() for line in text.splitlines()]
+    if not any(lines):
+        raise DataError(f"{path}: {what} is empty")
+    return lines
+
+
+def read_parallel(src: Optional[str], tgt: Optional[str], tsv: Optional[str], split: str) -> tuple[list[str], list[str]]:
+    """Line-aligned source/target files, or one tab-separated file of pairs."""
+    if tsv:
+        src_lines, tgt_lines = [], []
+        for i, line in enumerate(read_lines(tsv, f"{split} pairs file"), 1):
+            if not line:
+                src_lines.append("")
+                tgt_lines.append("")
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"{tsv}:{i}: expected 'source<TAB>target', found {len(parts)} tab-separated fields")
+            src_lines.append(parts[0].strip())
+            tgt_lines.append(parts[1].strip())
+        return src_lines, tgt_lines
+    if not src or not tgt:
+        raise DataError(f"data: the {split} data needs both {split}_src and {split}_tgt (or {split}_tsv)")
+    s, t = read_lines(src, f"{split} source file"), read_lines(tgt, f"{split} target file")
+    if len(s) != len(t):
+        raise DataError(f"{src} has {len(s)} lines but {tgt} has {len(t)}: the files must be line-aligned")
+    return s, t
+
+
+@dataclass
+class PairStats:
+    kept: int
+    blank: int
+    too_long: int
+
+
+def encode_pairs(
+    src_tok: Tokenizer, tgt_tok: Tokenizer, src: Sequence[str], tgt: Sequence[str], max_len: int
+) -> tuple[list[tuple[list[int], list[int]]], PairStats]:
+    """Tokenise pairs, dropping blank ones and ones longer than `max_len` tokens on either side (+1 for the
+    begin/end token)."""
+    src_ids, tgt_ids = src_tok.encode_batch(src), tgt_tok.encode_batch(tgt)
+    pairs, blank, too_long = [], 0, 0
+    for s, t in zip(src_ids, tgt_ids):
+        if not s or not t:
+            blank += 1
+        elif len(s) > max_len or len(t) + 1 > max_len:
+            too_long += 1
+        else:
+            pairs.append((s, t))
+    return pairs, PairStats(len(pairs), blank, too_long)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class Batch:
+    src: Tensor  # (B, S) source ids, right-padded
+    tgt_in: Tensor  # (B, T) <s> + target
+    tgt_out: Tensor  # (B, T) target + </s>
+    n_tokens: int  # non-pad target tokens (what the loss averages over)
+    n_pad: int  # pad positions in src and tgt together
+    n_total: int  # all positions in src and tgt together
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.n_tokens, self.n_pad, self.n_total)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int = PAD) -> Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
+    src = pad_batch([s for s, _ in pairs])
+    tgt_in = pad_batch([[BOS, *t] for _, t in pairs])
+    tgt_out = pad_batch([[*t, EOS] for _, t in pairs])
+    n_tokens = int((tgt_out != PAD).sum())
+    n_pad = int((src == PAD).sum()) + int((tgt_out == PAD).sum())
+    return Batch(src, tgt_in, tgt_out, n_tokens, n_pad, src.numel() + tgt_out.numel())
+
+
+def token_batches(
+    lengths: Sequence[int], max_tokens: int, max_sentences: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True
+) -> list[list[int]]:
+    """Group example indices into batches of at most `max_tokens` padded positions (longest x count).
+
+    Examples are sorted by length (ties broken at random per epoch) so each batch holds similar lengths and
+    little padding; then the batches are shuffled. The same (seed, epoch) always gives the same batches.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    noise = [rng.random() for _ in lengths] if shuffle else [0.0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], noise[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(longest, lengths[i])
+        full = n * (len(current) + 1) > max_tokens or (max_sentences and len(current) >= max_sentences)
+        if current and full:
+            batches.append(current)
+            current, n = [], lengths[i]
+        current.append(i)
+        longest = n
+    if current:
+        batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def pair_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[int]:
+    return [max(len(s), len(t) + 1) for s, t in pairs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Language-model data: one long token stream, random contiguous blocks
+
+
+def lm_blocks(data: Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`batch_size` random windows of a 1-D token tensor: inputs (B, T) and next-token targets (B, T)."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s : s + block_size] for s in starts.tolist()])
+    y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()])
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in task: no downloads
+
+
+class SyntheticTask:
+    """Deterministic sequence-to-sequence puzzles over lowercase letters, lengths `min_len`..`max_len`.
+
+    "reverse": "hello" -> "olleh";  "sort": "hello" -> "ehllo";  "copy": "hello" -> "hello".
+    """
+
+    TASKS = ("reverse", "sort", "copy")
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+    def __init__(self, name: str = "reverse", min_len: int = 1, max_len: int = 16) -> None:
+        if name not in self.TASKS:
+            raise DataError(f"synthetic_task={name!r}: must be one of {', '.join(self.TASKS)}")
+        self.name, self.min_len, self.max_len = name, min_len, max_len
+
+    def solve(self, text: str) -> str:
+        if self.name == "reverse":
+            return text[::-1]
+        if self.name == "sort":
+            return "".join(sorted(text))
+        return text
+
+    def sample(self, rng: random.Random) -> str:
+        n = rng.randint(self.min_len, self.max_len)
+        return "".join(rng.choice(self.ALPHABET) for _ in range(n))
+
+    def split(self, n_train: int, n_val: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """Train and held-out pairs; no held-out source appears in training."""
+        rng = random.Random(seed)
+        val_src: list[str] = []
+        seen: set[str] = set()
+        while len(val_src) < n_val:
+            s = self.sample(rng)
+            if s not in seen:
+                seen.add(s)
+                val_src.append(s)
+        train_src: list[str] = []
+        while len(train_src) < n_train:
+            s = self.sample(rng)
+            if s not in seen:
+                train_src.append(s)
+        return [(s, self.solve(s)) for s in train_src], [(s, self.solve(s)) for s in val_src]

@@ -1,0 +1,235 @@
+"""Decoding: greedy and beam search for the encoder-decoder, sampling for the language model.
+
+All of them run one incremental loop over the decoder's KV cache: each step feeds only the newest token,
+self-attention keys/values grow in the cache, and the source's cross-attention keys/values are computed once.
+Sentences that finish leave the active batch, so the work per step shrinks as decoding goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import BOS, EOS, PAD, Tokenizer, pad_batch
+from .errors import TransformerError
+from .model import Transformer, TransformerLM
+
+
+def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD) -> Tensor:
+    """Per-sentence limit on output tokens (before </s>): a * source length + b."""
+    n = (src != pad_id).sum(1)
+    return (n.float() * max_len_a).long() + max_len_b
+
+
+def _check_lengths(max_len_a: float, max_len_b: int) -> None:
+    if max_len_a < 0 or max_len_b < 0:
+        raise TransformerError(f"maximum length must not be negative (max_len_a={max_len_a}, max_len_b={max_len_b})")
+
+
+@torch.no_grad()
+def greedy(
+    model: Transformer, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10, use_cache: bool = True
+) -> list[list[int]]:
+    """Most probable next token at each step. src: (B, S) ids. Returns token lists without <s>/</s>.
+    `use_cache=False` recomputes the whole decoder every step (for comparison only)."""
+    _check_lengths(max_len_a, max_len_b)
+    B = src.size(0)
+    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
+    memory, mask = model.encode(src)
+    cache = model.decoder.new_cache(capacity=int(limits.max()) + 1) if use_cache else None
+    active = torch.arange(B)  # original index of each row still decoding
+    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    for step in range(int(limits.max()) + 1):
+        inp = tokens[:, -1:] if use_cache else tokens
+        logits = model.decode(inp, memory, mask, cache)[:, -1]  # (n, V)
+        nxt = logits.argmax(-1)
+        nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # out of room: stop
+        done = nxt == EOS
+        for row, tok in zip(active.tolist(), nxt.tolist()):
+            if tok != EOS:
+                out[row].append(tok)
+        if bool(done.all()):
+            break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            active, tokens, memory, mask = active[keep], tokens[keep], memory[keep], mask[keep]
+            if cache is not None:
+                cache.reorder(keep)
+    return out
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    src: Tensor,
+    beam_size: int = 5,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+) -> list[list[int]]:
+    """Batched beam search. Returns the best hypothesis per sentence, without <s>/</s>.
+
+    Hypotheses are ranked by sum of log-probabilities / length**length_penalty (fairseq's normalisation; the
+    length counts </s>). As in fairseq, only an </s> among the top `beam_size` candidates ends a hypothesis,
+    and a sentence is finished once it has `beam_size` ended hypotheses, so beam size 1 is exactly greedy.
+    """
+    if beam_size < 1:
+        raise TransformerError(f"beam size must be >= 1, got {beam_size}")
+    _check_lengths(max_len_a, max_len_b)
+    B, K = src.size(0), beam_size
+    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
+    memory, mask = model.encode(src)
+    memory, mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
+    cache = model.decoder.new_cache(capacity=int(limits.max()) + 1)
+    V = model.config.tgt_vocab_size
+    dev = src.device
+
+    active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+    hyps = torch.full((B * K, 1), BOS, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+
+    for step in range(int(limits.max()) + 1):
+        n = active.numel()
+        logp = torch.log_softmax(model.decode(hyps[:, -1:], memory, mask, cache)[:, -1].float(), dim=-1)
+        logp = logp.view(n, K, V)
+        out_of_room = limits[active] <= step  # these must end now
+        if bool(out_of_room.any()):
+            forced = torch.full_like(logp[0], float("-inf"))
+            forced[:, EOS] = 0.0
+            logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
+        cand = (scores[:, :, None] + logp).view(n, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
+        beam_idx, tok = top_idx // V, top_idx % V
+
+        # End hypotheses whose </s> is among the top K candidates.
+        is_eos = (tok == EOS) & torch.isfinite(top_scores)
+        is_eos[:, K:] = False
+        length = step + 1  # tokens incl. </s>
+        for i, j in is_eos.nonzero().tolist():
+            b = int(active[i])
+            if len(finished[b]) < K:
+                row = i * K + int(beam_idx[i, j])
+                seq = hyps[row, 1:].tolist()
+                finished[b].append((float(top_scores[i, j]) / length**length_penalty, seq))
+
+        # Keep the K best candidates that did not end.
+        alive_score = top_scores.masked_fill(tok == EOS, float("-inf"))
+        alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
+        alive_beam = beam_idx.gather(1, order)
+        alive_tok = tok.gather(1, order)
+
+        done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
+        if bool(done.all()):
+            break
+        keep_sent = (~done).nonzero().squeeze(1)  # (n',)
+        rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
+        hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
+        scores = alive_score[keep_sent]
+        cache.reorder(rows)
+        if keep_sent.numel() < n:
+            sent_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
+            memory, mask = memory[sent_rows], mask[sent_rows]
+        active = active[keep_sent]
+
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set whose probability >= top_p."""
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked before it already cover top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise TransformerError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k < 0:
+        raise TransformerError(f"--top-k must be >= 0 (0 means no limit), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise TransformerError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise TransformerError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.no_grad()
+def sample(
+    model: TransformerLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[Tensor]:
+    """Yield (B,) new tokens one step at a time from a language model. prompt: (B, T) ids, T >= 1.
+    Temperature 0 picks the most probable token (greedy)."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    cfg = model.config
+    if cfg.positional == "learned" and prompt.size(1) + max_new_tokens > cfg.max_positions:
+        raise TransformerError(
+            f"prompt ({prompt.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_positions={cfg.max_positions}; use a shorter prompt or fewer new tokens"
+        )
+    cache = model.decoder.new_cache(capacity=prompt.size(1) + max_new_tokens)
+    logits = model(prompt, cache)[:, -1]
+    for _ in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        yield nxt
+        logits = model(nxt[:, None], cache)[:, -1]
+
+
+@torch.no_grad()
+def translate_texts(
+    model: Transformer,
+    src_tok: Tokenizer,
+    tgt_tok: Tokenizer,
+    texts: Sequence[str],
+    beam_size: int = 1,
+    batch_size: int = 64,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    max_src_len: Optional[int] = None,
+) -> list[str]:
+    """Translate plain sentences: batched by length, decoded, detokenised, returned in input order.
+    Sources longer than `max_src_len` tokens are truncated."""
+    if beam_size < 1:
+        raise TransformerError(f"beam size must be >= 1, got {beam_size}")
+    if batch_size < 1:
+        raise TransformerError(f"batch size must be >= 1, got {batch_size}")
+    model.eval()
+    device = next(model.parameters()).device
+    ids = src_tok.encode_batch(list(texts))
+    if max_src_len is not None:
+        ids = [s[:max_src_len] for s in ids]
+    results = [""] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    todo = [i for i in order if ids[i]]  # an empty source translates to an empty line
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        src = pad_batch([ids[i] for i in chunk], model.config.pad_id).to(device)
+        if beam_size == 1:
+            out = greedy(model, src, max_len_a, max_len_b)
+        else:
+            out = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b)
+        for i, toks in zip(chunk, out):
+            results[i] = tgt_tok.decode(toks)
+    return results

@@ -1,0 +1,231 @@
+"""Tasks: what a run trains on and how it is scored. The trainer sees a task only through this interface:
+
+    num_batches(epoch)        batches in one pass over the training data
+    batch(epoch, i)           the i-th batch of an epoch (deterministic from the seed: resuming needs no state)
+    loss(model, batch)        (mean loss, number of target tokens)
+    validate(model)           a dict of validation figures; `metric` names the one that picks the best checkpoint
+    tokenizers, name          what the checkpoint stores
+
+`TranslationTask` serves parallel text and the built-in synthetic task; `LanguageModelTask` serves plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import RunConfig
+from .data import (
+    Batch,
+    CharTokenizer,
+    SyntheticTask,
+    Tokenizer,
+    collate,
+    encode_pairs,
+    lm_blocks,
+    pair_lengths,
+    read_lines,
+    read_parallel,
+    token_batches,
+    train_tokenizer,
+)
+from .errors import DataError
+from .evaluate import bleu_score, exact_match
+
+log = logging.getLogger("transformer")
+
+
+class TranslationTask:
+    """Sequence-to-sequence pairs in token-bucketed batches; validated by loss and BLEU (or exact match)."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        src_tok: Tokenizer,
+        tgt_tok: Tokenizer,
+        train_pairs: Sequence[tuple[list[int], list[int]]],
+        val_src: Sequence[str],
+        val_tgt: Sequence[str],
+        name: str = "translation",
+    ) -> None:
+        self.run, self.name = run, name
+        self.src_tok, self.tgt_tok = src_tok, tgt_tok
+        self.train_pairs = list(train_pairs)
+        self.lengths = pair_lengths(self.train_pairs)
+        self.val_src, self.val_tgt = list(val_src), list(val_tgt)
+        self.val_pairs, _ = encode_pairs(src_tok, tgt_tok, self.val_src, self.val_tgt, run.data.max_len)
+        self.metric = "exact_match" if name == "synthetic" else "bleu"
+        self._epoch: Optional[int] = None
+        self._batches: list[list[int]] = []
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        return {"src": self.src_tok, "tgt": self.tgt_tok}
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            t = self.run.train
+            self._batches = token_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
+            self._epoch = epoch
+        return self._batches
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self._epoch_batches(epoch))
+
+    def batch(self, epoch: int, i: int) -> Batch:
+        return collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]])
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        ls = self.run.train.label_smoothing
+        return model.loss(batch.src, batch.tgt_in, batch.tgt_out, ls), batch.n_tokens
+
+    def padding_fraction(self, epoch: int) -> float:
+        pad = total = 0
+        for idx in self._epoch_batches(epoch):
+            n = max(self.lengths[j] for j in idx)
+            pad += sum(n - self.lengths[j] for j in idx)
+            total += n * len(idx)
+        return pad / max(total, 1)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, translate: Callable[[Sequence[str]], list[str]]) -> dict[str, Any]:
+        """Validation loss (no label smoothing) over all validation pairs, and BLEU / exact match of the
+        decoded first `eval_bleu_sentences` sentences."""
+        model.eval()
+        total, count = 0.0, 0
+        for idx in token_batches(pair_lengths(self.val_pairs), self.run.train.max_tokens, 0, shuffle=False):
+            b = collate([self.val_pairs[j] for j in idx])
+            total += float(model.loss(b.src, b.tgt_in, b.tgt_out, 0.0)) * b.n_tokens
+            count += b.n_tokens
+        out: dict[str, Any] = {"val_loss": total / max(count, 1)}
+        n = self.run.train.eval_bleu_sentences or len(self.val_src)
+        if n > 0:
+            hyps = translate(self.val_src[:n])
+            refs = self.val_tgt[:n]
+            out[self.metric] = exact_match(hyps, refs) if self.metric == "exact_match" else bleu_score(hyps, refs)
+        return out
+
+
+class LanguageModelTask:
+    """One text file as a token stream: random contiguous blocks for training, a fixed set for validation."""
+
+    name = "lm"
+    metric = "val_loss"
+
+    def __init__(self, run: RunConfig, tok: Tokenizer, train_ids: Tensor, val_ids: Tensor, eval_batches: int = 20) -> None:
+        self.run, self.tok = run, tok
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.eval_batches = eval_batches
+        d, t = run.data, run.train
+        self.batch_size = t.batch_size or max(1, t.max_tokens // d.block_size)
+        for split, ids in (("training", train_ids), ("validation", val_ids)):
+            if len(ids) <= d.block_size + 1:
+                raise DataError(
+                    f"{d.text}: the {split} split has {len(ids)} tokens, fewer than data.block_size+2="
+                    f"{d.block_size + 2}; use a longer text or a smaller block_size"
+                )
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        return {"tgt": self.tok}
+
+    def num_batches(self, epoch: int) -> int:
+        return max(1, len(self.train_ids) // (self.batch_size * self.run.data.block_size))
+
+    def batch(self, epoch: int, i: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(hash((self.run.train.seed, epoch, i)) & 0x7FFFFFFF)
+        return lm_blocks(self.train_ids, self.run.data.block_size, self.batch_size, g)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        x, y = batch
+        return model.loss(x, y, self.run.train.label_smoothing), y.numel()
+
+    def padding_fraction(self, epoch: int) -> float:
+        return 0.0
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, translate: Any = None) -> dict[str, Any]:
+        model.eval()
+        g = torch.Generator().manual_seed(1234)
+        losses = []
+        for _ in range(self.eval_batches):
+            x, y = lm_blocks(self.val_ids, self.run.data.block_size, self.batch_size, g)
+            losses.append(float(model.loss(x, y, 0.0)))
+        return {"val_loss": sum(losses) / len(losses)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a task from a recipe
+
+
+def build_task(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]] = None):
+    """Read and tokenise the data a recipe names. `tokenizers` (from a checkpoint, when resuming) are reused;
+    otherwise they are trained on the training data."""
+    d = run.data
+    if d.task == "synthetic":
+        return _synthetic(run, tokenizers)
+    if d.task == "lm":
+        return _language_model(run, tokenizers)
+    return _translation(run, tokenizers)
+
+
+def _synthetic(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:
+    d = run.data
+    task = SyntheticTask(d.synthetic_task)
+    train, val = task.split(d.synthetic_train_size, d.synthetic_val_size, seed=run.train.seed)
+    tok = tokenizers["src"] if tokenizers else CharTokenizer(SyntheticTask.ALPHABET)
+    pairs, _ = encode_pairs(tok, tok, [s for s, _ in train], [t for _, t in train], d.max_len)
+    return TranslationTask(run, tok, tok, pairs, [s for s, _ in val], [t for _, t in val], name="synthetic")
+
+
+def _translation(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:
+    d = run.data
+    src, tgt = read_parallel(d.train_src, d.train_tgt, d.train_tsv, "train")
+    if d.val_src or d.val_tgt or d.val_tsv:
+        val_src, val_tgt = read_parallel(d.val_src, d.val_tgt, d.val_tsv, "val")
+    else:
+        raise DataError("data: no validation data; set data.val_src and data.val_tgt (or data.val_tsv)")
+    if tokenizers:
+        src_tok, tgt_tok = tokenizers["src"], tokenizers["tgt"]
+    elif d.joint_vocab:
+        src_tok = tgt_tok = train_tokenizer(d.tokenizer, [*src, *tgt], d.vocab_size)
+    else:
+        src_tok = train_tokenizer(d.tokenizer, src, d.vocab_size)
+        tgt_tok = train_tokenizer(d.tokenizer, tgt, d.vocab_size)
+    pairs, stats = encode_pairs(src_tok, tgt_tok, src, tgt, d.max_len)
+    log.info(
+        "training pairs: %d kept, %d blank dropped, %d longer than %d tokens dropped",
+        stats.kept, stats.blank, stats.too_long, d.max_len,
+    )
+    if not pairs:
+        raise DataError(f"{d.train_src or d.train_tsv}: no usable training pairs (all blank or too long)")
+    keep = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if s and t]
+    return TranslationTask(run, src_tok, tgt_tok, pairs, [val_src[i] for i in keep], [val_tgt[i] for i in keep])
+
+
+def _language_model(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> LanguageModelTask:
+    d = run.data
+    if not d.text:
+        raise DataError("data.text: a language-model task needs the path of a text file")
+    from pathlib import Path
+
+    path = Path(d.text)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: text file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise DataError(f"{path}: text file is empty")
+    split = int(len(text) * (1 - d.val_fraction))
+    tok = tokenizers["tgt"] if tokenizers else train_tokenizer(d.tokenizer, [text[:split]], d.vocab_size)
+    train_ids = torch.tensor(tok.encode(text[:split]), dtype=torch.long)
+    val_ids = torch.tensor(tok.encode(text[split:]), dtype=torch.long)
+    return LanguageModelTask(run, tok, train_ids, val_ids)
