@@ -210,7 +210,7 @@ def test_tiny_model_overfits_a_batch():
         (dict(n_heads=0), "n_heads"),
         (dict(activation="swish"), "activation"),
         (dict(tie_embeddings="all"), "tie_embeddings"),
-        (dict(src_vocab_size=0), "src_vocab_size"),
+        (dict(src_vocab_size=-1), "src_vocab_size"),
     ],
 )
 def test_invalid_config_names_field_and_value(kw, field):

@@ -40,7 +40,7 @@ class ModelConfig:
     """
 
     src_vocab_size: int = 0
-    tgt_vocab_size: int = 32000
+    tgt_vocab_size: int = 0
     d_model: int = 512
     n_heads: int = 8
     n_encoder_layers: int = 6
@@ -63,10 +63,11 @@ class ModelConfig:
         enc_dec = self.arch == "encoder-decoder"
         if self.final_norm is None:
             self.final_norm = self.norm_first
-        for name in ("tgt_vocab_size", "d_model", "n_heads", "n_decoder_layers", "d_ff", "max_positions"):
+        for name in ("d_model", "n_heads", "n_decoder_layers", "d_ff", "max_positions"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
+        for name in ("src_vocab_size", "tgt_vocab_size"):  # 0: set by training from the tokenizer
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be > 0 (or 0: taken from the tokenizer)")
         if enc_dec:
-            _check(self.src_vocab_size > 0, "src_vocab_size", self.src_vocab_size, "must be > 0")
             _check(self.n_encoder_layers > 0, "n_encoder_layers", self.n_encoder_layers, "must be > 0")
         _check(
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
@@ -77,7 +78,8 @@ class ModelConfig:
             _check(0.0 <= v < 1.0, name, v, "must be in [0, 1)")
         _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
         vocab = max(self.tgt_vocab_size, self.src_vocab_size)
-        _check(0 <= self.pad_id < vocab, "pad_id", self.pad_id, f"must be a token id in [0, {vocab})")
+        if vocab:
+            _check(0 <= self.pad_id < vocab, "pad_id", self.pad_id, f"must be a token id in [0, {vocab})")
         if self.tie_embeddings == "all" and enc_dec:
             _check(
                 self.src_vocab_size == self.tgt_vocab_size, "tie_embeddings", self.tie_embeddings,
@@ -88,6 +90,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def check_vocab(self) -> None:
+        """Raise unless the vocabulary sizes are set (a model cannot be built before they are)."""
+        names = ("src_vocab_size", "tgt_vocab_size") if self.arch == "encoder-decoder" else ("tgt_vocab_size",)
+        for name in names:
+            _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0 to build a model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,13 +125,16 @@ class DataConfig:
     max_len: int = 128
     block_size: int = 64
     synthetic_task: str = "reverse"
+    synthetic_min_len: int = 1
+    synthetic_max_len: int = 16
     synthetic_train_size: int = 20000
     synthetic_val_size: int = 500
 
     def __post_init__(self) -> None:
         _check_literals(self)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
-        for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size"):
+        for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size",
+                     "synthetic_min_len", "synthetic_max_len"):
             _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "must be > 0")
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, dropout
 from .config import ModelConfig
 from .errors import TransformerError
 
@@ -87,6 +87,20 @@ def positional_encoding(cfg: ModelConfig) -> nn.Module:
     return SinusoidalPositionalEncoding(cfg.d_model)
 
 
+class Dropout(nn.Module):
+    """`nn.Dropout` with a faster mask (see `transformer.attention.dropout`)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p if self.training else 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class FeedForward(nn.Module):
     """Position-wise feed-forward: Linear(d_model -> d_ff), activation, dropout, Linear(d_ff -> d_model)."""
 
@@ -94,7 +108,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.activation: Callable[[Tensor], Tensor] = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +132,7 @@ class TransformerLayer(nn.Module):
             self.cross_attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.ff = FeedForward(d, cfg.d_ff, cfg.dropout, cfg.activation)
         self.ff_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         if self.norm_first:

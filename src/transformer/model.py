@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
-from .layers import TokenEmbedding, TransformerLayer, positional_encoding
+from .layers import Dropout, TokenEmbedding, TransformerLayer, positional_encoding
 
 
 class Encoder(nn.Module):
@@ -27,7 +27,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = embed
         self.pos = positional_encoding(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
 
@@ -61,7 +61,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = embed
         self.pos = positional_encoding(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.cross_attention = cross_attention
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
@@ -117,6 +117,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        cfg.check_vocab()
         self.config = cfg
         tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
         src_embed = tgt_embed if cfg.tie_embeddings == "all" else TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
@@ -162,6 +163,7 @@ class TransformerLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        cfg.check_vocab()
         self.config = cfg
         embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
         self.decoder = Decoder(cfg, embed, cross_attention=False)

@@ -174,7 +174,7 @@ def build_task(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]] = None
 
 def _synthetic(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:
     d = run.data
-    task = SyntheticTask(d.synthetic_task)
+    task = SyntheticTask(d.synthetic_task, d.synthetic_min_len, d.synthetic_max_len)
     train, val = task.split(d.synthetic_train_size, d.synthetic_val_size, seed=run.train.seed)
     tok = tokenizers["src"] if tokenizers else CharTokenizer(SyntheticTask.ALPHABET)
     pairs, _ = encode_pairs(tok, tok, [s for s, _ in train], [t for _, t in train], d.max_len)
