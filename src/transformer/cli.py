@@ -263,8 +263,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     ckpt = load_checkpoint(args.checkpoint, task="lm")
     tok = ckpt.tgt_tokenizer
-    ids = tok.encode(args.prompt) if args.prompt else []
-    prompt = torch.tensor([[BOS, *ids]] * args.num_samples, dtype=torch.long)
+    # with no prompt, start from a newline (what the text's lines follow), or <s> if the vocabulary has none
+    ids = tok.encode(args.prompt or "\n") or [BOS]
+    prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+    context = ckpt.meta.get("run", {}).get("data", {}).get("block_size")
     gen = torch.Generator().manual_seed(args.seed)
     for n in range(args.num_samples):
         sys.stdout.write(args.prompt)
@@ -273,7 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         produced: list[int] = []
         shown = ""
         for tokens in sample(ckpt.model, prompt[n : n + 1], args.max_new_tokens, args.temperature, args.top_k,
-                             args.top_p, gen):
+                             args.top_p, gen, context):
             produced.append(int(tokens[0]))
             text = tok.decode(produced)
             sys.stdout.write(text[len(shown):])

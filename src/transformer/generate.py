@@ -174,18 +174,23 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    context: Optional[int] = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) new tokens one step at a time from a language model. prompt: (B, T) ids, T >= 1.
-    Temperature 0 picks the most probable token (greedy)."""
+    Temperature 0 picks the most probable token (greedy).
+
+    `context` bounds how many tokens the model sees (a learned positional table bounds it at max_positions):
+    a longer prompt is cropped to its last `context` tokens, and when the cache is full it is rebuilt from the
+    last 3/4 of the window, so generation can go on for any number of tokens.
+    """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     cfg = model.config
-    if cfg.positional == "learned" and prompt.size(1) + max_new_tokens > cfg.max_positions:
-        raise TransformerError(
-            f"prompt ({prompt.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_positions={cfg.max_positions}; use a shorter prompt or fewer new tokens"
-        )
-    cache = model.decoder.new_cache(capacity=prompt.size(1) + max_new_tokens)
-    logits = model(prompt, cache)[:, -1]
+    if cfg.positional == "learned":
+        context = min(context or cfg.max_positions, cfg.max_positions)
+    tokens = prompt if context is None else prompt[:, -context:]
+    capacity = context or tokens.size(1) + max_new_tokens
+    cache = model.decoder.new_cache(capacity)
+    logits = model(tokens, cache)[:, -1]
     for _ in range(max_new_tokens):
         if temperature == 0:
             nxt = logits.argmax(-1)
@@ -193,7 +198,12 @@ def sample(
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         yield nxt
-        logits = model(nxt[:, None], cache)[:, -1]
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if context is not None and cache.length >= context:  # window full: re-read its last 3/4
+            cache = model.decoder.new_cache(capacity)
+            logits = model(tokens[:, -max(1, context * 3 // 4) :], cache)[:, -1]
+        else:
+            logits = model(nxt[:, None], cache)[:, -1]
 
 
 @torch.no_grad()

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+
+from transformer import CheckpointError, ModelConfig, Transformer
+from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.data import CharTokenizer
+
+
+def model_and_tok(**kw):
+    torch.manual_seed(0)
+    cfg = dict(src_vocab_size=30, tgt_vocab_size=30, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+               d_ff=16, tie_embeddings="all")
+    cfg.update(kw)
+    return Transformer(ModelConfig(**cfg)).eval(), CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+
+
+def save(tmp_path, **kw):
+    model, tok = model_and_tok(**kw)
+    path = save_checkpoint(tmp_path / "ckpt", model, "translation", {"src": tok, "tgt": tok})
+    return path, model
+
+
+def test_round_trip_gives_the_same_model(tmp_path):
+    path, model = save(tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    ckpt = load_checkpoint(path)
+    src, tgt = torch.randint(4, 30, (2, 5)), torch.randint(4, 30, (2, 4))
+    torch.testing.assert_close(ckpt.model(src, tgt), model(src, tgt), rtol=0, atol=0)
+    assert ckpt.model.output.weight is ckpt.model.encoder.embed.weight  # tying survives
+    assert ckpt.src_tokenizer.encode("abc") == [4, 5, 6]
+
+
+def test_overwrite_replaces_atomically(tmp_path):
+    path, _ = save(tmp_path)
+    model, tok = model_and_tok(d_model=32)
+    save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
+    assert load_checkpoint(path).config.d_model == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path, _ = save(tmp_path)
+    model, tok = model_and_tok(d_model=32)
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
+    assert load_checkpoint(path).config.d_model == 16
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_missing_directory_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere: checkpoint directory not found"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load_checkpoint(tmp_path / "empty")
+
+
+def test_corrupt_files_name_the_file(tmp_path):
+    path, _ = save(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: unreadable"):
+        load_checkpoint(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt or truncated"):
+        load_checkpoint(path)
+
+
+def test_missing_tensor_and_shape_mismatch(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = save(tmp_path)
+    weights = load_file(str(path / "model.safetensors"))
+    name = "decoder.layers.0.ff.linear1.weight"
+    save_file({k: v for k, v in weights.items() if k != name}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
+        load_checkpoint(path)
+    weights[name] = torch.zeros(3, 3)
+    save_file(weights, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(3, 3\)"):
+        load_checkpoint(path)
+
+
+def test_task_mismatch(tmp_path):
+    path, _ = save(tmp_path)
+    with pytest.raises(CheckpointError, match="'translation' checkpoint, but this command needs a 'lm'"):
+        load_checkpoint(path, task="lm")

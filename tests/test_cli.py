@@ -1,0 +1,191 @@
+"""End-to-end: the `transformer` command, in-process (fast) and once as a real subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformer.cli import main
+
+PAIRS = [
+    ("a dog runs", "ein hund rennt"), ("a cat sleeps", "eine katze schläft"), ("the man eats", "der mann isst"),
+    ("a woman reads", "eine frau liest"), ("two dogs play", "zwei hunde spielen"), ("the child laughs", "das kind lacht"),
+] * 6
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert lines[0].startswith("transformer: error:")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def parallel_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "train.en").write_text("\n".join(s for s, _ in PAIRS) + "\n")
+    (d / "train.de").write_text("\n".join(t for _, t in PAIRS) + "\n")
+    (d / "val.en").write_text("\n".join(s for s, _ in PAIRS[:6]) + "\n")
+    (d / "val.de").write_text("\n".join(t for _, t in PAIRS[:6]) + "\n")
+    cfg = d / "tiny.yaml"
+    cfg.write_text(f"""
+model: {{d_model: 32, n_heads: 2, n_encoder_layers: 1, n_decoder_layers: 1, d_ff: 64, tie_embeddings: all}}
+data:
+  train_src: {d / 'train.en'}
+  train_tgt: {d / 'train.de'}
+  val_src: {d / 'val.en'}
+  val_tgt: {d / 'val.de'}
+  vocab_size: 120
+train: {{max_tokens: 200, max_steps: 6, eval_every: 3, warmup_steps: 2, log_every: 1}}
+""")
+    return d, cfg
+
+
+def test_train_translate_evaluate_average(tmp_path, capsys, parallel_files):
+    d, cfg = parallel_files
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", cfg, "--out", run, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["step"] == 6 and "bleu" in result and "val_loss" in result
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    code, out, _ = run_cli(capsys, "translate", run / "best", "a dog runs", "", "the man eats", "--beam", "2")
+    assert code == 0 and len(out.splitlines()) == 3 and out.splitlines()[1] == ""
+    code, out, _ = run_cli(capsys, "evaluate", run / "best", "--src", d / "val.en", "--ref", d / "val.de", "--json", "--beam", "3")
+    assert code == 0
+    scores = json.loads(out)
+    assert {"bleu", "chrf", "signature", "sentences", "seconds"} <= set(scores) and scores["sentences"] == 6
+    assert "nrefs:1|case:mixed|eff:no|tok:13a" in scores["signature"]["bleu"]
+    code, out, _ = run_cli(capsys, "average", run, "--last", "2")
+    assert code == 0 and (run / "averaged" / "model.safetensors").is_file()
+    # training again into the same directory is refused rather than overwriting it
+    code, _, err = run_cli(capsys, "train", cfg, "--out", run)
+    assert_user_error(code, err, "already holds a run", "--resume")
+    code, out, _ = run_cli(capsys, "train", "--resume", run, "--set", "train.max_steps=8", "--json")
+    assert code == 0 and json.loads(out)["step"] == 8
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("missing", ["nope.en: train source file not found"]),
+        ("counts", ["has 36 lines but", "line-aligned"]),
+        ("empty", ["empty.en: train source file is empty"]),
+        ("utf8", ["bad.en:2: invalid UTF-8"]),
+        ("key", ["unknown key 'train.max_step'", "did you mean 'train.max_steps'"]),
+        ("type", ["train.max_steps='many': expected an integer"]),
+    ],
+)
+def test_bad_training_input(tmp_path, capsys, parallel_files, case, needles):
+    d, cfg = parallel_files
+    (tmp_path / "empty.en").write_text("")
+    (tmp_path / "bad.en").write_bytes(b"ok\n\xc3\x28 broken\n")
+    (tmp_path / "short.de").write_text("eins\nzwei\n")
+    sets = {
+        "missing": ["data.train_src=" + str(tmp_path / "nope.en")],
+        "counts": ["data.train_tgt=" + str(tmp_path / "short.de")],
+        "empty": ["data.train_src=" + str(tmp_path / "empty.en")],
+        "utf8": ["data.train_src=" + str(tmp_path / "bad.en")],
+        "key": ["train.max_step=3"],
+        "type": ["train.max_steps=many"],
+    }[case]
+    args = ["train", cfg, "--out", tmp_path / "run"]
+    for s in sets:
+        args += ["--set", s]
+    code, _, err = run_cli(capsys, *args)
+    assert_user_error(code, err, *needles)
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_translate_reads_stdin(capsys, monkeypatch, reverse_checkpoint):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("abc\nhello\n"))
+    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint)
+    assert code == 0 and out.splitlines() == ["cba", "olleh"]
+
+
+def test_translate_input_file(tmp_path, capsys, reverse_checkpoint):
+    (tmp_path / "in.txt").write_text("abc\r\nxyz\r\n")
+    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--beam", "3")
+    assert code == 0 and out.splitlines() == ["cba", "zyx"]
+
+
+def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):
+    code, _, err = run_cli(capsys, "translate", tmp_path / "nowhere", "abc")
+    assert_user_error(code, err, "nowhere: checkpoint directory not found")
+    (tmp_path / "not-ckpt").mkdir()
+    code, _, err = run_cli(capsys, "translate", tmp_path / "not-ckpt", "abc")
+    assert_user_error(code, err, "config.json: missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(reverse_checkpoint).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "tokenizer.json").write_text("{oops")
+    code, _, err = run_cli(capsys, "translate", broken, "abc")
+    assert_user_error(code, err, "tokenizer.json: unreadable tokenizer file")
+    (broken / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "translate", broken, "abc")
+    assert_user_error(code, err, "tokenizer.json: tokenizer file not found")
+    code, _, err = run_cli(capsys, "generate", reverse_checkpoint)
+    assert_user_error(code, err, "needs a 'lm' one")
+    code, _, err = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "none.txt")
+    assert_user_error(code, err, "none.txt: input file not found")
+    with pytest.raises(SystemExit) as e:  # argparse: invalid option values exit 2 with a usage line
+        main(["translate", str(reverse_checkpoint), "abc", "--beam", "0"])
+    assert e.value.code == 2
+    assert "--beam: must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_command_as_a_real_process(tmp_path):
+    """The installed entry point runs (a short demo), prints one JSON object and saves a checkpoint."""
+    exe = Path(sys.executable).parent / "transformer"
+    proc = subprocess.run([str(exe), "demo", "--steps", "30", "--json", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {"exact_match", "train_seconds", "checkpoint"} <= set(result)
+    assert 0.0 <= result["exact_match"] <= 1.0
+    assert (Path(result["checkpoint"]) / "model.safetensors").is_file()
+    bad = subprocess.run([str(exe), "translate", str(tmp_path / "missing"), "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_language_model_train_and_generate(tmp_path, capsys):
+    text = "".join(f"To be, or not to be{'!' * (i % 3)}\nthat is the question.\n" for i in range(300))
+    (tmp_path / "text.txt").write_text(text)
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(f"""
+model: {{arch: decoder-only, d_model: 32, n_heads: 2, n_decoder_layers: 2, d_ff: 64, dropout: 0.0,
+        norm_first: true, positional: learned, max_positions: 32, tie_embeddings: decoder}}
+data: {{task: lm, text: {tmp_path / 'text.txt'}, tokenizer: char, block_size: 32}}
+train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, schedule: cosine, max_steps: 150, eval_every: 75,
+        label_smoothing: 0.0}}
+""")
+    code, out, _ = run_cli(capsys, "train", cfg, "--out", tmp_path / "run", "--json")
+    assert code == 0
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [75, 150]
+    assert lines[-1]["val_loss"] < 1.0  # a repetitive text is learned well below uniform (ln 20 = 3.0)
+    args = ["generate", tmp_path / "run" / "best", "--prompt", "To be", "--max-new-tokens", "60", "--seed", "3"]
+    code, first, _ = run_cli(capsys, *args)
+    assert code == 0 and first.startswith("To be") and len(first) >= 60
+    code, again, _ = run_cli(capsys, *args)
+    assert again == first  # a fixed seed reproduces the text
+    assert "question" in run_cli(capsys, *args[:-2], "--temperature", "0")[1]
+    for bad, needle in [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
+                        (["--top-k", "-2"], "--top-k")]:
+        code, _, err = run_cli(capsys, *args, *bad)
+        assert_user_error(code, err, needle)
+    code, _, err = run_cli(capsys, "translate", tmp_path / "run" / "best", "x")
+    assert_user_error(code, err, "'lm' checkpoint, but this command needs a 'translation' one")

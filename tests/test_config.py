@@ -1,0 +1,60 @@
+import pytest
+
+from transformer import ConfigError
+from transformer.config import load_run_config
+
+GOOD = """
+model:
+  d_model: 64
+  n_heads: 4
+data:
+  task: translation
+  train_src: a.en
+train:
+  lr: 1.0e-3
+  betas: [0.9, 0.98]
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_and_overrides(tmp_path):
+    run = load_run_config(write(tmp_path, GOOD), ["train.lr=5e-4", "model.norm_first=true", "train.max_steps=10"])
+    assert run.model.d_model == 64 and run.model.norm_first is True
+    assert run.train.lr == 5e-4 and run.train.betas == (0.9, 0.98) and run.train.max_steps == 10
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model:\n  d_modle: 64\n", r"unknown key 'model.d_modle' \(did you mean 'model.d_model'\?\)"),
+        ("trian:\n  lr: 1\n", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+        ("model:\n  d_model: sixty\n", r"model.d_model='sixty': expected an integer"),
+        ("train:\n  bf16: 1\n", r"train.bf16=1: expected true or false"),
+        ("train:\n  lr: -1\n", r"train.lr=-1.0: must be > 0"),
+        ("model:\n  activation: tanh\n", r"activation='tanh': must be one of 'relu', 'gelu'"),
+        ("model: [1, 2\n", r"cfg.yaml:1: invalid YAML"),
+        ("- just\n- a list\n", r"expected a mapping"),
+        ("model:\n  d_model: 30\n  n_heads: 4\n", r"d_model=30: must be divisible by n_heads=4"),
+    ],
+)
+def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_run_config(write(tmp_path, text))
+    assert str(e.value).startswith(str(tmp_path / "cfg.yaml"))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_ready_made_recipes_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        load_run_config(path)

@@ -1,0 +1,105 @@
+import pytest
+
+from transformer.data import (
+    BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, SyntheticTask, collate, load_tokenizer, pair_lengths,
+    read_lines, read_parallel, token_batches,
+)
+from transformer.errors import DataError
+
+SENTENCES = [
+    "Two young, White males are outside near many bushes.",
+    "Ein kleines Mädchen klettert in ein Spielhaus aus Holz.",
+    "A man in a blue shirt is standing on a ladder cleaning windows.",
+    "Zwei Männer stehen am Herd und bereiten Essen zu.",
+] * 20
+
+
+def test_char_tokenizer_round_trip_and_unknowns(tmp_path):
+    tok = CharTokenizer.train(["hello world"])
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.encode("z")[0] == UNK
+    tok.save(tmp_path / "t.json")
+    again = load_tokenizer(tmp_path / "t.json")
+    assert again.encode("hold") == tok.encode("hold")
+
+
+def test_bpe_round_trip(tmp_path):
+    tok = BPETokenizer.train(SENTENCES, vocab_size=300)
+    for s in SENTENCES[:4]:
+        ids = tok.encode(s)
+        assert min(ids) >= 4  # specials are never produced by encoding text
+        assert tok.decode(ids) == s
+    tok.save(tmp_path / "bpe.json")
+    again = load_tokenizer(tmp_path / "bpe.json")
+    assert again.encode(SENTENCES[1]) == tok.encode(SENTENCES[1])
+    assert again.decode([BOS, *tok.encode("Zwei Männer"), EOS, PAD]) == "Zwei Männer"
+
+
+def test_bpe_round_trip_on_multi30k(shared_data):
+    en = read_lines(shared_data / "multi30k" / "val.en")
+    de = read_lines(shared_data / "multi30k" / "val.de")
+    tok = BPETokenizer.train(en + de, vocab_size=2000)
+    bad = [s for s in en + de if tok.decode(tok.encode(s)) != " ".join(s.split())]
+    assert not bad, bad[:3]
+
+
+def test_read_lines_errors(tmp_path):
+    with pytest.raises(DataError, match="missing.txt: data file not found"):
+        read_lines(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.txt: data file is empty"):
+        read_lines(tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_bytes(b"fine\nalso fine\nbad \xff here\n")
+    with pytest.raises(DataError, match=r"bad.txt:3: invalid UTF-8"):
+        read_lines(tmp_path / "bad.txt")
+    (tmp_path / "crlf.txt").write_bytes(b"a b\r\nc\xc2\xa0\r\n")
+    assert read_lines(tmp_path / "crlf.txt") == ["a b", "c"]
+
+
+def test_read_parallel(tmp_path):
+    (tmp_path / "a").write_text("1\n2\n3\n")
+    (tmp_path / "b").write_text("x\ny\n")
+    with pytest.raises(DataError, match="3 lines but .* has 2"):
+        read_parallel(str(tmp_path / "a"), str(tmp_path / "b"), None, "train")
+    (tmp_path / "p.tsv").write_text("hello\thallo\nbye\ttschüss\n")
+    assert read_parallel(None, None, str(tmp_path / "p.tsv"), "train") == (["hello", "bye"], ["hallo", "tschüss"])
+    (tmp_path / "bad.tsv").write_text("hello\thallo\nno tab here\n")
+    with pytest.raises(DataError, match="bad.tsv:2: expected 'source<TAB>target'"):
+        read_parallel(None, None, str(tmp_path / "bad.tsv"), "train")
+
+
+def test_token_batches_cover_everything_within_budget():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 50) for _ in range(1000)]
+    batches = token_batches(lengths, max_tokens=400, seed=3, epoch=0)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000))
+    assert all(max(lengths[i] for i in b) * len(b) <= 400 for b in batches)
+    assert batches == token_batches(lengths, max_tokens=400, seed=3, epoch=0)  # deterministic
+    assert batches != token_batches(lengths, max_tokens=400, seed=3, epoch=1)  # reshuffled each epoch
+    # bucketing keeps padding small compared with random batches of the same size
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert pad / sum(lengths) < 0.1
+    assert all(len(b) <= 7 for b in token_batches(lengths, max_tokens=4000, max_sentences=7))
+
+
+def test_collate_shifts_target():
+    b = collate([([5, 6, 7], [8, 9]), ([5], [8, 9, 10])])
+    assert b.src.tolist() == [[5, 6, 7], [5, PAD, PAD]]
+    assert b.tgt_in.tolist() == [[BOS, 8, 9, PAD], [BOS, 8, 9, 10]]
+    assert b.tgt_out.tolist() == [[8, 9, EOS, PAD], [8, 9, 10, EOS]]
+    assert b.n_tokens == 7
+    assert pair_lengths([([5, 6, 7], [8, 9])]) == [3]
+
+
+@pytest.mark.parametrize("name", SyntheticTask.TASKS)
+def test_synthetic_task_is_deterministic_and_held_out_is_unseen(name):
+    task = SyntheticTask(name, 1, 10)
+    train, val = task.split(2000, 200, seed=5)
+    assert (train, val) == task.split(2000, 200, seed=5)
+    assert not {s for s, _ in val} & {s for s, _ in train}
+    assert len({len(s) for s, _ in train}) == 10  # variable lengths
+    for s, t in val:
+        assert t == {"reverse": s[::-1], "sort": "".join(sorted(s)), "copy": s}[name]

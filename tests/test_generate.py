@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from transformer import ModelConfig, Transformer, TransformerLM, TransformerError
+from transformer.checkpoint import load_checkpoint
+from transformer.data import pad_batch
+from transformer.generate import beam_search, filter_logits, greedy, sample, translate_texts
+
+
+@pytest.fixture(scope="module")
+def trained(reverse_checkpoint):
+    return load_checkpoint(reverse_checkpoint)
+
+
+def encode(ckpt, texts):
+    return pad_batch([ckpt.src_tokenizer.encode(t) for t in texts])
+
+
+WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm"]
+
+
+def test_trained_model_reverses_held_out_strings(reverse_run):
+    _, record = reverse_run
+    assert record["exact_match"] >= 0.9
+
+
+def test_greedy_with_cache_equals_full_recompute(trained):
+    src = encode(trained, WORDS)
+    assert greedy(trained.model, src) == greedy(trained.model, src, use_cache=False)
+
+
+def test_beam_size_one_is_greedy(trained):
+    src = encode(trained, WORDS)
+    assert beam_search(trained.model, src, beam_size=1) == greedy(trained.model, src)
+    torch.manual_seed(0)
+    random_model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=32, n_heads=2,
+                                           n_encoder_layers=1, n_decoder_layers=1, d_ff=32)).eval()
+    assert beam_search(random_model, src, beam_size=1, max_len_b=5) == greedy(random_model, src, max_len_b=5)
+
+
+def test_beam_search_batch_equals_one_by_one(trained):
+    src = encode(trained, WORDS)
+    batched = beam_search(trained.model, src, beam_size=4)
+    alone = [beam_search(trained.model, encode(trained, [w]), beam_size=4)[0] for w in WORDS]
+    assert batched == alone
+    texts = [trained.tgt_tokenizer.decode(t) for t in batched]
+    assert sum(t == w[::-1] for t, w in zip(texts, WORDS)) >= 5
+
+
+def test_beam_search_respects_max_length(trained):
+    src = encode(trained, WORDS)
+    for a, b in [(0.0, 3), (0.5, 0), (1.0, 1)]:
+        limits = [int(len(w) * a) + b for w in WORDS]
+        for out in (beam_search(trained.model, src, 3, max_len_a=a, max_len_b=b), greedy(trained.model, src, a, b)):
+            assert all(len(o) <= n for o, n in zip(out, limits))
+
+
+def test_invalid_decoding_arguments(trained):
+    src = encode(trained, WORDS)
+    with pytest.raises(TransformerError, match="beam size"):
+        beam_search(trained.model, src, beam_size=0)
+    with pytest.raises(TransformerError, match="must not be negative"):
+        greedy(trained.model, src, max_len_b=-1)
+
+
+def test_translate_texts_keeps_order_and_handles_empty(trained):
+    texts = ["abcdef", "", "xy", "hello"]
+    out = translate_texts(trained.model, trained.src_tokenizer, trained.tgt_tokenizer, texts, batch_size=2)
+    assert out[1] == ""
+    assert out[0] == "fedcba" and out[2] == "yx"
+
+
+def test_filter_logits_support():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[False, True, True, False, False]]
+    probs = logits.softmax(-1)[0]  # 0.09, 0.66, 0.24, 0.03, 0.01
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0].tolist()
+    assert kept == [False, True, True, False, False] and probs[1] < 0.7
+    assert torch.isfinite(filter_logits(logits, top_p=0.5))[0].tolist() == [False, True, False, False, False]
+
+
+def lm():
+    torch.manual_seed(0)
+    return TransformerLM(ModelConfig(tgt_vocab_size=20, d_model=32, n_heads=2, n_decoder_layers=2, d_ff=64,
+                                     arch="decoder-only", tie_embeddings="decoder")).eval()
+
+
+def test_sampling_support_greedy_and_seed():
+    model = lm()
+    prompt = torch.tensor([[1, 5, 6]])
+    greedy_tokens = torch.cat(list(sample(model, prompt, 10, temperature=0)))
+    # temperature 0 and top-k 1 are greedy: each token is the argmax of a full recompute
+    ids = prompt
+    for tok in greedy_tokens:
+        assert int(model(ids)[0, -1].argmax()) == int(tok)
+        ids = torch.cat([ids, tok.view(1, 1)], 1)
+    topk1 = torch.cat(list(sample(model, prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(topk1, greedy_tokens)
+    a = torch.cat(list(sample(model, prompt, 20, top_k=3, generator=torch.Generator().manual_seed(7))))
+    b = torch.cat(list(sample(model, prompt, 20, top_k=3, generator=torch.Generator().manual_seed(7))))
+    assert torch.equal(a, b)
+    # top-k never leaves its support
+    ids = prompt
+    for tok in a:
+        assert int(tok) in model(ids)[0, -1].topk(3).indices.tolist()
+        ids = torch.cat([ids, tok.view(1, 1)], 1)
+
+
+def test_sampling_argument_errors():
+    model = lm()
+    prompt = torch.tensor([[1]])
+    for kw, msg in [(dict(temperature=-1), "temperature"), (dict(top_k=-1), "top-k"), (dict(top_p=0.0), "top-p"),
+                    (dict(top_p=1.5), "top-p")]:
+        with pytest.raises(TransformerError, match=msg):
+            next(sample(model, prompt, 5, **kw))
+
+
+def test_prompt_longer_than_learned_positions_is_cropped():
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(tgt_vocab_size=20, d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16,
+                                      arch="decoder-only", positional="learned", max_positions=8)).eval()
+    long_prompt = torch.randint(4, 20, (1, 20))
+    out = torch.cat(list(sample(model, long_prompt, 30, temperature=0)))  # also runs past the table's end
+    assert out.shape == (30,)
+    cropped = torch.cat(list(sample(model, long_prompt[:, -8:], 30, temperature=0)))
+    assert torch.equal(out, cropped)
+    # the first new token sees exactly the last 8 prompt tokens
+    assert int(out[0]) == int(model(long_prompt[:, -8:])[0, -1].argmax())

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from transformer.checkpoint import load_checkpoint
+from transformer.config import TrainConfig
+from transformer.train import Trainer, average_checkpoints, learning_rate
+
+from conftest import tiny_run_config
+
+
+def test_learning_rate_schedules():
+    t = TrainConfig(lr=1e-3, warmup_steps=100, schedule="inverse_sqrt")
+    assert learning_rate(t, 50) == pytest.approx(5e-4)
+    assert learning_rate(t, 100) == pytest.approx(1e-3)
+    assert learning_rate(t, 400) == pytest.approx(5e-4)
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="cosine", max_steps=110)
+    assert learning_rate(c, 10) == pytest.approx(1e-3)
+    assert learning_rate(c, 60) == pytest.approx(5.5e-4)
+    assert learning_rate(c, 110) == pytest.approx(1e-4)
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_gives_the_same_parameters(tmp_path):
+    def run_config(steps):
+        run = tiny_run_config(max_steps=steps, eval_every=1000, eval_bleu_sentences=10, max_tokens=256, accumulate=2)
+        run.model.dropout = 0.1  # exercise the RNG state too
+        return run
+
+    whole = Trainer(run_config(30), tmp_path / "whole")
+    whole.train()
+    first = Trainer(run_config(12), tmp_path / "split")
+    first.train()
+    resumed = Trainer(run_config(30), tmp_path / "split", resume=True)
+    assert resumed.pos.step == 12
+    resumed.train()
+    a, b = params(whole.model), params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the split really differs from a fresh 18-step run: the resumed state mattered
+    fresh = Trainer(run_config(18), tmp_path / "fresh")
+    fresh.train()
+    assert not all(torch.equal(a[k], v) for k, v in params(fresh.model).items())
+
+
+def test_run_directory_contents(reverse_run):
+    out, record = reverse_run
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 400 and "val_loss" in lines[-1] and "exact_match" in lines[-1]
+    assert (out / "last" / "training_state.json").is_file()
+    assert not (out / "best" / "training_state.json").exists()
+    assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 400
+
+
+def test_average_checkpoints(tmp_path, reverse_run):
+    out, _ = reverse_run
+    a = load_checkpoint(out / "best")
+    avg_dir = average_checkpoints([out / "best", out / "last"], tmp_path / "avg")
+    avg = load_checkpoint(avg_dir)
+    b = load_checkpoint(out / "last")
+    for k, v in avg.model.state_dict().items():
+        torch.testing.assert_close(v, (a.model.state_dict()[k] + b.model.state_dict()[k]) / 2)
