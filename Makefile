@@ -24,3 +24,7 @@ test: setup
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m bench

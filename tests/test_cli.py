@@ -182,7 +182,9 @@ train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, schedule: cosine, max_step
     assert code == 0 and first.startswith("To be") and len(first) >= 60
     code, again, _ = run_cli(capsys, *args)
     assert again == first  # a fixed seed reproduces the text
-    assert "question" in run_cli(capsys, *args[:-2], "--temperature", "0")[1]
+    greedy_a = run_cli(capsys, *args[:-2], "--seed", "1", "--temperature", "0")[1]
+    greedy_b = run_cli(capsys, *args[:-2], "--seed", "2", "--temperature", "0")[1]
+    assert greedy_a == greedy_b  # temperature 0 is greedy: no randomness left
     for bad, needle in [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
                         (["--top-k", "-2"], "--top-k")]:
         code, _, err = run_cli(capsys, *args, *bad)

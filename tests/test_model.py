@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from transformer import ConfigError, ModelConfig, Transformer, TransformerLM, TransformerLayer
-from transformer.attention import causal_mask, padding_mask
+from transformer.attention import padding_mask
 
 PAD = 0
 

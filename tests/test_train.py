@@ -63,3 +63,19 @@ def test_average_checkpoints(tmp_path, reverse_run):
     b = load_checkpoint(out / "last")
     for k, v in avg.model.state_dict().items():
         torch.testing.assert_close(v, (a.model.state_dict()[k] + b.model.state_dict()[k]) / 2)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    """Two runs of one recipe write the same metrics.jsonl, but for the wall-clock minutes."""
+
+    def metrics(name):
+        run = tiny_run_config(max_steps=20, eval_every=10, eval_bleu_sentences=20, max_tokens=256)
+        run.model.dropout = 0.1
+        Trainer(run, tmp_path / name).train()
+        lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for line in lines:
+            line.pop("minutes")
+        return lines
+
+    first, second = metrics("a"), metrics("b")
+    assert len(first) == 2 and first == second

@@ -74,6 +74,7 @@ def save_checkpoint(
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover(directory, clean=True)
     tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
@@ -111,6 +112,22 @@ def save_checkpoint(
     return directory
 
 
+def recover(directory: Path, clean: bool = False) -> None:
+    """Finish an interrupted replacement. Saving moves the old checkpoint aside to `.NAME.*.old` and then
+    renames the complete new one into place; a process killed between those two renames leaves no NAME, so
+    the old checkpoint is put back. `clean` (the writer's call) also removes leftovers of killed saves."""
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{directory.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if not directory.exists() and olds:
+        os.replace(olds.pop(), directory)
+    if clean:
+        for leftover in [*olds, *parent.glob(f".{directory.name}.*.tmp")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -126,6 +143,8 @@ def _fsync_dir(path: Path) -> None:
 
 def read_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
+    if not directory.exists():
+        recover(directory)
     if not directory.exists():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     if not directory.is_dir():

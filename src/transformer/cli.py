@@ -23,7 +23,15 @@ log = logging.getLogger("transformer")
 # Helpers
 
 
+def _is_main_process() -> bool:
+    """False on every torchrun process but rank 0: only rank 0 shows progress and prints results."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _setup_logging(quiet: bool) -> None:
+    quiet = quiet or not _is_main_process()
     logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, force=True)
 
 
@@ -89,7 +97,7 @@ def _run_trainer(run, out: Path, resume: bool, quiet: bool):
 
     trainer = Trainer(run, out, resume=resume)
     t = run.train
-    bar = _ProgressBar(t.max_steps or None, enabled=not quiet, max_minutes=t.max_minutes)
+    bar = _ProgressBar(t.max_steps or None, enabled=not quiet and _is_main_process(), max_minutes=t.max_minutes)
     trainer.progress = bar
     try:
         started = time.perf_counter()
@@ -181,8 +189,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise TransformerError(f"{out}: already holds a run; resume it with --resume {out} or choose another --out")
     if args.max_minutes is not None:
         run.train.max_minutes = args.max_minutes
+    if args.fsdp:
+        run.train.fsdp = True
     _, record, seconds = _run_trainer(run, out, resume=bool(args.resume), quiet=args.json)
     result = {"run_dir": str(out), "seconds": round(seconds, 1), **record}
+    if not _is_main_process():
+        return 0
     if args.json:
         print(json.dumps(result))
     else:
@@ -285,6 +297,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .viz import attention_maps, plot_attention
+
+    ckpt = load_checkpoint(args.checkpoint, task="translation")
+    maps = attention_maps(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, args.source, args.target)
+    written = []
+    if args.out or not args.html:
+        written.append(plot_attention(maps, args.out or "attention.png",
+                                      kinds=args.kind or ("encoder", "decoder", "cross"), layer=args.layer, head=args.head))
+    if args.html:
+        from .viz import attention_html
+
+        written.append(attention_html(maps, args.html))
+    print(f"wrote {', '.join(map(str, written))}  (source: {' '.join(maps.src_tokens)} | "
+          f"target: {' '.join(maps.tgt_tokens[1:])})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .viz import plot_curves
+
+    out = plot_curves(args.run_dir, args.out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Parser
 
@@ -308,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=5e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--max-minutes", type=_nonneg_float, help="time budget in minutes (overrides train.max_minutes)")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters with FSDP2 (train.fsdp)")
     t.add_argument("--json", action="store_true", help="print one JSON object at the end (no progress bar)")
     t.set_defaults(fn=cmd_train)
 
@@ -350,6 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+
+    at = sub.add_parser("attention", help="draw a checkpoint's attention weights for a sentence")
+    at.add_argument("checkpoint")
+    at.add_argument("source", help="source sentence")
+    at.add_argument("--target", help="teacher-force this translation (default: the model's own greedy output)")
+    at.add_argument("--out", help="PNG file (default attention.png, unless only --html is given)")
+    at.add_argument("--html", help="also write an interactive, self-contained HTML page")
+    at.add_argument("--kind", action="append", choices=["encoder", "decoder", "cross"],
+                    help="which attention (repeatable; default all three)")
+    at.add_argument("--layer", type=_positive_int, help="one layer (1-based), drawn large with --head")
+    at.add_argument("--head", type=_positive_int, help="one head (1-based)")
+    at.set_defaults(fn=cmd_attention)
+
+    pl = sub.add_parser("plot", help="draw training curves from a run's metrics.jsonl")
+    pl.add_argument("run_dir", help="run directory (or its metrics.jsonl)")
+    pl.add_argument("--out", default="curves.png", help="PNG file to write (default curves.png)")
+    pl.add_argument("--title", help="a title over the plots")
+    pl.set_defaults(fn=cmd_plot)
     return p
 
 

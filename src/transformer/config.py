@@ -166,10 +166,13 @@ class TrainConfig:
     bf16: bool = False
     threads: int = 0
     log_every: int = 50
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss/gradient before training stops
+    fsdp: bool = False  # shard parameters with FSDP2 (under torchrun) instead of replicating them (DDP)
 
     def __post_init__(self) -> None:
         _check_literals(self)
-        for name in ("max_tokens", "accumulate", "eval_every", "log_every", "eval_beam", "keep_checkpoints"):
+        for name in ("max_tokens", "accumulate", "eval_every", "log_every", "eval_beam", "keep_checkpoints",
+                     "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
         for name in ("batch_size", "warmup_steps", "max_steps", "max_epochs", "threads", "eval_bleu_sentences"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
@@ -257,6 +260,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
         return float(value)

@@ -34,6 +34,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def token_text(self, id: int) -> str: ...
+
     def save(self, path: Path) -> None: ...
 
 
@@ -61,6 +63,9 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.itos[i] for i in ids if i >= len(SPECIALS) and i < self.vocab_size)
+
+    def token_text(self, id: int) -> str:
+        return self.itos[id] if 0 <= id < self.vocab_size else "<unk>"
 
     def save(self, path: Path) -> None:
         _write_text_atomic(Path(path), json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
@@ -97,6 +102,9 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([i for i in ids if i >= len(SPECIALS)], skip_special_tokens=True)
+
+    def token_text(self, id: int) -> str:
+        return self.tok.id_to_token(id) or "<unk>"
 
     def save(self, path: Path) -> None:
         _write_text_atomic(Path(path), self.tok.to_str())

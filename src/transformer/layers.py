@@ -69,7 +69,9 @@ class LearnedPositionalEncoding(nn.Module):
     def __init__(self, max_positions: int, d_model: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(max_positions, d_model)
-        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
+        # As large as the sinusoidal encoding (RMS 1/sqrt(2)), since token embeddings are scaled up to ~1: a
+        # small init leaves position drowned out (measured on the Shakespeare recipe: val loss 1.90 with std d^-0.5, 1.85 with this).
+        nn.init.normal_(self.embedding.weight, std=2**-0.5)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         end = offset + x.size(1)

@@ -27,7 +27,6 @@ from .data import (
     encode_pairs,
     lm_blocks,
     pair_lengths,
-    read_lines,
     read_parallel,
     token_batches,
     train_tokenizer,
@@ -95,9 +94,10 @@ class TranslationTask:
         """Validation loss (no label smoothing) over all validation pairs, and BLEU / exact match of the
         decoded first `eval_bleu_sentences` sentences."""
         model.eval()
+        device = next(model.parameters()).device
         total, count = 0.0, 0
         for idx in token_batches(pair_lengths(self.val_pairs), self.run.train.max_tokens, 0, shuffle=False):
-            b = collate([self.val_pairs[j] for j in idx])
+            b = collate([self.val_pairs[j] for j in idx]).to(device)
             total += float(model.loss(b.src, b.tgt_in, b.tgt_out, 0.0)) * b.n_tokens
             count += b.n_tokens
         out: dict[str, Any] = {"val_loss": total / max(count, 1)}
@@ -153,7 +153,8 @@ class LanguageModelTask:
         losses = []
         for _ in range(self.eval_batches):
             x, y = lm_blocks(self.val_ids, self.run.data.block_size, self.batch_size, g)
-            losses.append(float(model.loss(x, y, 0.0)))
+            device = next(model.parameters()).device
+            losses.append(float(model.loss(x.to(device), y.to(device), 0.0)))
         return {"val_loss": sum(losses) / len(losses)}
 
 

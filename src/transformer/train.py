@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -57,6 +58,70 @@ class TrainingInterrupted(TransformerError):
         self.exit_code = 128 + signum
 
 
+class Distributed:
+    """Data-parallel context from torchrun's environment (RANK, WORLD_SIZE, ...): one process per device,
+    gradients averaged by DistributedDataParallel. Without torchrun: rank 0 of 1, and nothing happens."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _LossStep(nn.Module):
+    """model + task.loss as one module, so DistributedDataParallel's forward sees the whole computation."""
+
+    def __init__(self, model: nn.Module, task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch):
+        return self.task.loss(self.model, batch)[0]
+
+
 @dataclass
 class Position:
     step: int = 0  # optimizer steps done
@@ -81,6 +146,8 @@ class Trainer:
     ) -> None:
         self.run, self.out = run, Path(out_dir)
         self.progress = progress
+        self.dist = Distributed()
+        self.device = self.dist.device()
         t = run.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -90,14 +157,28 @@ class Trainer:
         if resume:
             state, tokenizers = self._read_resume_state()
         self.task = build_task(run, tokenizers)
-        self.model = self._build_model()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
-        )
+        self.model = self._build_model().to(self.device)
+        if state is not None:  # weights go in before any sharding
+            load_weights(self.model, state[0], self.out / "last")
+        self.fsdp = t.fsdp
+        self.step_module: nn.Module = _LossStep(self.model, self.task)
+        if t.fsdp:
+            self._shard()
+        elif self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = DistributedDataParallel(self.step_module, device_ids=ids)
+        # Weight decay on matrices (projections, embeddings) only, never on biases and LayerNorm gains.
+        params = list(self.model.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
         self.pos = Position()
         if state is not None:
-            self._restore(*state)
+            self._restore(state[1], state[2])
         self._stop_signal: Optional[int] = None
+        self.bad_steps = 0
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
@@ -109,6 +190,22 @@ class Trainer:
             cfg.src_vocab_size = toks["src"].vocab_size
         cfg.__post_init__()  # re-check with the real vocabulary sizes
         return build_model(cfg)
+
+    def _shard(self) -> None:
+        """FSDP2: shard each layer's parameters (and the rest at the root) across the processes."""
+        try:
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        except ImportError:
+            raise TransformerError(
+                f"--fsdp needs FSDP2's fully_shard (torch >= 2.6); the installed torch is {torch.__version__}"
+            ) from None
+        if self.dist.world < 2:
+            raise TransformerError("--fsdp shards parameters across processes: launch with torchrun --nproc-per-node N")
+        for module in self.model.modules():
+            if type(module).__name__ == "TransformerLayer":
+                fully_shard(module)
+        fully_shard(self.model)
+        register_fsdp_forward_method(self.model, "loss")  # the trainer calls model.loss, not model(...)
 
     def _read_resume_state(self):
         from safetensors.torch import load_file
@@ -123,74 +220,157 @@ class Trainer:
         state = json.loads((last / STATE_JSON).read_text())
         return (ckpt.model.state_dict(), tensors, state), ckpt.tokenizers
 
-    def _restore(self, weights: dict, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        load_weights(self.model, weights, self.out / "last")
-        opt_state = _unflatten_optimizer(tensors, state["optimizer"])
-        self.optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(tensors["rng.torch"])
+    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self._load_optimizer(_unflatten_optimizer(tensors, state["optimizer"]))
+        rng = tensors.get(f"rng.torch.{self.dist.rank}")
+        if rng is not None and state.get("world", 1) == self.dist.world:
+            torch.set_rng_state(rng)
+        else:  # a different number of processes: reseed each rank from the step instead
+            torch.manual_seed(self.run.train.seed + 1000 * state["position"]["step"] + self.dist.rank)
         p = state["position"]
         self.pos = Position(p["step"], p["epoch"], p["batch"], p["elapsed"], p.get("best"))
+
+    # Optimizer state is stored keyed by parameter name, so it loads whatever the process count or sharding.
+
+    def _optimizer_state(self) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        sd = self.optimizer.state_dict()
+        names = self._optimizer_param_names()
+        return {
+            "state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+        }
+
+    def _load_optimizer(self, named: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, named, options=StateDictOptions(full_state_dict=True))
+            return
+        index = {n: i for i, n in enumerate(self._optimizer_param_names())}
+        self.optimizer.load_state_dict({
+            "state": {index[n]: v for n, v in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+        })
+
+    def _optimizer_param_names(self) -> list[str]:
+        """Parameter names in the optimizer's own numbering (group by group)."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _full_model(self) -> Optional[nn.Module]:
+        """The whole model on the main process (None elsewhere): the model itself, or with FSDP an unsharded
+        copy gathered from every process (a collective call)."""
+        if not self.fsdp:
+            return self.model if self.dist.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.main:
+            return None
+        replica = build_model(self.run.model)
+        load_weights(replica, full, Path("<gathered>"))
+        return replica.to(self.device)
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         """Train until max_steps, max_epochs or max_minutes; returns the last validation figures."""
         t = self.run.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "run_config.json", self.run.to_dict())
-        model, task, opt = self.model, self.task, self.optimizer
-        log.info("model: %s parameters; task: %s", f"{count_parameters(model):,}", task.name)
-        log.info("padding fraction of training batches: %.3f", task.padding_fraction(self.pos.epoch))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16)
+        main = self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "run_config.json", self.run.to_dict())
+            log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
+                     self.task.name, self.dist.world)
+            log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.pos.epoch))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16)
         start = time.perf_counter() - self.pos.elapsed
         last_eval: dict[str, Any] = {}
         window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
         old_handlers = self._catch_signals()
         try:
             while not self._done(start):
-                model.train()
-                opt.zero_grad(set_to_none=True)
-                micro = []
-                for _ in range(t.accumulate):
-                    micro.append(self._next_batch())
-                total_tokens = sum(n for _, n in micro)
+                self.model.train()
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = self._step_batches()
+                # Weight each micro-batch by its share of the target tokens of the whole (global) step; DDP's
+                # gradient average over processes then gives exactly the single-process token-weighted mean.
+                local_tokens = sum(n for _, n in micro)
+                total_tokens = self.dist.sum(local_tokens)
                 step_loss = 0.0
-                for batch, n in micro:
-                    with autocast:
-                        loss, _ = task.loss(model, batch)
-                    (loss * (n / total_tokens)).backward()
+                for i, (batch, n) in enumerate(micro):
+                    last = i == len(micro) - 1
+                    with self._no_sync(not last), autocast:
+                        loss = self.step_module(batch)
+                    (loss * (n * self.dist.world / total_tokens)).backward()
                     step_loss += float(loss.detach()) * n
-                if t.clip_norm > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-                self.pos.step += 1
-                lr = learning_rate(t, self.pos.step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.step()
+                step_loss = self.dist.sum(step_loss)
+                self._update(step_loss, total_tokens)
                 window_loss += step_loss
                 window_tokens += total_tokens
-                if self.pos.step % t.log_every == 0 and self.progress is not None:
+                if main and self.pos.step % t.log_every == 0 and self.progress is not None:
                     now = time.perf_counter()
                     self.progress(
                         dict(step=self.pos.step, epoch=self.pos.epoch, loss=window_loss / max(window_tokens, 1),
-                             lr=lr, tokens_per_s=window_tokens / max(now - window_start, 1e-9),
+                             lr=learning_rate(t, self.pos.step), tokens_per_s=window_tokens / max(now - window_start, 1e-9),
                              minutes=(now - start) / 60)
                     )
                     window_loss, window_tokens, window_start = 0.0, 0, now
                 if self.pos.step % t.eval_every == 0:
-                    last_eval = self._validate(start, step_loss / max(total_tokens, 1), lr)
-                if self._stop_signal is not None:
+                    last_eval = self._validate(start, step_loss / max(total_tokens, 1))
+                stop = self.dist.sum(float(self._stop_signal is not None))  # every process stops at the same step
+                if stop:
                     self._save_last(start)
-                    name = signal.Signals(self._stop_signal).name
+                    signum = self._stop_signal or signal.SIGTERM
                     raise TrainingInterrupted(
-                        f"{name}: training stopped at step {self.pos.step}; resume with --resume {self.out}",
-                        self._stop_signal,
+                        f"{signal.Signals(signum).name}: training stopped at step {self.pos.step}; "
+                        f"resume with --resume {self.out}",
+                        signum,
                     )
             if not last_eval or last_eval.get("step") != self.pos.step:
-                last_eval = self._validate(start, None, learning_rate(t, max(self.pos.step, 1)))
+                last_eval = self._validate(start, None)
             return last_eval
         finally:
             self._restore_signals(old_handlers)
+
+    def _no_sync(self, skip: bool):
+        """Inside gradient accumulation, no all-reduce until the last micro-batch of a step."""
+        import contextlib
+
+        if skip and hasattr(self.step_module, "no_sync"):
+            return self.step_module.no_sync()
+        return contextlib.nullcontext()
+
+    def _update(self, step_loss: float, total_tokens: float) -> None:
+        t = self.run.train
+        # The gradient norm (clipped to clip_norm, if set) doubles as the check for inf/NaN.
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
+        self.pos.step += 1
+        if math.isfinite(step_loss) and bool(torch.isfinite(norm)):
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate(t, self.pos.step)
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self._skip_bad_step(step_loss, float(norm))
+
+    def _skip_bad_step(self, loss: float, norm: float) -> None:
+        """A non-finite loss or gradient: no update this step; too many in a row ends training."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        limit = self.run.train.max_bad_steps
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row, limit %d)",
+                    self.pos.step, loss, norm, self.bad_steps, limit)
+        if self.bad_steps >= limit:
+            raise TransformerError(
+                f"training stopped at step {self.pos.step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                f"gradient (try a lower train.lr or train.bf16: false); the last good checkpoint is {self.out / 'last'}"
+            )
 
     def _done(self, start: float) -> bool:
         t = self.run.train
@@ -202,25 +382,42 @@ class Trainer:
             return True
         return False
 
-    def _next_batch(self):
-        if self.pos.batch >= self.task.num_batches(self.pos.epoch):
-            self.pos.epoch += 1
-            self.pos.batch = 0
-        batch = self.task.batch(self.pos.epoch, self.pos.batch)
-        self.pos.batch += 1
-        n = batch.n_tokens if hasattr(batch, "n_tokens") else batch[1].numel()
-        return batch, n
+    def _step_batches(self) -> list[tuple[Any, int]]:
+        """This process's micro-batches for one optimizer step. A step consumes world x accumulate batches in
+        order (crossing into the next epoch when one runs out); process r takes every world-th of them."""
+        t = self.run.train
+        positions = []
+        for _ in range(self.dist.world * t.accumulate):
+            if self.pos.batch >= self.task.num_batches(self.pos.epoch):
+                self.pos.epoch += 1
+                self.pos.batch = 0
+            positions.append((self.pos.epoch, self.pos.batch))
+            self.pos.batch += 1
+        out = []
+        for epoch, index in positions[self.dist.rank :: self.dist.world]:
+            batch = _to_device(self.task.batch(epoch, index), self.device)
+            n = batch.n_tokens if hasattr(batch, "n_tokens") else batch[1].numel()
+            out.append((batch, n))
+        return out
 
     # -- validation and checkpoints -------------------------------------------------------------------------
 
-    def translate(self, texts: Sequence[str]) -> list[str]:
+    def translate(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> list[str]:
         t = self.run.train
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
-            return translate_texts(self.model, self.task.src_tok, self.task.tgt_tok, texts, beam_size=t.eval_beam)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
+            return translate_texts(model or self.model, self.task.src_tok, self.task.tgt_tok, texts,
+                                   beam_size=t.eval_beam)
 
-    def _validate(self, start: float, train_loss: Optional[float], lr: float) -> dict[str, Any]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.run.train.bf16):
-            figures = self.task.validate(self.model, self.translate)
+    def _validate(self, start: float, train_loss: Optional[float]) -> dict[str, Any]:
+        """Validate, append to metrics.jsonl and save checkpoints: on the main process; the others wait."""
+        self._save_last(start)
+        model = self._full_model()
+        if model is None:
+            self.dist.barrier()
+            return {"step": self.pos.step}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.run.train.bf16):
+            figures = self.task.validate(model, lambda texts: self.translate(texts, model))
+        lr = learning_rate(self.run.train, max(self.pos.step, 1))
         record = {"step": self.pos.step, "epoch": self.pos.epoch, "minutes": round((time.perf_counter() - start) / 60, 3),
                   "lr": lr}
         if train_loss is not None:
@@ -235,29 +432,38 @@ class Trainer:
             self.pos.best = value
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        self._save_last(start)
         step_dir = self.out / "checkpoints" / f"step-{self.pos.step:07d}"
-        self._save(step_dir, with_state=False)
+        self._write(step_dir, model)
         self._prune_step_checkpoints()
         if better:
-            self._save(self.out / "best", with_state=False, extra={"validation": record})
+            self._write(self.out / "best", model, extra={"validation": record})
         self.model.train()
+        self.dist.barrier()
         return record
 
-    def _save(self, directory: Path, with_state: bool, start: Optional[float] = None, extra: Optional[dict] = None) -> None:
+    def _write(self, directory: Path, model: nn.Module, state=None, extra: Optional[dict] = None) -> None:
         meta = {"step": self.pos.step, "run": self.run.to_dict(), **(extra or {})}
-        state = None
-        if with_state:
-            elapsed = time.perf_counter() - start if start is not None else self.pos.elapsed
-            tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
-            tensors["rng.torch"] = torch.get_rng_state()
-            position = {"step": self.pos.step, "epoch": self.pos.epoch, "batch": self.pos.batch,
-                        "elapsed": elapsed, "best": self.pos.best}
-            state = (tensors, {"optimizer": opt_meta, "position": position})
-        save_checkpoint(directory, self.model, self.task.name, self.task.tokenizers, meta, state)
+        try:
+            save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state)
+        except OSError as e:
+            raise TransformerError(
+                f"{directory}: could not save the checkpoint ({e.strerror or e}); the previous one is intact"
+            ) from None
 
     def _save_last(self, start: float) -> None:
-        self._save(self.out / "last", with_state=True, start=start)
+        """The resumable checkpoint: weights, optimizer, every process's RNG, the data position. Every process
+        calls it (gathering is collective); the main process writes."""
+        rngs = self.dist.gather(torch.get_rng_state())
+        optimizer = self._optimizer_state()
+        model = self._full_model()
+        if model is not None:
+            tensors, opt_meta = _flatten_optimizer(optimizer)
+            tensors.update({f"rng.torch.{r}": rng for r, rng in enumerate(rngs)})
+            position = {"step": self.pos.step, "epoch": self.pos.epoch, "batch": self.pos.batch,
+                        "elapsed": time.perf_counter() - start, "best": self.pos.best}
+            state = (tensors, {"optimizer": opt_meta, "position": position, "world": self.dist.world})
+            self._write(self.out / "last", model, state)
+        self.dist.barrier()
 
     def _prune_step_checkpoints(self) -> None:
         steps = sorted((self.out / "checkpoints").glob("step-*"))
@@ -284,29 +490,36 @@ class Trainer:
             signal.signal(sig, h)
 
 
+def _to_device(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    return batch.to(device) if hasattr(batch, "to") else tuple(t.to(device) for t in batch)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer state <-> (tensors for safetensors, JSON for the rest)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a name-keyed optimizer state into tensors (for safetensors) and everything else (for JSON)."""
     tensors: dict[str, torch.Tensor] = {}
     per_param: dict[str, dict] = {}
-    for pid, s in state["state"].items():
+    for name, s in state["state"].items():
         entry = {}
         for k, v in s.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.{pid}.{k}"] = v
+                tensors[f"optimizer.{name}.{k}"] = v.detach().cpu()
                 entry[k] = "tensor"
             else:
                 entry[k] = v
-        per_param[str(pid)] = entry
+        per_param[name] = entry
     return tensors, {"state": per_param, "param_groups": state["param_groups"]}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state = {}
-    for pid, entry in meta["state"].items():
-        state[int(pid)] = {k: tensors[f"optimizer.{pid}.{k}"] if v == "tensor" else v for k, v in entry.items()}
+    for name, entry in meta["state"].items():
+        state[name] = {k: tensors[f"optimizer.{name}.{k}"] if v == "tensor" else v for k, v in entry.items()}
     groups = meta["param_groups"]
     for g in groups:
         if "betas" in g:
