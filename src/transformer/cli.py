@@ -412,7 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # sentences may come after options too: `translate CKPT --beam 5 "a sentence"`
+    if extra and isinstance(getattr(args, "text", None), list) and not any(e.startswith("-") for e in extra):
+        args.text += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(quiet=getattr(args, "json", False))
     from .train import TrainingInterrupted
 

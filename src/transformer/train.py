@@ -292,6 +292,7 @@ class Trainer:
         start = time.perf_counter() - self.pos.elapsed
         last_eval: dict[str, Any] = {}
         window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        eval_loss, eval_tokens = 0.0, 0  # training loss since the last validation
         old_handlers = self._catch_signals()
         try:
             while not self._done(start):
@@ -312,6 +313,8 @@ class Trainer:
                 step_loss = self.dist.sum(step_loss)
                 self._update(step_loss, total_tokens)
                 window_loss += step_loss
+                eval_loss += step_loss
+                eval_tokens += total_tokens
                 window_tokens += total_tokens
                 if main and self.pos.step % t.log_every == 0 and self.progress is not None:
                     now = time.perf_counter()
@@ -322,7 +325,8 @@ class Trainer:
                     )
                     window_loss, window_tokens, window_start = 0.0, 0, now
                 if self.pos.step % t.eval_every == 0:
-                    last_eval = self._validate(start, step_loss / max(total_tokens, 1))
+                    last_eval = self._validate(start, eval_loss / max(eval_tokens, 1))
+                    eval_loss, eval_tokens = 0.0, 0
                 stop = self.dist.sum(float(self._stop_signal is not None))  # every process stops at the same step
                 if stop:
                     self._save_last(start)
