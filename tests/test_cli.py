@@ -84,6 +84,9 @@ def test_train_translate_evaluate_average(tmp_path, capsys, parallel_files):
         ("utf8", ["bad.en:2: invalid UTF-8"]),
         ("key", ["unknown key 'train.max_step'", "did you mean 'train.max_steps'"]),
         ("type", ["train.max_steps='many': expected an integer"]),
+        ("required", ["needs both train_src and train_tgt"]),
+        ("directory", ["is a directory, expected a text file"]),
+        ("range", ["train.label_smoothing=1.5: must be in [0, 1)"]),
     ],
 )
 def test_bad_training_input(tmp_path, capsys, parallel_files, case, needles):
@@ -98,6 +101,9 @@ def test_bad_training_input(tmp_path, capsys, parallel_files, case, needles):
         "utf8": ["data.train_src=" + str(tmp_path / "bad.en")],
         "key": ["train.max_step=3"],
         "type": ["train.max_steps=many"],
+        "required": ["data.train_src="],
+        "directory": ["data.train_src=" + str(tmp_path)],
+        "range": ["train.label_smoothing=1.5"],
     }[case]
     args = ["train", cfg, "--out", tmp_path / "run"]
     for s in sets:
@@ -191,3 +197,43 @@ train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, schedule: cosine, max_step
         assert_user_error(code, err, needle)
     code, _, err = run_cli(capsys, "translate", tmp_path / "run" / "best", "x")
     assert_user_error(code, err, "'lm' checkpoint, but this command needs a 'translation' one")
+
+
+def test_awkward_inference_input(tmp_path, capsys, reverse_checkpoint):
+    # whitespace-only and empty lines give empty lines; characters never seen in training do not crash
+    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "   ", "", "abc", "héllo wörld ✓")
+    assert code == 0 and out.split("\n")[:3] == ["", "", "cba"] and len(out.splitlines()) == 4
+    code, _, err = run_cli(capsys, "translate", reverse_checkpoint, "abc", "--max-len-b", "-1")
+    assert_user_error(code, err, "must not be negative")
+
+
+def test_over_long_pairs_are_dropped_and_counted(tmp_path, capsys, parallel_files, caplog):
+    d, cfg = parallel_files
+    src = (d / "train.en").read_text().splitlines()
+    tgt = (d / "train.de").read_text().splitlines()
+    src[0] = " ".join(["dog"] * 10_000)  # a 10,000-token line
+    src[1] = ""  # and a blank one
+    (tmp_path / "train.en").write_text("\n".join(src) + "\n")
+    (tmp_path / "train.de").write_text("\n".join(tgt) + "\n")
+    with caplog.at_level("INFO", logger="transformer"):
+        code, _, _ = run_cli(capsys, "train", cfg, "--out", tmp_path / "run", "--set", f"data.train_src={tmp_path / 'train.en'}",
+                             "--set", f"data.train_tgt={tmp_path / 'train.de'}", "--set", "train.max_steps=2")
+    assert code == 0
+    assert "34 kept, 1 blank dropped, 1 longer than 128 tokens dropped" in caplog.text
+
+
+def test_long_input_is_truncated_to_learned_positions(tmp_path, capsys, caplog):
+    import torch
+
+    from transformer import ModelConfig, Transformer
+    from transformer.checkpoint import save_checkpoint
+    from transformer.data import CharTokenizer
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=16, n_heads=2, n_encoder_layers=1,
+                                    n_decoder_layers=1, d_ff=16, positional="learned", max_positions=16))
+    save_checkpoint(tmp_path / "ckpt", model, "translation", {"src": tok, "tgt": tok})
+    with caplog.at_level("WARNING", logger="transformer"):
+        code, out, _ = run_cli(capsys, "translate", tmp_path / "ckpt", "a" * 100, "--max-len-a", "0", "--max-len-b", "8")
+    assert code == 0 and len(out.splitlines()) == 1
+    assert "1 input(s) longer than the model's 16 positions were truncated" in caplog.text

@@ -30,9 +30,23 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _StderrHandler(logging.Handler):
+    """Log lines to whatever sys.stderr is at the time (so redirection and test capture work)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
 def _setup_logging(quiet: bool) -> None:
     quiet = quiet or not _is_main_process()
-    logging.basicConfig(format="%(message)s", level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, force=True)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 class _ProgressBar:

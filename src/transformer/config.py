@@ -119,7 +119,7 @@ class DataConfig:
     val_tsv: Optional[str] = None
     text: Optional[str] = None
     val_fraction: float = 0.1
-    tokenizer: Literal["bpe", "char"] = "bpe"
+    tokenizer: Literal["bpe", "bytebpe", "char"] = "bpe"
     vocab_size: int = 8000
     joint_vocab: bool = True
     max_len: int = 128

@@ -79,6 +79,7 @@ class BPETokenizer:
 
     def __init__(self, tok) -> None:  # tok: tokenizers.Tokenizer
         self.tok = tok
+        self.tok.encode_special_tokens = True  # the text "<s>" is four characters, never the begin token
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
@@ -91,6 +92,21 @@ class BPETokenizer:
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def train_bytes(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Byte-level BPE (as GPT-2): no normalisation and no unknown tokens, so any Unicode text, whitespace
+        included, decodes back exactly."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
@@ -111,7 +127,13 @@ class BPETokenizer:
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    return CharTokenizer.train(texts) if kind == "char" else BPETokenizer.train(texts, vocab_size)
+    """"char": one token per character; "bpe": subwords over NFKC-normalised words (spaces kept as "▁");
+    "bytebpe": byte-level subwords, exact for any text."""
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bytebpe":
+        return BPETokenizer.train_bytes(texts, vocab_size)
+    return BPETokenizer.train(texts, vocab_size)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -7,6 +7,7 @@ Sentences that finish leave the active batch, so the work per step shrinks as de
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -16,11 +17,13 @@ from .data import BOS, EOS, PAD, Tokenizer, pad_batch
 from .errors import TransformerError
 from .model import Transformer, TransformerLM
 
+log = logging.getLogger("transformer")
+
 
 def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD) -> Tensor:
     """Per-sentence limit on output tokens (before </s>): a * source length + b."""
     n = (src != pad_id).sum(1)
-    return (n.float() * max_len_a).long() + max_len_b
+    return (n.double() * max_len_a).long() + max_len_b  # float64: the same rounding as Python
 
 
 def _check_lengths(max_len_a: float, max_len_b: int) -> None:
@@ -229,6 +232,9 @@ def translate_texts(
     device = next(model.parameters()).device
     ids = src_tok.encode_batch(list(texts))
     if max_src_len is not None:
+        long = sum(len(s) > max_src_len for s in ids)
+        if long:
+            log.warning("%d input(s) longer than the model's %d positions were truncated", long, max_src_len)
         ids = [s[:max_src_len] for s in ids]
     results = [""] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
