@@ -77,11 +77,16 @@ def plot_curves(run_dir: str | Path, out: str | Path, title: str | None = None) 
     ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
     if title:
         fig.suptitle(title)
+    return _save_figure(plt, fig, out, dpi=100)
+
+
+def _save_figure(plt, fig, out: str | Path, dpi: int) -> Path:
+    """Write a PNG atomically (a temporary file renamed into place), then free the figure."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(out)
     return out
@@ -177,14 +182,7 @@ def plot_attention(
         ax.set_yticks(range(len(rows)), rows, fontsize=label_size)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save_figure(plt, fig, out, dpi=110)
 
 
 _HTML = """<!DOCTYPE html>
