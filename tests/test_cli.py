@@ -125,6 +125,8 @@ def test_translate_input_file(tmp_path, capsys, reverse_checkpoint):
     (tmp_path / "in.txt").write_text("abc\r\nxyz\r\n")
     code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--beam", "3")
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
+    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--bf16")
+    assert code == 0 and out.splitlines() == ["cba", "zyx"]
 
 
 def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):

@@ -216,6 +216,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _autocast(ckpt, enabled: bool):
+    """bf16 autocast for inference (--bf16): on CPUs with bf16 matrix units, decoding is several times faster."""
+    import torch
+
+    device = next(ckpt.model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
 def _max_src_len(ckpt) -> Optional[int]:
     cfg = ckpt.config
     return cfg.max_positions if cfg.positional == "learned" else None
@@ -227,11 +235,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint, task="translation")
     texts = _read_inputs(args.text, args.input)
-    outputs = translate_texts(
-        ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, [t.strip() for t in texts], beam_size=args.beam,
-        batch_size=args.batch_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-        max_len_b=args.max_len_b, max_src_len=_max_src_len(ckpt),
-    )
+    with _autocast(ckpt, args.bf16):
+        outputs = translate_texts(
+            ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, [t.strip() for t in texts], beam_size=args.beam,
+            batch_size=args.batch_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+            max_len_b=args.max_len_b, max_src_len=_max_src_len(ckpt),
+        )
     for line in outputs:
         print(line)
     return 0
@@ -246,13 +255,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, task="translation")
     src, ref = read_parallel(args.src, args.ref, None, "evaluation")
     start = time.perf_counter()
-    hyps = translate_texts(
-        ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, beam_size=args.beam, batch_size=args.batch_size,
-        length_penalty=args.length_penalty, max_src_len=_max_src_len(ckpt),
-    )
+    with _autocast(ckpt, args.bf16):
+        hyps = translate_texts(
+            ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, beam_size=args.beam, batch_size=args.batch_size,
+            length_penalty=args.length_penalty, max_src_len=_max_src_len(ckpt),
+        )
     seconds = time.perf_counter() - start
     scores = bleu_chrf(hyps, ref)
-    result = {**scores.as_dict(), "beam": args.beam, "seconds": round(seconds, 2)}
+    result = {**scores.as_dict(), "beam": args.beam, "bf16": args.bf16, "seconds": round(seconds, 2)}
     if args.output:
         Path(args.output).write_text("\n".join(hyps) + "\n", encoding="utf-8")
     if args.json:
@@ -368,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--beam", type=_positive_int, default=1, help="beam size (1 = greedy)")
         q.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
         q.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**LP")
+        q.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (faster, slightly different)")
 
     tr = sub.add_parser("translate", help="translate sentences with a checkpoint")
     tr.add_argument("checkpoint", help="checkpoint directory")
