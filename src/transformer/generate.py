@@ -134,7 +134,7 @@ def beam_search(
         rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
         hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
         scores = alive_score[keep_sent]
-        cache.reorder(rows)
+        cache.reorder(rows, cross=keep_sent.numel() < n)  # rows stay within their sentence's block of K
         if keep_sent.numel() < n:
             sent_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
             memory, mask = memory[sent_rows], mask[sent_rows]

@@ -44,11 +44,13 @@ class DecoderCache:
         self.layers = [(KVCache(capacity), KVCache(static=True) if cross else None) for _ in range(n_layers)]
         self.length = 0
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index`, in that order (beam search, dropping finished sentences)."""
+    def reorder(self, index: Tensor, cross: bool = True) -> None:
+        """Keep batch rows `index`, in that order (beam search, dropping finished sentences). `cross=False`
+        leaves the source keys/values alone: right when every row keeps the same source sentence (beams of one
+        sentence swapping places), which saves copying them at every beam-search step."""
         for self_cache, cross_cache in self.layers:
             self_cache.reorder(index)
-            if cross_cache is not None:
+            if cross and cross_cache is not None:
                 cross_cache.reorder(index)
 
 
