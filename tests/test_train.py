@@ -79,3 +79,13 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
     first, second = metrics("a"), metrics("b")
     assert len(first) == 2 and first == second
+
+
+def test_training_ends_with_an_averaged_checkpoint(tmp_path):
+    run = tiny_run_config(max_steps=12, eval_every=4, eval_bleu_sentences=5, average_last=2)
+    Trainer(run, tmp_path / "run").train()
+    avg = load_checkpoint(tmp_path / "run" / "averaged")
+    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000008")
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000012")
+    for k, v in avg.model.state_dict().items():
+        torch.testing.assert_close(v, (a.model.state_dict()[k] + b.model.state_dict()[k]) / 2)

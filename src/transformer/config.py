@@ -163,6 +163,7 @@ class TrainConfig:
     eval_bleu_sentences: int = 500
     eval_beam: int = 1
     keep_checkpoints: int = 5
+    average_last: int = 0  # at the end, average the last k step checkpoints into RUN_DIR/averaged (0: off)
     bf16: bool = False
     threads: int = 0
     log_every: int = 50
@@ -174,7 +175,8 @@ class TrainConfig:
         for name in ("max_tokens", "accumulate", "eval_every", "log_every", "eval_beam", "keep_checkpoints",
                      "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
-        for name in ("batch_size", "warmup_steps", "max_steps", "max_epochs", "threads", "eval_bleu_sentences"):
+        for name in ("batch_size", "warmup_steps", "max_steps", "max_epochs", "threads", "eval_bleu_sentences",
+                     "average_last"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, "must be in [0, lr]")
@@ -186,6 +188,8 @@ class TrainConfig:
         )
         if self.schedule == "cosine":
             _check(self.max_steps > 0, "train.schedule", self.schedule, "'cosine' needs train.max_steps > 0")
+        _check(self.average_last <= self.keep_checkpoints, "train.average_last", self.average_last,
+               f"cannot exceed train.keep_checkpoints={self.keep_checkpoints}")
 
 
 @dataclass

@@ -338,6 +338,11 @@ class Trainer:
                     )
             if not last_eval or last_eval.get("step") != self.pos.step:
                 last_eval = self._validate(start, None)
+            if t.average_last and self.dist.main:
+                steps = sorted((self.out / "checkpoints").glob("step-*"))[-t.average_last :]
+                average_checkpoints(steps, self.out / "averaged")
+                log.info("averaged %d checkpoints (%s .. %s) into %s", len(steps), steps[0].name, steps[-1].name,
+                         self.out / "averaged")
             return last_eval
         finally:
             self._restore_signals(old_handlers)
