@@ -1,5 +1,6 @@
 """The contenders and workloads. Every contender gets the same settings where libraries differ by default:
-dropout 0.1 on residuals AND attention weights (nn.Transformer cannot separate them), ReLU, post-norm,
+dropout 0.1 on residuals, inside the feed-forward AND on attention weights (nn.Transformer cannot separate
+them), ReLU, post-norm,
 embeddings scaled by sqrt(d_model) and tied across encoder input, decoder input and output, sinusoidal
 positions, label smoothing 0.1, AdamW."""
 
@@ -88,7 +89,7 @@ def marian(size: Size, dropout: float = 0.1):
     cfg = MarianConfig(
         vocab_size=size.vocab, d_model=size.d_model, encoder_layers=size.layers, decoder_layers=size.layers,
         encoder_attention_heads=size.heads, decoder_attention_heads=size.heads, encoder_ffn_dim=size.d_ff,
-        decoder_ffn_dim=size.d_ff, dropout=dropout, attention_dropout=dropout, activation_dropout=0.0,
+        decoder_ffn_dim=size.d_ff, dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
         activation_function="relu", scale_embedding=True, pad_token_id=PAD, eos_token_id=EOS,
         decoder_start_token_id=BOS, forced_eos_token_id=None, bos_token_id=BOS, max_position_embeddings=1024,
         share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
