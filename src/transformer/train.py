@@ -418,12 +418,14 @@ class Trainer:
                                    beam_size=t.eval_beam)
 
     def _validate(self, start: float, train_loss: Optional[float]) -> dict[str, Any]:
-        """Validate, append to metrics.jsonl and save checkpoints: on the main process; the others wait."""
-        self._save_last(start)
+        """Validate, append to metrics.jsonl and save checkpoints (the main process), then save `last/` (all
+        processes take part in gathering). With FSDP the whole model is gathered once for both."""
         model = self._full_model()
-        if model is None:
-            self.dist.barrier()
-            return {"step": self.pos.step}
+        record = self._score(model, start, train_loss) if model is not None else {"step": self.pos.step}
+        self._save_last(start, model, gathered=True)  # after scoring, so it records the updated best
+        return record
+
+    def _score(self, model: nn.Module, start: float, train_loss: Optional[float]) -> dict[str, Any]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.run.train.bf16):
             figures = self.task.validate(model, lambda texts: self.translate(texts, model))
         lr = learning_rate(self.run.train, max(self.pos.step, 1))
@@ -447,7 +449,6 @@ class Trainer:
         if better:
             self._write(self.out / "best", model, extra={"validation": record})
         self.model.train()
-        self.dist.barrier()
         return record
 
     def _write(self, directory: Path, model: nn.Module, state=None, extra: Optional[dict] = None) -> None:
@@ -459,12 +460,14 @@ class Trainer:
                 f"{directory}: could not save the checkpoint ({e.strerror or e}); the previous one is intact"
             ) from None
 
-    def _save_last(self, start: float) -> None:
+    def _save_last(self, start: float, model: Optional[nn.Module] = None, gathered: bool = False) -> None:
         """The resumable checkpoint: weights, optimizer, every process's RNG, the data position. Every process
-        calls it (gathering is collective); the main process writes."""
+        calls it (gathering is collective); the main process writes. `gathered`: `model` is already the
+        result of `_full_model()`."""
         rngs = self.dist.gather(torch.get_rng_state())
         optimizer = self._optimizer_state()
-        model = self._full_model()
+        if not gathered:
+            model = self._full_model()
         if model is not None:
             tensors, opt_meta = _flatten_optimizer(optimizer)
             tensors.update({f"rng.torch.{r}": rng for r, rng in enumerate(rngs)})
