@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -211,8 +212,6 @@ def _language_model(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) 
     d = run.data
     if not d.text:
         raise DataError("data.text: a language-model task needs the path of a text file")
-    from pathlib import Path
-
     path = Path(d.text)
     try:
         text = path.read_bytes().decode("utf-8")
