@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .attention import KVCache, MultiHeadAttention, dropout
 from .config import ModelConfig
 from .errors import TransformerError
+from .linear import Linear
 
 
 class TokenEmbedding(nn.Module):
@@ -108,8 +109,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = Linear(d_model, d_ff)
+        self.linear2 = Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
         self.activation: Callable[[Tensor], Tensor] = F.gelu if activation == "gelu" else F.relu
 

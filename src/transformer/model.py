@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
 from .layers import Dropout, TokenEmbedding, TransformerLayer, positional_encoding
+from .linear import Linear
 
 
 class Encoder(nn.Module):
@@ -124,7 +125,7 @@ class Transformer(nn.Module):
         src_embed = tgt_embed if cfg.tie_embeddings == "all" else TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
         self.encoder = Encoder(cfg, src_embed)
         self.decoder = Decoder(cfg, tgt_embed, cross_attention=True)
-        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
         _init_linears(self)
         if cfg.tie_embeddings != "none":
             self.output.weight = tgt_embed.weight
@@ -168,7 +169,7 @@ class TransformerLM(nn.Module):
         self.config = cfg
         embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
         self.decoder = Decoder(cfg, embed, cross_attention=False)
-        self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
         _init_linears(self)
         if cfg.tie_embeddings != "none":
             self.output.weight = embed.weight

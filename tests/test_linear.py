@@ -1,0 +1,109 @@
+"""transformer.linear.Linear computes what nn.Linear computes, on every path (training, packed inference,
+fallbacks), and its packed weight follows the parameter."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformer import linear
+from transformer.linear import Linear
+
+needs_onednn = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no usable oneDNN linear")
+
+
+def _pair(in_f=48, out_f=80, bias=True):
+    torch.manual_seed(0)
+    ours = Linear(in_f, out_f, bias=bias)
+    ref = nn.Linear(in_f, out_f, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48)])
+def test_training_forward_and_gradients_equal_nn_linear(bias, shape):
+    ours, ref = _pair(bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_fp32_training_runs_through_onednn():
+    ours, _ = _pair()
+    y = ours(torch.randn(4, 48, requires_grad=True))
+    assert "OneDNNLinear" in y.grad_fn.name()
+
+
+def test_non_contiguous_input():
+    ours, ref = _pair()
+    x = torch.randn(48, 9).t()  # (9, 48), transposed strides
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_inference_equals_and_follows_the_weight():
+    ours, ref = _pair()
+    ours.eval()
+    x = torch.randn(6, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        # change the weight in place (as an optimizer step or load_state_dict does): the packed copy must follow
+        ours.weight.mul_(-2.0)
+        ref.weight.mul_(-2.0)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        ours.load_state_dict({"weight": torch.ones(80, 48), "bias": torch.zeros(80)})
+        torch.testing.assert_close(ours(x), x.sum(1, keepdim=True).expand(6, 80), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weight_updates_reach_the_packed_copy():
+    emb = nn.Embedding(80, 48)
+    out = Linear(48, 80, bias=False).eval()
+    out.weight = emb.weight
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        before = out(x)
+        emb.weight.add_(1.0)  # updated through the other module
+        torch.testing.assert_close(out(x), F.linear(x, emb.weight), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(before, out(x))
+
+
+def test_copies_and_pickles_leave_the_packed_weight_behind():
+    ours, ref = _pair()
+    ours.eval()
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        ours(x)
+        twin = copy.deepcopy(ours)
+        again = pickle.loads(pickle.dumps(ours))
+    assert twin._packed is None and again._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_and_autocast_use_f_linear():
+    ours, ref = _pair()
+    x = torch.randn(4, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref(x))
+    d = Linear(5, 3).double()
+    xd = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(d, (xd,))
+
+
+def test_empty_batch():
+    ours, _ = _pair()
+    assert ours(torch.randn(0, 48)).shape == (0, 80)
