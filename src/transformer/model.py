@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
 from .layers import Dropout, TokenEmbedding, TransformerLayer, positional_encoding
 from .linear import Linear
+from .loss import label_smoothed_loss
 
 
 class Encoder(nn.Module):
@@ -103,11 +103,6 @@ def _init_linears(module: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def label_smoothed_loss(logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
-    """Mean cross entropy over tokens; (N, V) logits, (N,) targets (already stripped of padding)."""
-    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 class Transformer(nn.Module):
