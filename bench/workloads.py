@@ -2,7 +2,7 @@
 dropout 0.1 on residuals, inside the feed-forward AND on attention weights (nn.Transformer cannot separate
 them), ReLU, post-norm,
 embeddings scaled by sqrt(d_model) and tied across encoder input, decoder input and output, sinusoidal
-positions, label smoothing 0.1, AdamW."""
+positions, label smoothing 0.1, AdamW (torch's fused implementation, the fastest on CPU, for every contender)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def _batch(size: Size, batch: int = 32, length: int = 32, seed: int = 0):
 
 
 def _train_step(model, loss_fn, bf16: bool) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     model.train()
 
     def step():
