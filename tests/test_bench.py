@@ -17,5 +17,6 @@ def test_bench_smoke(tmp_path):
     assert data["meta"]["torch"] and data["meta"]["smoke"] is True
     names = {(r["workload"], r["contender"]) for r in data["rows"]}
     assert ("train small fp32", "nn.Transformer") in names and ("greedy base", "naive recompute") in names
+    assert ("train base bf16", "ours fp32") in names
     assert all(r.get("ratio", 1) > 0 for r in data["rows"])
     assert any("mfu" in r for r in data["rows"]) and any("peak_mib" in r for r in data["rows"])
