@@ -62,14 +62,15 @@ def attention_reference(
 def dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout (zero with probability p, scale the rest by 1 / (1 - p)); pass p=0 when not training.
 
-    Same as `F.dropout`, but with a cheaper random mask: 16 random bits per element, drawn 32 at a time with
-    `random_` on int32. On CPU, `F.dropout`'s `bernoulli_` made dropout a quarter of a bf16 training step; this
-    mask costs about 2.5x less (p is resolved to 1/65536).
+    Same as `F.dropout`, but with a cheaper random mask: 16 random bits per element, drawn 64 at a time with
+    `random_` over the whole int64 range. On CPU, `F.dropout`'s `bernoulli_` made dropout a quarter of a bf16
+    training step; this mask costs about 5x less (p is resolved to 1/65536).
     """
     if p == 0.0:
         return x
     n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-(2**31), 2**31 - 1)
+    # full-range int64 draws are 2x cheaper per bit than int32 ones on CPU (measured, torch 2.13)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
     bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
     keep = bits >= int(p * 65536) - 32768
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
