@@ -2,7 +2,7 @@
 
 Runs each workload's contenders interleaved in this one process and prints a table of medians and ratios
 (peer time / our time: above 1 means we are faster), then writes the same figures as JSON.
-Workloads: train-small, train-base (fp32 and bf16 each), greedy, beam, lm, mfu, memory.
+Workloads: train-small, train-base (fp32 and bf16 each), greedy (fp32 and bf16), beam, lm, mfu, memory.
 """
 
 from __future__ import annotations
@@ -82,9 +82,11 @@ def main(argv=None) -> int:
             res = compare(W.train_contenders(size, bf16, hf, batch, length, with_ours_fp32=both), rounds, warmup)
             record(f"train {size_name} {'bf16' if bf16 else 'fp32'}", res, batch * length, "tokens/s")
     if "greedy" in chosen:
-        n = 8 if args.smoke else 64
-        res = compare(W.decode_contenders(base, n, 4 if args.smoke else 32, 1, hf, naive=True), rounds, warmup)
-        record("greedy base", res, (4 if args.smoke else 32) * n, "tokens/s")
+        n, sentences = (8, 4) if args.smoke else (64, 32)
+        res = compare(W.decode_contenders(base, n, sentences, 1, hf, naive=True), rounds, warmup)
+        record("greedy base", res, sentences * n, "tokens/s")
+        res = compare(W.decode_contenders(base, n, sentences, 1, hf, naive=False, bf16=True), rounds, warmup)
+        record("greedy base bf16", res, sentences * n, "tokens/s")
     if "beam" in chosen:
         n = 8 if args.smoke else 64
         res = compare(W.decode_contenders(base, n, 2 if args.smoke else 8, 5, hf, naive=False), rounds, warmup)

@@ -157,7 +157,17 @@ def _no_eos(model: Transformer) -> Transformer:
     return model.eval()
 
 
-def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_hf: bool, naive: bool) -> dict:
+def _under_autocast(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
+def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_hf: bool, naive: bool,
+                      bf16: bool = False) -> dict:
+    """Decoding of each contender; `bf16` runs every one under bf16 autocast (our `translate --bf16`)."""
     torch.manual_seed(0)
     src, _, _ = _batch(size, batch, 24)
     m = _no_eos(ours(size))
@@ -177,7 +187,7 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
                            min_new_tokens=new_tokens, num_beams=beam, do_sample=False, early_stopping=False)
 
         out["HF generate"] = hf
-    return out
+    return {name: _under_autocast(fn) for name, fn in out.items()} if bf16 else out
 
 
 def lm_contenders(with_hf: bool, vocab: int = 69, layers: int = 4, heads: int = 4, d: int = 128, block: int = 64,

@@ -104,6 +104,23 @@ def test_other_dtypes_and_autocast_use_f_linear():
     assert torch.autograd.gradcheck(d, (xd,))
 
 
+def test_inference_under_bf16_autocast_matches_f_linear_and_follows_the_weight():
+    ours, ref = _pair()
+    ours.eval()
+    x = torch.randn(6, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref(x))  # both bf16 products: bf16 tolerances
+    with torch.no_grad():
+        ours.weight.mul_(-1.0)  # (outside the region: autocast's own cast cache would keep ref's old weight)
+        ref.weight.mul_(-1.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x), ref(x))
+    with torch.no_grad():  # and back in fp32: repacked in fp32, not the bf16 copy
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch():
     ours, _ = _pair()
     assert ours(torch.randn(0, 48)).shape == (0, 80)

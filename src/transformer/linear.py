@@ -8,9 +8,9 @@ against MKL's ~210, and the 32-row products of decoding 2x faster again once the
 oneDNN's blocked layout. The results are fp32 in both (no reduced-precision arithmetic); only the order of the
 sums differs, as it does between any two BLAS libraries.
 
-Used where it applies: fp32 tensors on CPU outside autocast (bf16 autocast already reaches oneDNN through
-`F.linear`). Everything else (GPU, float64, bf16, tensor subclasses) is plain `F.linear`. Set `ONEDNN = False`
-to turn it off.
+Used where it applies: fp32 tensors on CPU outside autocast, and inference under bf16 autocast (packed bf16
+weights; bf16 autocast training already reaches oneDNN through `F.linear`). Everything else (GPU, float64,
+tensor subclasses) is plain `F.linear`. Set `ONEDNN = False` to turn it off.
 """
 
 from __future__ import annotations
@@ -43,17 +43,20 @@ def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _applies(x: Tensor, weight: Tensor) -> bool:
-    return (
+def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype to compute x @ weight.T in with oneDNN here, or None for plain `F.linear`."""
+    if not (
         ONEDNN
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and type(x) is torch.Tensor
         and type(weight) in (torch.Tensor, nn.Parameter)  # not DTensor or other subclasses
         and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
-    )
+        and weight.dtype == torch.float32
+    ):
+        return None
+    if torch.is_autocast_enabled("cpu"):  # autocast would run the product in its dtype
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    return torch.float32 if x.dtype == torch.float32 else None
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -82,8 +85,8 @@ class _OneDNNLinear(torch.autograd.Function):
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same results up to summation order) with fp32 CPU products in oneDNN.
 
-    In eval mode without gradients (decoding), the weight is also kept pre-packed in oneDNN's layout, repacked
-    whenever it changes; going back to training drops the packed copy."""
+    In eval mode without gradients (decoding), the weight is also kept pre-packed in oneDNN's layout (in bf16
+    under bf16 autocast), repacked whenever it changes; going back to training drops the packed copy."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
@@ -96,15 +99,26 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
-        if not _applies(x, w):
+        dtype = _onednn_dtype(x, w)
+        if dtype is None:
             return F.linear(x, w, b)
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            self._packed = None
+        if not self.training and not (torch.is_grad_enabled() and _any_requires_grad(x, w, b)):
+            return self._packed_forward(x, dtype)
+        self._packed = None
+        if dtype != torch.float32:
+            return F.linear(x, w, b)  # bf16 autocast training: F.linear reaches oneDNN already
+        if torch.is_grad_enabled() and _any_requires_grad(x, w, b):
             return _OneDNNLinear.apply(x, w, b)
-        if self.training:
-            self._packed = None
-            return _onednn(x, w, b)
-        key = (w.data_ptr(), w._version, tuple(w.shape))
+        return _onednn(x, w, b)
+
+    def _packed_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Inference: the weight pre-packed in `dtype` (fp32, or bf16 under autocast), repacked when it changes."""
+        w, b = self.weight, self.bias
+        key = (w.data_ptr(), w._version, tuple(w.shape), dtype)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32))
-        return _onednn(x, self._packed[1], b)
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), 32))
+        return _onednn(x.to(dtype), self._packed[1], None if b is None else b.to(dtype))
+
+
+def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
