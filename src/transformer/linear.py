@@ -10,11 +10,14 @@ sums differs, as it does between any two BLAS libraries.
 
 Used where it applies: fp32 tensors on CPU outside autocast, and inference under bf16 autocast (packed bf16
 weights; bf16 autocast training already reaches oneDNN through `F.linear`). Everything else (GPU, float64,
-tensor subclasses) is plain `F.linear`. Set `ONEDNN = False` to turn it off.
+tensor subclasses) is plain `F.linear`, and so is everything on CPUs other than x86-64. Set the environment
+variable TRANSFORMER_ONEDNN=0 (or `transformer.linear.ONEDNN = False`) to turn it off.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Optional
 
 import torch
@@ -25,7 +28,8 @@ from torch import Tensor, nn
 def _probe() -> bool:
     """oneDNN's linear is a private PyTorch op: use it only if this build has it and it agrees with F.linear."""
     try:
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        # fixed values, not torch.randn: importing the package must not move the global random state
+        x, w, b = torch.arange(24.0).view(3, 8).sin(), torch.arange(40.0).view(5, 8).cos(), torch.arange(5.0)
         out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
         out2 = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
@@ -35,7 +39,14 @@ def _probe() -> bool:
         return False
 
 
-ONEDNN: bool = torch.backends.mkldnn.is_available() and _probe()
+# x86-64 only: that is where oneDNN has its own JIT kernels (AVX2 / AVX-512) and was measured faster; elsewhere
+# (e.g. ARM laptops) the platform's BLAS behind F.linear is left in charge. TRANSFORMER_ONEDNN=0 turns it off.
+ONEDNN: bool = (
+    os.environ.get("TRANSFORMER_ONEDNN", "1") != "0"
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and _probe()
+)
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
