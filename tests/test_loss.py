@@ -47,3 +47,11 @@ def test_no_rows_gives_zero_loss_and_a_graph():
     out = label_smoothed_loss(logits, torch.zeros(0, dtype=torch.long), 0.1)
     out.backward()
     assert out.item() == 0.0 and logits.grad.shape == (0, 9)
+
+
+def test_double_backward_is_refused_not_wrong():
+    logits = torch.randn(4, 6, requires_grad=True)
+    (g,) = torch.autograd.grad(label_smoothed_loss(logits, torch.tensor([0, 1, 2, 3]), 0.1), logits, create_graph=True)
+    # no second derivative is offered (a wrong one was, before): either no graph or a clear error
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.pow(2).sum().backward()

@@ -70,7 +70,7 @@ def dropout(x: Tensor, p: float) -> Tensor:
         return x
     n = x.numel()
     # full-range int64 draws are 2x cheaper per bit than int32 ones on CPU (measured, torch 2.13)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
     bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
     keep = bits >= int(p * 65536) - 32768
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))

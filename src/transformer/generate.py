@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .data import BOS, EOS, PAD, Tokenizer, pad_batch
 from .errors import TransformerError
+from .linear import packed_weights
 from .model import Transformer, TransformerLM
 
 log = logging.getLogger("transformer")
@@ -38,31 +39,32 @@ def greedy(
     """Most probable next token at each step. src: (B, S) ids. Returns token lists without <s>/</s>.
     `use_cache=False` recomputes the whole decoder every step (for comparison only)."""
     _check_lengths(max_len_a, max_len_b)
-    B = src.size(0)
-    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
-    memory, mask = model.encode(src)
-    cache = model.decoder.new_cache(capacity=int(limits.max()) + 1) if use_cache else None
-    active = torch.arange(B)  # original index of each row still decoding
-    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
-    out: list[list[int]] = [[] for _ in range(B)]
-    for step in range(int(limits.max()) + 1):
-        inp = tokens[:, -1:] if use_cache else tokens
-        logits = model.decode(inp, memory, mask, cache)[:, -1]  # (n, V)
-        nxt = logits.argmax(-1)
-        nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # out of room: stop
-        done = nxt == EOS
-        for row, tok in zip(active.tolist(), nxt.tolist()):
-            if tok != EOS:
-                out[row].append(tok)
-        if bool(done.all()):
-            break
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            active, tokens, memory, mask = active[keep], tokens[keep], memory[keep], mask[keep]
-            if cache is not None:
-                cache.reorder(keep)
-    return out
+    with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
+        B = src.size(0)
+        limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
+        memory, mask = model.encode(src)
+        cache = model.decoder.new_cache(capacity=int(limits.max()) + 1) if use_cache else None
+        active = torch.arange(B)  # original index of each row still decoding
+        tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+        out: list[list[int]] = [[] for _ in range(B)]
+        for step in range(int(limits.max()) + 1):
+            inp = tokens[:, -1:] if use_cache else tokens
+            logits = model.decode(inp, memory, mask, cache)[:, -1]  # (n, V)
+            nxt = logits.argmax(-1)
+            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # out of room: stop
+            done = nxt == EOS
+            for row, tok in zip(active.tolist(), nxt.tolist()):
+                if tok != EOS:
+                    out[row].append(tok)
+            if bool(done.all()):
+                break
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                active, tokens, memory, mask = active[keep], tokens[keep], memory[keep], mask[keep]
+                if cache is not None:
+                    cache.reorder(keep)
+        return out
 
 
 @torch.no_grad()
@@ -83,64 +85,65 @@ def beam_search(
     if beam_size < 1:
         raise TransformerError(f"beam size must be >= 1, got {beam_size}")
     _check_lengths(max_len_a, max_len_b)
-    B, K = src.size(0), beam_size
-    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
-    memory, mask = model.encode(src)
-    memory, mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
-    cache = model.decoder.new_cache(capacity=int(limits.max()) + 1)
-    V = model.config.tgt_vocab_size
-    dev = src.device
+    with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
+        B, K = src.size(0), beam_size
+        limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
+        memory, mask = model.encode(src)
+        memory, mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
+        cache = model.decoder.new_cache(capacity=int(limits.max()) + 1)
+        V = model.config.tgt_vocab_size
+        dev = src.device
 
-    active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
-    scores = torch.full((B, K), float("-inf"), device=dev)
-    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
-    hyps = torch.full((B * K, 1), BOS, dtype=torch.long, device=dev)
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+        hyps = torch.full((B * K, 1), BOS, dtype=torch.long, device=dev)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
 
-    for step in range(int(limits.max()) + 1):
-        n = active.numel()
-        logp = torch.log_softmax(model.decode(hyps[:, -1:], memory, mask, cache)[:, -1].float(), dim=-1)
-        logp = logp.view(n, K, V)
-        out_of_room = limits[active] <= step  # these must end now
-        if bool(out_of_room.any()):
-            forced = torch.full_like(logp[0], float("-inf"))
-            forced[:, EOS] = 0.0
-            logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
-        cand = (scores[:, :, None] + logp).view(n, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
-        beam_idx, tok = top_idx // V, top_idx % V
+        for step in range(int(limits.max()) + 1):
+            n = active.numel()
+            logp = torch.log_softmax(model.decode(hyps[:, -1:], memory, mask, cache)[:, -1].float(), dim=-1)
+            logp = logp.view(n, K, V)
+            out_of_room = limits[active] <= step  # these must end now
+            if bool(out_of_room.any()):
+                forced = torch.full_like(logp[0], float("-inf"))
+                forced[:, EOS] = 0.0
+                logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
+            cand = (scores[:, :, None] + logp).view(n, K * V)
+            top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
+            beam_idx, tok = top_idx // V, top_idx % V
 
-        # End hypotheses whose </s> is among the top K candidates.
-        is_eos = (tok == EOS) & torch.isfinite(top_scores)
-        is_eos[:, K:] = False
-        length = step + 1  # tokens incl. </s>
-        for i, j in is_eos.nonzero().tolist():
-            b = int(active[i])
-            if len(finished[b]) < K:
-                row = i * K + int(beam_idx[i, j])
-                seq = hyps[row, 1:].tolist()
-                finished[b].append((float(top_scores[i, j]) / length**length_penalty, seq))
+            # End hypotheses whose </s> is among the top K candidates.
+            is_eos = (tok == EOS) & torch.isfinite(top_scores)
+            is_eos[:, K:] = False
+            length = step + 1  # tokens incl. </s>
+            for i, j in is_eos.nonzero().tolist():
+                b = int(active[i])
+                if len(finished[b]) < K:
+                    row = i * K + int(beam_idx[i, j])
+                    seq = hyps[row, 1:].tolist()
+                    finished[b].append((float(top_scores[i, j]) / length**length_penalty, seq))
 
-        # Keep the K best candidates that did not end.
-        alive_score = top_scores.masked_fill(tok == EOS, float("-inf"))
-        alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
-        alive_beam = beam_idx.gather(1, order)
-        alive_tok = tok.gather(1, order)
+            # Keep the K best candidates that did not end.
+            alive_score = top_scores.masked_fill(tok == EOS, float("-inf"))
+            alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
+            alive_beam = beam_idx.gather(1, order)
+            alive_tok = tok.gather(1, order)
 
-        done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
-        if bool(done.all()):
-            break
-        keep_sent = (~done).nonzero().squeeze(1)  # (n',)
-        rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
-        hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
-        scores = alive_score[keep_sent]
-        cache.reorder(rows, cross=keep_sent.numel() < n)  # rows stay within their sentence's block of K
-        if keep_sent.numel() < n:
-            sent_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
-            memory, mask = memory[sent_rows], mask[sent_rows]
-        active = active[keep_sent]
+            done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
+            if bool(done.all()):
+                break
+            keep_sent = (~done).nonzero().squeeze(1)  # (n',)
+            rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
+            hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
+            scores = alive_score[keep_sent]
+            cache.reorder(rows, cross=keep_sent.numel() < n)  # rows stay within their sentence's block of K
+            if keep_sent.numel() < n:
+                sent_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
+                memory, mask = memory[sent_rows], mask[sent_rows]
+            active = active[keep_sent]
 
-    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+        return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -192,21 +195,22 @@ def sample(
         context = min(context or cfg.max_positions, cfg.max_positions)
     tokens = prompt if context is None else prompt[:, -context:]
     capacity = context or tokens.size(1) + max_new_tokens
-    cache = model.decoder.new_cache(capacity)
-    logits = model(tokens, cache)[:, -1]
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        yield nxt
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        if context is not None and cache.length >= context:  # window full: re-read its last 3/4
-            cache = model.decoder.new_cache(capacity)
-            logits = model(tokens[:, -max(1, context * 3 // 4) :], cache)[:, -1]
-        else:
-            logits = model(nxt[:, None], cache)[:, -1]
+    with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
+        cache = model.decoder.new_cache(capacity)
+        logits = model(tokens, cache)[:, -1]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            yield nxt
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if context is not None and cache.length >= context:  # window full: re-read its last 3/4
+                cache = model.decoder.new_cache(capacity)
+                logits = model(tokens[:, -max(1, context * 3 // 4) :], cache)[:, -1]
+            else:
+                logits = model(nxt[:, None], cache)[:, -1]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ against MKL's ~210, and the 32-row products of decoding 2x faster again once the
 oneDNN's blocked layout. The results are fp32 in both (no reduced-precision arithmetic); only the order of the
 sums differs, as it does between any two BLAS libraries.
 
-Used where it applies: fp32 tensors on CPU outside autocast, and inference under bf16 autocast (packed bf16
+Used where it applies: fp32 tensors on CPU outside autocast, and decoding under bf16 autocast (packed bf16
 weights; bf16 autocast training already reaches oneDNN through `F.linear`). Everything else (GPU, float64,
 tensor subclasses) is plain `F.linear`, and so is everything on CPUs other than x86-64. Set the environment
 variable TRANSFORMER_ONEDNN=0 (or `transformer.linear.ONEDNN = False`) to turn it off.
@@ -16,13 +16,15 @@ variable TRANSFORMER_ONEDNN=0 (or `transformer.linear.ONEDNN = False`) to turn i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 
 def _probe() -> bool:
@@ -66,7 +68,8 @@ def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     ):
         return None
     if torch.is_autocast_enabled("cpu"):  # autocast would run the product in its dtype
-        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if bf16 else None
     return torch.float32 if x.dtype == torch.float32 else None
 
 
@@ -80,6 +83,7 @@ class _OneDNNLinear(torch.autograd.Function):
         return _onednn(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative of its own: refuse double backward rather than be wrong
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
@@ -96,16 +100,17 @@ class _OneDNNLinear(torch.autograd.Function):
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same results up to summation order) with fp32 CPU products in oneDNN.
 
-    In eval mode without gradients (decoding), the weight is also kept pre-packed in oneDNN's layout (in bf16
-    under bf16 autocast), repacked whenever it changes; going back to training drops the packed copy."""
+    Inside `packed_weights(model)` (the decoding loops use it) and without gradients, the weight is packed once
+    into oneDNN's layout, in bf16 under bf16 autocast."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self._packed: Optional[tuple[tuple, Tensor]] = None
+        self._pack_depth = 0  # > 0 inside packed_weights()
+        self._packed: dict[torch.dtype, Tensor] = {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_packed"] = None  # copies and pickles never carry the packed weight
+        state["_pack_depth"], state["_packed"] = 0, {}  # copies and pickles never carry packed weights
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,23 +118,31 @@ class Linear(nn.Linear):
         dtype = _onednn_dtype(x, w)
         if dtype is None:
             return F.linear(x, w, b)
-        if not self.training and not (torch.is_grad_enabled() and _any_requires_grad(x, w, b)):
-            return self._packed_forward(x, dtype)
-        self._packed = None
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+        if self._pack_depth and not grad:
+            if dtype not in self._packed:
+                self._packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), 32)
+            return _onednn(x.to(dtype), self._packed[dtype], None if b is None else b.to(dtype))
         if dtype != torch.float32:
-            return F.linear(x, w, b)  # bf16 autocast training: F.linear reaches oneDNN already
-        if torch.is_grad_enabled() and _any_requires_grad(x, w, b):
+            return F.linear(x, w, b)  # bf16 autocast: F.linear reaches oneDNN already
+        if grad:
             return _OneDNNLinear.apply(x, w, b)
         return _onednn(x, w, b)
 
-    def _packed_forward(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """Inference: the weight pre-packed in `dtype` (fp32, or bf16 under autocast), repacked when it changes."""
-        w, b = self.weight, self.bias
-        key = (w.data_ptr(), w._version, tuple(w.shape), dtype)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), 32))
-        return _onednn(x.to(dtype), self._packed[1], None if b is None else b.to(dtype))
 
-
-def _any_requires_grad(*tensors: Optional[Tensor]) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+@contextlib.contextmanager
+def packed_weights(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the `Linear`s in `modules` multiply by weights packed once into oneDNN's blocked layout:
+    for decoding loops, where the same weights meet a few rows at every step (32-row products measured 1.3x
+    faster than unpacked oneDNN, 2.4x faster than `F.linear`). The weights must not change inside the block; the
+    packed copies are dropped when it ends. Blocks may nest."""
+    linears = list({id(m): m for module in modules for m in module.modules() if isinstance(m, Linear)}.values())
+    for m in linears:
+        m._pack_depth += 1
+    try:
+        yield
+    finally:
+        for m in linears:
+            m._pack_depth -= 1
+            if m._pack_depth == 0:
+                m._packed = {}

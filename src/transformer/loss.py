@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _BLOCK = 2**18  # elements of float32 work per block of rows (1 MiB)
 
@@ -45,6 +46,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return (lse - (1.0 - eps) * picked - eps * mean).mean()
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: refuse double backward rather than be wrong
     def backward(ctx, grad: Tensor):
         logits, target, lse = ctx.saved_tensors
         N, V = logits.shape
@@ -65,9 +67,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 
 def label_smoothed_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross entropy over rows, computed in float32 (or float64) whatever the logits' dtype; (N, V) logits, (N,)
-    target ids (padding already removed). Equal to `F.cross_entropy(logits.float(), target,
-    label_smoothing=label_smoothing)`, gradient included."""
+    """Mean cross entropy over rows, computed in float32 for bf16/fp16/fp32 logits (float64 stays float64);
+    (N, V) logits, (N,) target ids, all valid (padding already removed: there is no ignore_index). Equal to
+    `F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)`, gradient included."""
     if logits.size(0) == 0:
         return logits.float().sum() * 0.0
     if logits.device.type != "cpu":  # GPUs have a fused kernel; a Python loop over blocks would only add launches
