@@ -15,6 +15,12 @@ from transformer.linear import Linear, packed_weights
 needs_onednn = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no usable oneDNN linear")
 
 
+def _eval_pair(rows):
+    """(ours in eval mode, its nn.Linear twin, an input of `rows` rows): the set-up of the decoding tests."""
+    ours, ref = _pair()
+    return ours.eval(), ref, torch.randn(rows, 48)
+
+
 def _pair(in_f=48, out_f=80, bias=True):
     torch.manual_seed(0)
     ours = Linear(in_f, out_f, bias=bias)
@@ -54,9 +60,7 @@ def test_non_contiguous_input():
 
 
 def test_packed_weights_equal_f_linear_and_are_dropped_after_the_block():
-    ours, ref = _pair()
-    ours.eval()
-    x = torch.randn(6, 48)
+    ours, ref, x = _eval_pair(6)
     with torch.no_grad(), packed_weights(ours):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
         if linear.ONEDNN:
@@ -69,9 +73,7 @@ def test_packed_weights_equal_f_linear_and_are_dropped_after_the_block():
 
 def test_weights_changed_between_blocks_are_seen():
     # outside a block nothing is cached, so every way of changing a weight is seen by the next block
-    ours, ref = _pair()
-    ours.eval()
-    x = torch.randn(6, 48)
+    ours, ref, x = _eval_pair(6)
     changes = [
         lambda m: m.weight.data.mul_(-2.0),  # through .data: no version bump
         lambda m: m.load_state_dict({"weight": torch.ones(80, 48), "bias": torch.zeros(80)}),
@@ -89,17 +91,13 @@ def test_weights_changed_between_blocks_are_seen():
 
 def test_a_model_made_under_inference_mode_decodes():
     with torch.inference_mode():
-        ours, ref = _pair()
-        ours.eval()
-        x = torch.randn(3, 48)
+        ours, ref, x = _eval_pair(3)
         with packed_weights(ours):
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_copies_and_pickles_leave_the_packed_weight_behind():
-    ours, ref = _pair()
-    ours.eval()
-    x = torch.randn(3, 48)
+    ours, ref, x = _eval_pair(3)
     with torch.no_grad(), packed_weights(ours):
         ours(x)
         twin = copy.deepcopy(ours)
@@ -132,9 +130,7 @@ def test_other_dtypes_and_autocast_use_f_linear():
 
 
 def test_packed_under_bf16_autocast_matches_f_linear():
-    ours, ref = _pair()
-    ours.eval()
-    x = torch.randn(6, 48)
+    ours, ref, x = _eval_pair(6)
     with torch.no_grad(), packed_weights(ours):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = ours(x)
