@@ -219,12 +219,12 @@ def matmul_peak(bf16: bool, n: int = 1024, repeat: int = 10) -> float:
     torch's default product and oneDNN's (which our fp32 `Linear` uses), so the peak is never the slower one."""
     import time
 
-    from transformer import linear
+    from transformer import backend, linear
 
     dt = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     products = [lambda: a @ b]
-    if linear.ONEDNN:
+    if backend._works(dt):
         products.append(lambda: linear._onednn(a, b, None))
     best = 0.0
     for product in products:
@@ -241,17 +241,18 @@ def step_flops(size: Size, bf16: bool, batch: int = 32, length: int = 32) -> int
     """Matrix-product FLOPs of one forward + backward of our model (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from transformer import linear
+    from transformer import backend
 
     m = ours(size)
     src, tgt_in, tgt_out = _batch(size, batch, length)
     counter = FlopCounterMode(display=False)
-    fast, linear.ONEDNN = linear.ONEDNN, False  # the counter knows aten's products, not oneDNN's op: same math
+    fast = backend.cpu_paths()
+    backend.set_cpu_paths(backend.CpuPaths(why="counting"))  # the counter knows aten's products only: same math
     try:
         with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             m.loss(src, tgt_in, tgt_out, 0.1).backward()
     finally:
-        linear.ONEDNN = fast
+        backend.set_cpu_paths(fast)
     return counter.get_total_flops()
 
 

@@ -156,16 +156,16 @@ def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):
 
 
 def test_demo_command_as_a_real_process(tmp_path):
-    """The installed entry point runs (a short demo), prints one JSON object and saves a checkpoint."""
-    exe = Path(sys.executable).parent / "transformer"
-    proc = subprocess.run([str(exe), "demo", "--steps", "30", "--json", "--out", str(tmp_path / "demo")],
+    """The command runs as its own process (a short demo), prints one JSON object and saves a checkpoint."""
+    cli = [sys.executable, "-m", "transformer"]
+    proc = subprocess.run([*cli, "demo", "--steps", "30", "--json", "--out", str(tmp_path / "demo")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert {"exact_match", "train_seconds", "checkpoint"} <= set(result)
     assert 0.0 <= result["exact_match"] <= 1.0
     assert (Path(result["checkpoint"]) / "model.safetensors").is_file()
-    bad = subprocess.run([str(exe), "translate", str(tmp_path / "missing"), "x"], capture_output=True, text=True)
+    bad = subprocess.run([*cli, "translate", str(tmp_path / "missing"), "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 

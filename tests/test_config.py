@@ -35,6 +35,9 @@ def test_loads_and_overrides(tmp_path):
         ("trian:\n  lr: 1\n", r"unknown key 'trian' \(did you mean 'train'\?\)"),
         ("model:\n  d_model: sixty\n", r"model.d_model='sixty': expected an integer"),
         ("train:\n  bf16: 1\n", r"train.bf16=1: expected true or false"),
+        ("model:\n  norm_first: 1\n", r"model.norm_first=1: expected true or false"),
+        ("train:\n  precision: fp16\n", r"precision='fp16': must be one of 'auto', 'fp32', 'bf16'"),
+        ("train:\n  device: gpu\n", r"train.device='gpu': must be auto, cpu, cuda or cuda:N"),
         ("train:\n  lr: -1\n", r"train.lr=-1.0: must be > 0"),
         ("model:\n  activation: tanh\n", r"activation='tanh': must be one of 'relu', 'gelu'"),
         ("model: [1, 2\n", r"cfg.yaml:\d+: invalid YAML"),
@@ -46,6 +49,11 @@ def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_run_config(write(tmp_path, text))
     assert str(e.value).startswith(str(tmp_path / "cfg.yaml"))
+
+
+@pytest.mark.parametrize("old, new", [("true", "bf16"), ("false", "fp32")])
+def test_older_bf16_key_reads_as_precision(tmp_path, old, new):
+    assert load_run_config(write(tmp_path, f"train:\n  bf16: {old}\n")).train.precision == new
 
 
 def test_missing_config_file(tmp_path):

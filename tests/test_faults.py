@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,9 @@ from transformer import TransformerError
 from transformer.checkpoint import load_checkpoint
 from transformer.train import Trainer
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
-EXE = str(Path(sys.executable).parent / "transformer")
+CLI = [sys.executable, "-m", "transformer"]  # works whether or not the package is installed
 
 
 def nan_after(task, bad_steps):
@@ -71,7 +70,7 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, sig, code
 
     steps = 1500  # a few seconds: the signal lands well inside
     cfg = tiny_yaml(tmp_path, steps)
-    proc = subprocess.Popen([EXE, "train", str(cfg), "--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*CLI, "train", str(cfg), "--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "cut" / "run_config.json").exists() and time.time() < deadline:
         time.sleep(0.1)
@@ -82,9 +81,9 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, sig, code
     assert f"resume with --resume {tmp_path / 'cut'}" in err
     state = json.loads((tmp_path / "cut" / "last" / "training_state.json").read_text())
     assert 0 < state["position"]["step"] < steps  # really stopped in the middle
-    done = subprocess.run([EXE, "train", "--resume", str(tmp_path / "cut"), "--json"], capture_output=True, text=True)
+    done = subprocess.run([*CLI, "train", "--resume", str(tmp_path / "cut"), "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    whole = subprocess.run([EXE, "train", str(cfg), "--out", str(tmp_path / "whole"), "--json"], capture_output=True, text=True)
+    whole = subprocess.run([*CLI, "train", str(cfg), "--out", str(tmp_path / "whole"), "--json"], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     a = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))

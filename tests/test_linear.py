@@ -6,13 +6,26 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from transformer import linear
+from transformer import backend
 from transformer.linear import Linear, packed_weights
 
-needs_onednn = pytest.mark.skipif(not linear.ONEDNN, reason="this PyTorch build has no usable oneDNN linear")
+FP32_WORKS, BF16_WORKS = backend._works(torch.float32), backend._works(torch.bfloat16)
+ALL_ON = backend.CpuPaths(FP32_WORKS, FP32_WORKS, BF16_WORKS, why="test: every path that works here")
+needs_onednn = pytest.mark.skipif(not FP32_WORKS, reason="this PyTorch build or CPU has no usable oneDNN linear")
+
+
+@pytest.fixture(autouse=True, params=["onednn", "plain"])
+def paths(request):
+    """Every test runs twice: with every oneDNN path this CPU supports, and with none (plain F.linear), whatever
+    this machine's own timing chose."""
+    chosen = ALL_ON if request.param == "onednn" else backend.CpuPaths(why="test: plain")
+    if request.param == "onednn" and not FP32_WORKS:
+        pytest.skip("this PyTorch build or CPU has no usable oneDNN linear")
+    backend.set_cpu_paths(chosen)
+    yield chosen
+    backend.set_cpu_paths(None)
 
 
 def _eval_pair(rows):
@@ -46,11 +59,10 @@ def test_training_forward_and_gradients_equal_nn_linear(bias, shape):
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
-def test_fp32_training_runs_through_onednn():
+def test_fp32_training_runs_through_the_chosen_path(paths):
     ours, _ = _pair()
     y = ours(torch.randn(4, 48, requires_grad=True))
-    assert "OneDNNLinear" in y.grad_fn.name()
+    assert ("OneDNNLinear" in y.grad_fn.name()) == paths.train
 
 
 def test_non_contiguous_input():
@@ -59,15 +71,14 @@ def test_non_contiguous_input():
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_weights_equal_f_linear_and_are_dropped_after_the_block():
+def test_packed_weights_equal_f_linear_and_are_dropped_after_the_block(paths):
     ours, ref, x = _eval_pair(6)
     with torch.no_grad(), packed_weights(ours):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-        if linear.ONEDNN:
-            assert set(ours._packed) == {torch.float32}
+        assert set(ours._packed) == ({torch.float32} if paths.packed else set())
         with packed_weights(ours):  # nested: the inner block's end keeps the outer block's pack
             ours(x)
-        assert ours._packed or not linear.ONEDNN
+        assert bool(ours._packed) == paths.packed
     assert ours._packed == {} and ours._pack_depth == 0
 
 
@@ -108,13 +119,19 @@ def test_copies_and_pickles_leave_the_packed_weight_behind():
         torch.testing.assert_close(twin(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_double_backward_is_refused_not_wrong():
-    ours, _ = _pair()
+def test_double_backward_is_refused_or_right(paths):
+    ours, ref = _pair()
     x = torch.randn(4, 48, requires_grad=True)
     (g,) = torch.autograd.grad(ours(x).pow(2).sum(), x, create_graph=True)
-    if linear.ONEDNN:
+    if paths.train:  # oneDNN's op has no derivative of its own: refused
         with pytest.raises(RuntimeError, match="once_differentiable"):
             g.sum().backward()
+    else:  # F.linear: the true second derivative, d/dW of sum(2 (xW^T+b) W) ...
+        g.sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        (g_ref,) = torch.autograd.grad(ref(x_ref).pow(2).sum(), x_ref, create_graph=True)
+        g_ref.sum().backward()
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_other_dtypes_and_autocast_use_f_linear():
@@ -129,12 +146,13 @@ def test_other_dtypes_and_autocast_use_f_linear():
     assert torch.autograd.gradcheck(d, (xd,))
 
 
-def test_packed_under_bf16_autocast_matches_f_linear():
+def test_packed_under_bf16_autocast_matches_f_linear(paths):
     ours, ref, x = _eval_pair(6)
     with torch.no_grad(), packed_weights(ours):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = ours(x)
             assert y.dtype == torch.bfloat16
+            assert (torch.bfloat16 in ours._packed) == paths.packed_bf16  # only where this CPU packs bf16
             torch.testing.assert_close(y, ref(x))  # both bf16 products: bf16 tolerances
         # and in fp32 within the same block: a separate fp32 pack, not the bf16 one
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@ from transformer import ModelConfig, Transformer
 from transformer.data import BPETokenizer, CharTokenizer, pad_batch
 from transformer.generate import beam_search, greedy
 
+from helpers import fp32_atol, model_depth
+
 TRAIN_TEXT = ["Ein Hund läuft über die Wiese.", "A dog runs across the meadow!", "Zwei Kinder spielen im Schnee, 3x."] * 20
 
 
@@ -74,7 +76,8 @@ def test_batching_and_padding_change_nothing(shapes, extra_pad, seed):
         batched = model(src, tgt)
         for i, (s, t) in enumerate(pairs):
             alone = model(torch.tensor([s]), torch.tensor([t]))[0]
-            torch.testing.assert_close(batched[i, : len(t)], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[i, : len(t)], alone, atol=fp32_atol(alone, model_depth(model.config)),
+                                       rtol=0)
 
 
 @settings(max_examples=30, deadline=None)

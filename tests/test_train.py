@@ -7,7 +7,7 @@ from transformer.checkpoint import load_checkpoint
 from transformer.config import TrainConfig
 from transformer.train import Trainer, average_checkpoints, learning_rate
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 
 def test_learning_rate_schedules():
@@ -49,10 +49,13 @@ def test_resume_gives_the_same_parameters(tmp_path):
 def test_run_directory_contents(reverse_run):
     out, record = reverse_run
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 400 and "val_loss" in lines[-1] and "exact_match" in lines[-1]
+    assert lines[-1]["step"] == record["step"] and "val_loss" in lines[-1] and "exact_match" in lines[-1]
+    # the fixture stops at its target (train.stop_at) at the first validation that reaches it
+    assert lines[-1]["exact_match"] == 1.0 and all(l["exact_match"] < 1.0 for l in lines[:-1])
+    assert [l["step"] for l in lines] == list(range(100, record["step"] + 1, 100))
     assert (out / "last" / "training_state.json").is_file()
     assert not (out / "best" / "training_state.json").exists()
-    assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 400
+    assert json.loads((out / "run_config.json").read_text())["train"]["max_steps"] == 3000
 
 
 def test_average_checkpoints(tmp_path, reverse_run):

@@ -159,12 +159,14 @@ class TrainConfig:
     max_steps: int = 0
     max_epochs: int = 0
     max_minutes: float = 0.0
+    stop_at: Optional[float] = None  # stop once the validation metric reaches this (>= a score, <= val_loss)
     eval_every: int = 500
     eval_bleu_sentences: int = 500
     eval_beam: int = 1
     keep_checkpoints: int = 5
     average_last: int = 0  # at the end, average the last k step checkpoints into RUN_DIR/averaged (0: off)
-    bf16: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 = bf16 autocast; auto: bf16 where it is native
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda, cuda:N
     threads: int = 0
     log_every: int = 50
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss/gradient before training stops
@@ -186,6 +188,8 @@ class TrainConfig:
         _check(
             all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be two numbers in [0, 1)"
         )
+        _check(self.device.split(":")[0] in ("auto", "cpu", "cuda"), "train.device", self.device,
+               "must be auto, cpu, cuda or cuda:N")
         if self.schedule == "cosine":
             _check(self.max_steps > 0, "train.schedule", self.schedule, "'cosine' needs train.max_steps > 0")
         _check(self.average_last <= self.keep_checkpoints, "train.average_last", self.average_last,
@@ -283,6 +287,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 T = typing.TypeVar("T")
 
+def _bf16_to_precision(value: Any) -> str:
+    if not isinstance(value, bool):
+        raise ConfigError(f"train.bf16={value!r}: expected true or false (or the newer train.precision: auto, fp32 "
+                          "or bf16)")
+    return "bf16" if value else "fp32"
+
+
+# Keys of older recipes and run directories, read as their replacement: (class, old key) -> (new key, mapping)
+_RENAMED: dict[tuple[str, str], tuple[str, Any]] = {
+    ("TrainConfig", "bf16"): ("precision", _bf16_to_precision),
+}
+
 
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build the dataclass `cls` from a plain dict, strictly: unknown keys and wrong types are ConfigErrors
@@ -294,6 +310,8 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if (cls.__name__, key) in _RENAMED and _RENAMED[cls.__name__, key][0] not in data:
+            key, value = _RENAMED[cls.__name__, key][0], _RENAMED[cls.__name__, key][1](value)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"

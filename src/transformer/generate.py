@@ -44,7 +44,7 @@ def greedy(
         limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
         memory, mask = model.encode(src)
         cache = model.decoder.new_cache(capacity=int(limits.max()) + 1) if use_cache else None
-        active = torch.arange(B)  # original index of each row still decoding
+        active = torch.arange(B, device=src.device)  # original index of each row still decoding
         tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
         for step in range(int(limits.max()) + 1):
@@ -171,6 +171,18 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
         raise TransformerError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
 
 
+def _draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One token per row of (B, V) probabilities, by inverting the cumulative distribution at a uniform number
+    drawn on the CPU: the same generator state gives the same tokens on a GPU as on the CPU."""
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    # the first token whose cumulative probability exceeds u; tokens of probability 0 are never picked
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1)
+    # u * total can round up to the total itself: never let that pick a token of probability 0
+    idx = torch.where(probs.gather(1, idx) > 0, idx, probs.argmax(-1, keepdim=True))
+    return idx.squeeze(1)
+
+
 @torch.no_grad()
 def sample(
     model: TransformerLM,
@@ -183,7 +195,8 @@ def sample(
     context: Optional[int] = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) new tokens one step at a time from a language model. prompt: (B, T) ids, T >= 1.
-    Temperature 0 picks the most probable token (greedy).
+    Temperature 0 picks the most probable token (greedy). `generator` is a CPU generator: random numbers are
+    drawn on the CPU whatever the model's device, so a seed gives the same text on any device.
 
     `context` bounds how many tokens the model sees (a learned positional table bounds it at max_positions):
     a longer prompt is cropped to its last `context` tokens, and when the cache is full it is rebuilt from the
@@ -203,7 +216,7 @@ def sample(
                 nxt = logits.argmax(-1)
             else:
                 probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                nxt = _draw(probs, generator)
             yield nxt
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if context is not None and cache.length >= context:  # window full: re-read its last 3/4

@@ -1,24 +1,23 @@
-"""`Linear`: `nn.Linear` whose fp32 products on CPU run through oneDNN instead of the default BLAS.
+"""`Linear`: `nn.Linear` whose fp32 products on CPU may run through oneDNN instead of the default BLAS.
 
 Every projection in the model is a matrix product, and on CPU they are most of the time of a training step and
 of decoding. PyTorch's CPU `F.linear` in fp32 calls MKL's sgemm; the same build also ships oneDNN, which
-PyTorch already uses for bf16. Measured on this project's 2-core AMD EPYC (torch 2.13): oneDNN runs the fp32
-products of a training step (1024 x 512 by 512 x 2048 and their two backward products) at 300-480 GFLOP/s
-against MKL's ~210, and the 32-row products of decoding 2x faster again once the weight is pre-packed into
-oneDNN's blocked layout. The results are fp32 in both (no reduced-precision arithmetic); only the order of the
-sums differs, as it does between any two BLAS libraries.
+PyTorch already uses for bf16. Which of the two is faster depends on the CPU (see `backend.py`): on an AMD
+EPYC with AVX-512 oneDNN ran the fp32 products of a training step ~2x faster than MKL, on an AVX2 EPYC it was
+slower, and for the few-row products of decoding a weight pre-packed into oneDNN's blocked layout was ~2x
+faster on both AVX-512 CPUs measured. So each path is taken only where `backend.cpu_paths()` found it faster on
+this machine. The results are fp32 either way (no reduced-precision arithmetic); only the order of the sums
+differs, as it does between any two BLAS libraries.
 
-Used where it applies: fp32 tensors on CPU outside autocast, and decoding under bf16 autocast (packed bf16
-weights; bf16 autocast training already reaches oneDNN through `F.linear`). Everything else (GPU, float64,
-tensor subclasses) is plain `F.linear`, and so is everything on CPUs other than x86-64. Set the environment
-variable TRANSFORMER_ONEDNN=0 (or `transformer.linear.ONEDNN = False`) to turn it off.
+Paths: fp32 training (an autograd function with all three products in oneDNN), fp32 decoding with packed
+weights, and decoding under bf16 autocast with bf16-packed weights (bf16 autocast training already reaches
+oneDNN through `F.linear`). Everything else (GPU, float64, tensor subclasses, other CPUs) is plain `F.linear`.
+`TRANSFORMER_ONEDNN=0` turns every oneDNN path off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 from typing import Iterator, Optional
 
 import torch
@@ -26,29 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-
-def _probe() -> bool:
-    """oneDNN's linear is a private PyTorch op: use it only if this build has it and it agrees with F.linear."""
-    try:
-        # fixed values, not torch.randn: importing the package must not move the global random state
-        x, w, b = torch.arange(24.0).view(3, 8).sin(), torch.arange(40.0).view(5, 8).cos(), torch.arange(5.0)
-        out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-        out2 = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-        ref = F.linear(x, w, b)
-        return bool(torch.allclose(out, ref, atol=1e-5) and torch.allclose(out2, ref, atol=1e-5))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-# x86-64 only: that is where oneDNN has its own JIT kernels (AVX2 / AVX-512) and was measured faster; elsewhere
-# (e.g. ARM laptops) the platform's BLAS behind F.linear is left in charge. TRANSFORMER_ONEDNN=0 turns it off.
-ONEDNN: bool = (
-    os.environ.get("TRANSFORMER_ONEDNN", "1") != "0"
-    and platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
-    and _probe()
-)
+from . import backend
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -56,21 +33,14 @@ def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
-    """The dtype to compute x @ weight.T in with oneDNN here, or None for plain `F.linear`."""
-    if not (
-        ONEDNN
-        and x.device.type == "cpu"
+def _plain_cpu_fp32(x: Tensor, weight: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
         and type(x) is torch.Tensor
         and type(weight) in (torch.Tensor, nn.Parameter)  # not DTensor or other subclasses
         and x.numel() > 0
         and weight.dtype == torch.float32
-    ):
-        return None
-    if torch.is_autocast_enabled("cpu"):  # autocast would run the product in its dtype
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if bf16 else None
-    return torch.float32 if x.dtype == torch.float32 else None
+    )
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -115,19 +85,28 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
-        dtype = _onednn_dtype(x, w)
-        if dtype is None:
+        if not _plain_cpu_fp32(x, w):
             return F.linear(x, w, b)
+        paths = backend.cpu_paths()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
-        if self._pack_depth and not grad:
-            if dtype not in self._packed:
-                self._packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), 32)
-            return _onednn(x.to(dtype), self._packed[dtype], None if b is None else b.to(dtype))
-        if dtype != torch.float32:
+        if torch.is_autocast_enabled("cpu"):  # autocast runs the product in its dtype
+            bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            if bf16 and paths.packed_bf16 and self._pack_depth and not grad:
+                return self._packed_product(x, torch.bfloat16)
             return F.linear(x, w, b)  # bf16 autocast: F.linear reaches oneDNN already
+        if x.dtype != torch.float32:
+            return F.linear(x, w, b)
         if grad:
-            return _OneDNNLinear.apply(x, w, b)
-        return _onednn(x, w, b)
+            return _OneDNNLinear.apply(x, w, b) if paths.train else F.linear(x, w, b)
+        if paths.packed and self._pack_depth:
+            return self._packed_product(x, torch.float32)
+        return _onednn(x, w, b) if paths.train else F.linear(x, w, b)
+
+    def _packed_product(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._packed:
+            self._packed[dtype] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(dtype), 32)
+        b = self.bias
+        return _onednn(x.to(dtype), self._packed[dtype], None if b is None else b.to(dtype))
 
 
 @contextlib.contextmanager

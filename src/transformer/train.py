@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -27,8 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import backend
 from .checkpoint import STATE_JSON, STATE_TENSORS, load_weights, save_checkpoint, write_json_atomic
 from .config import RunConfig, TrainConfig, from_dict
+from .distributed import Distributed
 from .errors import CheckpointError, TransformerError
 from .generate import translate_texts
 from .model import build_model, count_parameters
@@ -56,59 +57,6 @@ class TrainingInterrupted(TransformerError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-class Distributed:
-    """Data-parallel context from torchrun's environment (RANK, WORLD_SIZE, ...): one process per device,
-    gradients averaged by DistributedDataParallel. Without torchrun: rank 0 of 1, and nothing happens."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def device(self) -> torch.device:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return float(t)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def _comm_device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class _LossStep(nn.Module):
@@ -146,9 +94,10 @@ class Trainer:
     ) -> None:
         self.run, self.out = run, Path(out_dir)
         self.progress = progress
-        self.dist = Distributed()
-        self.device = self.dist.device()
         t = run.train
+        self.dist = Distributed(t.device)
+        self.device = self.dist.device
+        self.precision = backend.resolve_precision(t.precision, self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
@@ -182,8 +131,18 @@ class Trainer:
             self._restore(state[1], state[2])
         self._stop_signal: Optional[int] = None
         self.bad_steps = 0
+        self.reached_target = False  # the validation metric reached train.stop_at
 
     # -- set-up ---------------------------------------------------------------------------------------------
+
+    def describe_machine(self) -> str:
+        """One line: the device, the precision and why, and (on CPU) the fast paths this machine gets."""
+        if self.device.type == "cuda":
+            where = f"device: {self.device} ({torch.cuda.get_device_name(self.device)})"
+        else:
+            where = f"device: cpu ({backend.cpu_description()}, {torch.get_num_threads()} threads); " \
+                    f"{backend.cpu_paths().describe()}"
+        return f"{where}; precision: {self.precision.name} ({self.precision.reason})"
 
     def _build_model(self) -> nn.Module:
         cfg = self.run.model
@@ -228,6 +187,9 @@ class Trainer:
         rng = tensors.get(f"rng.torch.{self.dist.rank}")
         if rng is not None and state.get("world", 1) == self.dist.world:
             torch.set_rng_state(rng)
+            cuda_rng = tensors.get(f"rng.cuda.{self.dist.rank}")
+            if cuda_rng is not None and self.device.type == "cuda":  # dropout's random numbers on the GPU
+                torch.cuda.set_rng_state(cuda_rng, self.device)
         else:  # a different number of processes: reseed each rank from the step instead
             torch.manual_seed(self.run.train.seed + 1000 * state["position"]["step"] + self.dist.rank)
         p = state["position"]
@@ -291,11 +253,12 @@ class Trainer:
             log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
                      self.task.name, self.dist.world)
             log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.pos.epoch))
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16)
+            log.info("%s", self.describe_machine())
+        autocast = backend.autocast(self.device, self.precision)
         start = time.perf_counter() - self.pos.elapsed
         last_eval: dict[str, Any] = {}
         window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        eval_loss, eval_tokens = 0.0, 0  # training loss since the last validation
+        eval_loss, eval_tokens, eval_norms = 0.0, 0, []  # training loss and gradient norms since the last validation
         old_handlers = self._catch_signals()
         try:
             while not self._done(start):
@@ -314,7 +277,7 @@ class Trainer:
                     (loss * (n * self.dist.world / total_tokens)).backward()
                     step_loss += float(loss.detach()) * n
                 step_loss = self.dist.sum(step_loss)
-                self._update(step_loss, total_tokens)
+                eval_norms.append(self._update(step_loss, total_tokens))
                 window_loss += step_loss
                 eval_loss += step_loss
                 eval_tokens += total_tokens
@@ -328,8 +291,9 @@ class Trainer:
                     )
                     window_loss, window_tokens, window_start = 0.0, 0, now
                 if self.pos.step % t.eval_every == 0:
-                    last_eval = self._validate(start, eval_loss / max(eval_tokens, 1))
-                    eval_loss, eval_tokens = 0.0, 0
+                    last_eval = self._validate(start, eval_loss / max(eval_tokens, 1), sum(eval_norms) / len(eval_norms))
+                    eval_loss, eval_tokens, eval_norms = 0.0, 0, []
+                    self.reached_target = self.dist.sum(float(self.reached_target)) > 0  # rank 0 scored
                 stop = self.dist.sum(float(self._stop_signal is not None))  # every process stops at the same step
                 if stop:
                     self._save_last(start)
@@ -340,7 +304,7 @@ class Trainer:
                         signum,
                     )
             if not last_eval or last_eval.get("step") != self.pos.step:
-                last_eval = self._validate(start, None)
+                last_eval = self._validate(start, None, None)
             if t.average_last and self.dist.main:
                 steps = sorted((self.out / "checkpoints").glob("step-*"))[-t.average_last :]
                 average_checkpoints(steps, self.out / "averaged")
@@ -358,7 +322,8 @@ class Trainer:
             return self.step_module.no_sync()
         return contextlib.nullcontext()
 
-    def _update(self, step_loss: float, total_tokens: float) -> None:
+    def _update(self, step_loss: float, total_tokens: float) -> float:
+        """Clip, check and apply the gradients of one step; returns their norm before clipping."""
         t = self.run.train
         # The gradient norm (clipped to clip_norm, if set) doubles as the check for inf/NaN.
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
@@ -370,6 +335,7 @@ class Trainer:
             self.bad_steps = 0
         else:
             self._skip_bad_step(step_loss, float(norm))
+        return float(norm)
 
     def _skip_bad_step(self, loss: float, norm: float) -> None:
         """A non-finite loss or gradient: no update this step; too many in a row ends training."""
@@ -381,7 +347,7 @@ class Trainer:
         if self.bad_steps >= limit:
             raise TransformerError(
                 f"training stopped at step {self.pos.step}: {self.bad_steps} steps in a row had a non-finite loss or "
-                f"gradient (try a lower train.lr or train.bf16: false); the last good checkpoint is {self.out / 'last'}"
+                f"gradient (try a lower train.lr or train.precision: fp32); the last good checkpoint is {self.out / 'last'}"
             )
 
     def _done(self, start: float) -> bool:
@@ -392,7 +358,7 @@ class Trainer:
             return True
         if t.max_minutes and time.perf_counter() - start >= t.max_minutes * 60:
             return True
-        return False
+        return self.reached_target
 
     def _step_batches(self) -> list[tuple[Any, int]]:
         """This process's micro-batches for one optimizer step. A step consumes world x accumulate batches in
@@ -416,26 +382,27 @@ class Trainer:
 
     def translate(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> list[str]:
         t = self.run.train
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
+        with backend.autocast(self.device, self.precision):
             return translate_texts(model or self.model, self.task.src_tok, self.task.tgt_tok, texts,
                                    beam_size=t.eval_beam)
 
-    def _validate(self, start: float, train_loss: Optional[float]) -> dict[str, Any]:
+    def _validate(self, start: float, train_loss: Optional[float], grad_norm: Optional[float]) -> dict[str, Any]:
         """Validate, append to metrics.jsonl and save checkpoints (the main process), then save `last/` (all
         processes take part in gathering). With FSDP the whole model is gathered once for both."""
         model = self._full_model()
-        record = self._score(model, start, train_loss) if model is not None else {"step": self.pos.step}
+        record = self._score(model, start, train_loss, grad_norm) if model is not None else {"step": self.pos.step}
         self._save_last(start, model, gathered=True)  # after scoring, so it records the updated best
         return record
 
-    def _score(self, model: nn.Module, start: float, train_loss: Optional[float]) -> dict[str, Any]:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.run.train.bf16):
+    def _score(self, model: nn.Module, start: float, train_loss: Optional[float], grad_norm: Optional[float]) -> dict[str, Any]:
+        with backend.autocast(self.device, self.precision):
             figures = self.task.validate(model, lambda texts: self.translate(texts, model))
         lr = learning_rate(self.run.train, max(self.pos.step, 1))
         record = {"step": self.pos.step, "epoch": self.pos.epoch, "minutes": round((time.perf_counter() - start) / 60, 3),
                   "lr": lr}
         if train_loss is not None:
             record["train_loss"] = round(train_loss, 4)
+            record["grad_norm"] = round(grad_norm, 4)  # before clipping, mean over the steps since the last one
         record.update({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
         metric = self.task.metric
         value = record.get(metric)
@@ -444,6 +411,9 @@ class Trainer:
         )
         if better:
             self.pos.best = value
+        target = self.run.train.stop_at
+        if value is not None and target is not None:
+            self.reached_target = value <= target if metric == "val_loss" else value >= target
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         step_dir = self.out / "checkpoints" / f"step-{self.pos.step:07d}"
@@ -468,12 +438,14 @@ class Trainer:
         calls it (gathering is collective); the main process writes. `gathered`: `model` is already the
         result of `_full_model()`."""
         rngs = self.dist.gather(torch.get_rng_state())
+        cuda_rngs = self.dist.gather(torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         optimizer = self._optimizer_state()
         if not gathered:
             model = self._full_model()
         if model is not None:
             tensors, opt_meta = _flatten_optimizer(optimizer)
             tensors.update({f"rng.torch.{r}": rng for r, rng in enumerate(rngs)})
+            tensors.update({f"rng.cuda.{r}": rng for r, rng in enumerate(cuda_rngs) if rng is not None})
             position = {"step": self.pos.step, "epoch": self.pos.epoch, "batch": self.pos.batch,
                         "elapsed": time.perf_counter() - start, "best": self.pos.best}
             state = (tensors, {"optimizer": opt_meta, "position": position, "world": self.dist.world})

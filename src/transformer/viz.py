@@ -130,23 +130,29 @@ def attention_maps(model, src_tok, tgt_tok, source: str, target: Optional[str] =
     if not source.strip():
         raise TransformerError("the source sentence is empty; give some text to look at")
     model.eval()
+    device = next(model.parameters()).device
     src_ids = src_tok.encode(source)
-    src = torch.tensor([src_ids])
+    src = torch.tensor([src_ids], device=device)
     if target is None:
         tgt_ids = greedy(model, src)[0]
     else:
         tgt_ids = tgt_tok.encode(target)
-    tgt_in = torch.tensor([[BOS, *tgt_ids]])
+    tgt_in = torch.tensor([[BOS, *tgt_ids]], device=device)
     enc_w: list = []
     dec_w: list = []
-    memory, mask = model.encode(src, weights=enc_w)
-    model.decode(tgt_in, memory, mask, weights=dec_w)
+    with torch.no_grad():
+        memory, mask = model.encode(src, weights=enc_w)
+        model.decode(tgt_in, memory, mask, weights=dec_w)
+
+    def stack(records: list, kind: str) -> torch.Tensor:  # (layers, heads, T, S) on the CPU
+        return torch.stack([w[kind][0] for w in records]).float().cpu()
+
     return AttentionMaps(
         src_tokens=[src_tok.token_text(i) for i in src_ids],
         tgt_tokens=[tgt_tok.token_text(i) for i in tgt_in[0].tolist()],
-        encoder=torch.stack([w["self"][0] for w in enc_w]).float(),
-        decoder=torch.stack([w["self"][0] for w in dec_w]).float(),
-        cross=torch.stack([w["cross"][0] for w in dec_w]).float(),
+        encoder=stack(enc_w, "self"),
+        decoder=stack(dec_w, "self"),
+        cross=stack(dec_w, "cross"),
     )
 
 

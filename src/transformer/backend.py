@@ -1,0 +1,283 @@
+"""What this machine can do, decided once per process: the device, the precision, and the CPU fast paths.
+
+Every other module asks here; nothing else probes the hardware. Three kinds of decision:
+
+- **device**: `resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`; auto is the GPU when there is one.
+- **precision**: `resolve_precision("auto" | "fp32" | "bf16", device)`; auto is bf16 where the hardware does
+  bf16 arithmetic (CUDA GPUs that support it; CPUs with AVX512-BF16 or AMX) and fp32 elsewhere, where bf16 is
+  emulated through fp32 and far slower than fp32 itself.
+- **CPU fast paths** (`cpu_paths()`): whether `linear.Linear` sends fp32 products to oneDNN instead of the
+  default BLAS, for training and for decoding with pre-packed weights, and whether bf16 weights can be packed.
+  Each is decided by *trying the very operation* (a CPU without the instructions an op needs raises, and the
+  path is off) and then *timing it against plain `F.linear`* on this machine: a path is used only where it is
+  clearly faster. Which library wins differs by CPU: on an AMD EPYC with AVX-512 oneDNN's fp32 products ran
+  ~2x faster than MKL's, on an AVX2 EPYC they were slower, on an Intel Xeon with AMX MKL's weight-gradient
+  product was faster while oneDNN's pre-packed decoding products were 2x faster.
+  `TRANSFORMER_ONEDNN=0` turns every oneDNN path off; `=1` uses every one that works, without timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TransformerError
+
+log = logging.getLogger("transformer")
+
+# A fast path must beat plain F.linear by this factor: a margin that timing noise on a busy machine does not
+# cross, so the same machine makes the same choice from run to run.
+_MARGIN = 0.85
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """"auto" (the GPU when one is visible, else the CPU), "cpu", "cuda" or "cuda:N". A GPU that is asked for
+    but missing is a TransformerError saying why."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise TransformerError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise TransformerError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise TransformerError(f"--device {spec}: no CUDA GPU is visible (torch {torch.__version__} is {build}); "
+                               "use --device cpu")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise TransformerError(f"--device {spec}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return torch.device("cuda", index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16). Elsewhere bf16 is emulated
+    with fp32 arithmetic plus conversions (measured ~20x slower than fp32 per training step on an AVX2 CPU)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch: read the flags ourselves
+        flags = cpu_flags()
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_description() -> str:
+    """e.g. "x86_64, AVX-512 with native bf16" (what the log and the bench print)."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        kind = "AVX-512"
+    elif "avx2" in flags:
+        kind = "AVX2 (no AVX-512)"
+    else:
+        kind = platform.processor() or "unknown vector extensions"
+    bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
+    return f"{platform.machine()}, {kind}, {bf16}"
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype  # what autocast computes products in (float32: autocast off)
+    reason: str
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and native_bf16_cpu()
+
+
+def resolve_precision(setting: str, device: torch.device) -> Precision:
+    """The training/decoding precision for `setting` ("auto", "fp32" or "bf16") on `device`. bf16 means bf16
+    autocast (weights and optimizer stay fp32). Asking for bf16 where it is emulated works, with a warning."""
+    native = bf16_is_native(device)
+    where = "this GPU" if device.type == "cuda" else "this CPU"
+    if setting == "fp32":
+        return Precision(torch.float32, "fp32 as set")
+    if setting == "bf16":
+        if not native:
+            log.warning("bf16 on %s is emulated (no %s): expect it to be many times slower than fp32; "
+                        "precision auto or fp32 avoids it", where,
+                        "bf16 support" if device.type == "cuda" else "AVX512-BF16 or AMX")
+        return Precision(torch.bfloat16, "bf16 as set")
+    if setting != "auto":
+        raise TransformerError(f"precision {setting!r}: must be auto, fp32 or bf16")
+    if native:
+        why = "the GPU supports bf16" if device.type == "cuda" else "the CPU has native bf16 (AVX512-BF16/AMX)"
+        return Precision(torch.bfloat16, f"auto: {why}")
+    why = "the GPU has no bf16" if device.type == "cuda" else "the CPU has no native bf16, it would be emulated"
+    return Precision(torch.float32, f"auto: {why}")
+
+
+def autocast(device: torch.device, precision: Precision):
+    """The autocast context for `precision` on `device` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16)
+
+
+def decoding_precision(model: torch.nn.Module, bf16: bool):
+    """A context to decode with `model` in bf16 (when `bf16`) on its device. On a GPU the weights themselves
+    are cast to bf16, once: at decoding sizes a step is bound by kernel launches, and autocast's per-op casts
+    made bf16 beam search slower than fp32 (H200: 1.53 s against 1.40 s). On a CPU it is bf16 autocast, where
+    `Linear` packs bf16 weights once per decoding call. The model is changed in place on a GPU: for a model
+    loaded to decode, as the command line does."""
+    device = next(model.parameters()).device
+    precision = resolve_precision("bf16" if bf16 else "fp32", device)
+    if precision.bf16 and device.type == "cuda":
+        model.to(torch.bfloat16)
+        return contextlib.nullcontext()
+    return autocast(device, precision)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU fast paths
+
+
+@dataclass(frozen=True)
+class CpuPaths:
+    """Which oneDNN paths `linear.Linear` takes on this CPU (see the module docstring)."""
+
+    train: bool = False  # fp32 products of training (forward and both backward products) in oneDNN
+    packed: bool = False  # fp32 decoding with weights packed once into oneDNN's layout
+    packed_bf16: bool = False  # decoding under bf16 autocast with weights packed once in bf16
+    why: str = "off"
+
+    def describe(self) -> str:
+        on = [n for n, v in (("training", self.train), ("packed decoding", self.packed),
+                              ("packed bf16 decoding", self.packed_bf16)) if v]
+        return f"oneDNN for {', '.join(on) if on else 'nothing'} ({self.why})"
+
+
+def _onednn_linear(x, w, b=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _pack(w, rows: int):
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+
+def _fixed(rows: int, cols: int, dtype=torch.float32):
+    # fixed values, not torch.randn: deciding must not move the global random state
+    return (torch.arange(rows * cols, dtype=torch.float32).view(rows, cols) * 0.37).sin().to(dtype)
+
+
+def _works(dtype: torch.dtype) -> bool:
+    """Can this CPU run oneDNN's linear, plain and with a packed weight, in `dtype`, with F.linear's result?
+    A CPU without the needed instructions raises (e.g. bf16 packing needs AVX512-BF16/AVX-NE-CONVERT)."""
+    try:
+        x, w, b = _fixed(3, 8, dtype), _fixed(5, 8, dtype).cos(), torch.arange(5.0).to(dtype)
+        ref = F.linear(x.float(), w.float(), b.float())
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        for out in (_onednn_linear(x, w, b), _onednn_linear(x, _pack(w, 3), b)):
+            if not torch.allclose(out.float(), ref, atol=tol, rtol=tol):
+                return False
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()  # warm-up: first calls allocate and JIT-compile kernels
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _faster(fast: Callable[[], object], plain: Callable[[], object]) -> tuple[bool, float]:
+    """(fast clearly beats plain, fast time / plain time), from interleaved best-of-5 timings."""
+    a, b = _best_time(fast), _best_time(plain)
+    a, b = min(a, _best_time(fast)), min(b, _best_time(plain))
+    return a <= _MARGIN * b, a / b
+
+
+def _decide() -> CpuPaths:
+    setting = os.environ.get("TRANSFORMER_ONEDNN", "auto").strip().lower()
+    if setting in ("0", "off", "false"):
+        return CpuPaths(why="TRANSFORMER_ONEDNN=0")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return CpuPaths(why="not an x86-64 CPU with oneDNN: the platform's BLAS is used")
+    fp32, bf16 = _works(torch.float32), _works(torch.bfloat16)
+    if not fp32:
+        return CpuPaths(why="oneDNN's linear is unavailable in this torch build")
+    if setting in ("1", "on", "true"):
+        return CpuPaths(True, True, bf16, why="TRANSFORMER_ONEDNN=1")
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        # training: a feed-forward-sized product and its two backward products (d_model 256, 512 tokens)
+        x, w, g = _fixed(512, 256), _fixed(1024, 256), _fixed(512, 1024)
+        train, r_train = _faster(
+            lambda: (_onednn_linear(x, w), _onednn_linear(g, w.t()), _onednn_linear(g.t(), x.t())),
+            lambda: (F.linear(x, w), g.mm(w), g.t().mm(x)),
+        )
+        # decoding: 32 rows at a time against a packed weight
+        xd, wd = _fixed(32, 512), _fixed(1536, 512)
+        pw = _pack(wd, 32)
+        packed, r_packed = _faster(lambda: _onednn_linear(xd, pw), lambda: F.linear(xd, wd))
+        packed_bf16, r_bf16 = False, float("nan")
+        if bf16:
+            xb, wb = xd.bfloat16(), wd.bfloat16()
+            pb = _pack(wb, 32)
+            packed_bf16, r_bf16 = _faster(lambda: _onednn_linear(xb, pb), lambda: F.linear(xb, wb))
+    why = (f"timed against F.linear: training products {r_train:.2f}x the time, packed decoding {r_packed:.2f}x, "
+           + (f"packed bf16 {r_bf16:.2f}x" if bf16 else "bf16 packing unsupported on this CPU")
+           + f"; used where below {_MARGIN}x")
+    return CpuPaths(train, packed, packed_bf16, why)
+
+
+_paths: Optional[CpuPaths] = None
+
+
+def cpu_paths() -> CpuPaths:
+    """This process's CPU fast paths, decided on first use (about 0.1 s) and then fixed."""
+    global _paths
+    if _paths is None:
+        _paths = _decide()
+        log.debug("CPU fast paths: %s", _paths.describe())
+    return _paths
+
+
+def set_cpu_paths(paths: Optional[CpuPaths]) -> None:
+    """Fix the CPU fast paths by hand (tests; None decides again on next use)."""
+    global _paths
+    _paths = paths

@@ -1,0 +1,39 @@
+"""Helpers the tests import (fixtures live in conftest.py)."""
+
+import torch
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7
+
+
+def fp32_atol(reference: torch.Tensor, depth: int) -> float:
+    """Absolute tolerance for two fp32 evaluations of one function that differ only in the order of their sums
+    (another kernel; padding, batching or a cache that changes how a product is blocked; another BLAS on
+    another CPU). A sum of K terms carries about sqrt(K) units of rounding (eps) relative to the values summed,
+    so with K <= 64, as in the tests' models, each of `depth` chained reductions (a matrix product, a softmax, a
+    LayerNorm) may add 8 eps times the largest value. A real bug (a pad attended to, a position shifted) moves
+    values by orders of magnitude more."""
+    return 8 * depth * FP32_EPS * max(1.0, float(reference.detach().abs().max()))
+
+
+def model_depth(cfg) -> int:
+    """Chained reductions from input to logits: attention (2 products, a softmax), the feed-forward's two
+    products and a LayerNorm per sublayer, about 4 per sublayer, plus the output layer."""
+    sublayers = 2 * cfg.n_encoder_layers + 3 * cfg.n_decoder_layers
+    return 4 * sublayers + 1
+
+
+def tiny_run_config(**train_kw):
+    """A small built-in-task recipe that trains in seconds."""
+    from transformer import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    # fp32: the tests' expectations do not depend on whether this CPU has native bf16
+    train = dict(max_tokens=1024, lr=3e-3, warmup_steps=50, schedule="cosine", max_steps=400, eval_every=400,
+                 label_smoothing=0.0, eval_bleu_sentences=100, log_every=50, precision="fp32")
+    train.update(train_kw)
+    return RunConfig(
+        model=ModelConfig(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=128, dropout=0.0,
+                          tie_embeddings="all"),
+        data=DataConfig(task="synthetic", synthetic_task="reverse", synthetic_max_len=8, synthetic_train_size=5000,
+                        synthetic_val_size=100),
+        train=TrainConfig(**train),
+    )

@@ -1,0 +1,88 @@
+"""transformer.backend: device and precision choices, and CPU fast paths that fall back instead of crashing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transformer import TransformerError, backend
+
+
+def test_device_choices():
+    assert backend.resolve_device("cpu") == torch.device("cpu")
+    assert backend.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu0", "cuda:x"):
+        with pytest.raises(TransformerError, match="expected auto, cpu, cuda or cuda:N"):
+            backend.resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_a_missing_gpu_says_why():
+    with pytest.raises(TransformerError, match="no CUDA GPU is visible.*use --device cpu"):
+        backend.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr(backend, "native_bf16_cpu", lambda: native)
+    p = backend.resolve_precision("auto", torch.device("cpu"))
+    assert p.dtype == expected and p.reason.startswith("auto:")
+    assert backend.resolve_precision("fp32", torch.device("cpu")).dtype == torch.float32
+
+
+def test_asking_for_emulated_bf16_warns(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "native_bf16_cpu", lambda: False)
+    with caplog.at_level("WARNING", logger="transformer"):
+        p = backend.resolve_precision("bf16", torch.device("cpu"))
+    assert p.bf16 and "emulated" in caplog.text
+
+
+def test_a_failing_op_turns_its_path_off(monkeypatch):
+    # what an AVX2 CPU does when asked to pack bf16 weights (torch 2.13): the op raises
+    real = backend._pack
+
+    def pack(w, rows):
+        if w.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+        return real(w, rows)
+
+    monkeypatch.setattr(backend, "_pack", pack)
+    assert not backend._works(torch.bfloat16)
+    monkeypatch.setenv("TRANSFORMER_ONEDNN", "1")
+    assert not backend._decide().packed_bf16
+
+
+def test_environment_switches(monkeypatch):
+    monkeypatch.setenv("TRANSFORMER_ONEDNN", "0")
+    assert backend._decide() == backend.CpuPaths(why="TRANSFORMER_ONEDNN=0")
+    monkeypatch.setenv("TRANSFORMER_ONEDNN", "1")
+    forced = backend._decide()
+    assert forced.train == forced.packed == backend._works(torch.float32)
+
+
+@pytest.mark.skipif(not backend._works(torch.float32), reason="no oneDNN linear in this torch build or CPU")
+def test_decoding_under_bf16_on_a_cpu_limited_to_avx2():
+    """oneDNN limited to AVX2 (as on a CPU without AVX-512) refuses bf16 packing: the probe must see that, and
+    bf16 decoding must still work, through plain F.linear."""
+    code = (
+        "import torch; from transformer import backend, ModelConfig, Transformer; "
+        "from transformer.generate import greedy; "
+        "p = backend.cpu_paths(); assert not p.packed_bf16, p; "
+        "m = Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=32, n_heads=2, "
+        "n_encoder_layers=1, n_decoder_layers=1, d_ff=32)).eval(); "
+        "src = torch.randint(4, 20, (3, 5)); "
+        "ctx = torch.autocast('cpu', dtype=torch.bfloat16); ctx.__enter__(); out = greedy(m, src, max_len_b=4); "
+        "print(len(out))"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "TRANSFORMER_ONEDNN": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+
+
+def test_the_machine_is_described():
+    text = backend.cpu_description()
+    assert "bf16" in text
+    paths = backend.cpu_paths()
+    assert paths.describe().startswith("oneDNN for ")
