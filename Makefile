@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@# torch first and explicitly, so a CPU machine never pulls a multi-GB CUDA build as a dependency
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	@# dev: the test tools and the peers the tests compare against (Hugging Face transformers)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -26,5 +27,4 @@ clean:
 	rm -rf $(VENV) demo-run .pytest_cache
 
 bench: setup
-	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench

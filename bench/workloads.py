@@ -1,21 +1,36 @@
 """The contenders and workloads. Every contender gets the same settings where libraries differ by default:
-dropout 0.1 on residuals, inside the feed-forward AND on attention weights (nn.Transformer cannot separate
-them), ReLU, post-norm,
-embeddings scaled by sqrt(d_model) and tied across encoder input, decoder input and output, sinusoidal
-positions, label smoothing 0.1, AdamW (torch's fused implementation, the fastest on CPU, for every contender)."""
+ReLU, post-norm, embeddings scaled by sqrt(d_model) (with dropout after adding the positions) and tied across
+encoder input, decoder input and output, sinusoidal positions, label smoothing 0.1, AdamW (torch's fused
+implementation, the fastest on CPU, for every contender). Dropout comes in two settings:
+
+- "all 0.1": 0.1 on residuals, inside the feed-forward and on attention weights (nn.Transformer cannot
+  separate them). Attention dropout sends the peers to PyTorch's unfused attention on the CPU.
+- "Marian defaults": 0.1 on residuals only, none on attention weights or inside the feed-forward (ours and
+  Marian; nn.Transformer cannot express it).
+
+nn.Transformer always ends each stack with a LayerNorm (two more than ours and Marian's post-norm stacks).
+
+Every contender returns the work it did (target tokens of a training step, tokens written by decoding), so
+the harness can check that all did the same. Decoding uses random weights with `</s>` suppressed the same way
+for every contender (its logit set to -1e9 by a hook on the output layer), so each writes exactly the same
+number of tokens.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import platform
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer import ModelConfig, Transformer, TransformerLM
+from transformer import ModelConfig, Transformer, TransformerLM, backend
 from transformer.data import BOS, EOS, PAD
 from transformer.generate import beam_search, greedy
 
@@ -34,6 +49,9 @@ SMALL = Size("small", 256, 4, 3, 1024)
 BASE = Size("base", 512, 8, 6, 2048)
 TINY = Size("tiny", 32, 2, 1, 64, vocab=200)  # the smoke run
 
+ALL = "all 0.1"
+MARIAN = "Marian defaults"
+
 
 def have_hf() -> bool:
     try:
@@ -43,20 +61,26 @@ def have_hf() -> bool:
     return True
 
 
+def _dropouts(setting: str) -> tuple[float, float, float]:
+    """(residual, attention, inside the feed-forward) dropout of a setting."""
+    return (0.1, 0.1, 0.1) if setting == ALL else (0.1, 0.0, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
 
-def ours(size: Size, dropout: float = 0.1) -> Transformer:
+def ours(size: Size, dropouts: str = ALL) -> Transformer:
+    residual, attention, ffn = _dropouts(dropouts)
     return Transformer(ModelConfig(
         src_vocab_size=size.vocab, tgt_vocab_size=size.vocab, d_model=size.d_model, n_heads=size.heads,
-        n_encoder_layers=size.layers, n_decoder_layers=size.layers, d_ff=size.d_ff, dropout=dropout,
-        attention_dropout=dropout, tie_embeddings="all"))
+        n_encoder_layers=size.layers, n_decoder_layers=size.layers, d_ff=size.d_ff, dropout=residual,
+        attention_dropout=attention, activation_dropout=ffn, tie_embeddings="all"))
 
 
 class TorchTransformerModel(nn.Module):
     """torch.nn.Transformer with what a user adds around it: tied scaled embeddings, sinusoidal positions,
-    an output layer, causal + padding masks."""
+    dropout after them, an output layer, causal + padding masks."""
 
     def __init__(self, size: Size, dropout: float = 0.1) -> None:
         super().__init__()
@@ -65,6 +89,7 @@ class TorchTransformerModel(nn.Module):
                                    batch_first=True)
         self.out = nn.Linear(size.d_model, size.vocab, bias=False)
         self.out.weight = self.embed.weight
+        self.drop = nn.Dropout(dropout)
         pos = torch.arange(1024)[:, None] * torch.exp(torch.arange(0, size.d_model, 2) * (-math.log(1e4) / size.d_model))
         pe = torch.zeros(1024, size.d_model)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
@@ -72,7 +97,7 @@ class TorchTransformerModel(nn.Module):
         self.scale = math.sqrt(size.d_model)
 
     def _in(self, ids):
-        return self.embed(ids) * self.scale + self.pe[: ids.size(1)]
+        return self.drop(self.embed(ids) * self.scale + self.pe[: ids.size(1)])
 
     def loss(self, src, tgt_in, tgt_out, label_smoothing):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.size(1), dtype=torch.bool)
@@ -83,18 +108,18 @@ class TorchTransformerModel(nn.Module):
                                label_smoothing=label_smoothing)
 
 
-def marian(size: Size, dropout: float = 0.1):
+def marian(size: Size, dropouts: str = ALL):
     from transformers import MarianConfig, MarianMTModel
 
+    residual, attention, ffn = _dropouts(dropouts)
     cfg = MarianConfig(
         vocab_size=size.vocab, d_model=size.d_model, encoder_layers=size.layers, decoder_layers=size.layers,
         encoder_attention_heads=size.heads, decoder_attention_heads=size.heads, encoder_ffn_dim=size.d_ff,
-        decoder_ffn_dim=size.d_ff, dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
+        decoder_ffn_dim=size.d_ff, dropout=residual, attention_dropout=attention, activation_dropout=ffn,
         activation_function="relu", scale_embedding=True, pad_token_id=PAD, eos_token_id=EOS,
         decoder_start_token_id=BOS, forced_eos_token_id=None, bos_token_id=BOS, max_position_embeddings=1024,
         share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
-    model = MarianMTModel(cfg)
-    return model
+    return MarianMTModel(cfg)
 
 
 def marian_loss(model, src, tgt_in, tgt_out, label_smoothing):
@@ -104,7 +129,7 @@ def marian_loss(model, src, tgt_in, tgt_out, label_smoothing):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Workloads: each returns {contender: zero-argument callable}
+# Workloads: each returns {contender: zero-argument callable returning the work done}
 
 
 def _batch(size: Size, batch: int = 32, length: int = 32, seed: int = 0):
@@ -115,50 +140,54 @@ def _batch(size: Size, batch: int = 32, length: int = 32, seed: int = 0):
     return src, tgt_in, tgt
 
 
-def _train_step(model, loss_fn, bf16: bool) -> Callable[[], None]:
+def _train_step(model, loss_fn, bf16: bool, tokens: int) -> Callable[[], int]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), fused=True)
     model.train()
 
-    def step():
+    def step() -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return tokens
 
     return step
 
 
 def train_contenders(size: Size, bf16: bool, with_hf: bool, batch: int = 32, length: int = 32,
-                     with_ours_fp32: bool = False) -> dict:
+                     with_ours_fp32: bool = False, dropouts: str = ALL) -> dict:
     """Training steps of each contender; `with_ours_fp32` adds our own fp32 step to a bf16 comparison."""
     torch.manual_seed(0)
     src, tgt_in, tgt_out = _batch(size, batch, length)
-    m = ours(size)
-    t = TorchTransformerModel(size)
-    out = {
-        "ours": _train_step(m, lambda: m.loss(src, tgt_in, tgt_out, 0.1), bf16),
-        "nn.Transformer": _train_step(t, lambda: t.loss(src, tgt_in, tgt_out, 0.1), bf16),
-    }
+    n = tgt_out.numel()
+    m = ours(size, dropouts)
+    out = {"ours": _train_step(m, lambda: m.loss(src, tgt_in, tgt_out, 0.1), bf16, n)}
+    if dropouts == ALL:
+        t = TorchTransformerModel(size)
+        out["nn.Transformer"] = _train_step(t, lambda: t.loss(src, tgt_in, tgt_out, 0.1), bf16, n)
     if with_ours_fp32:
-        m32 = ours(size)
-        out["ours fp32"] = _train_step(m32, lambda: m32.loss(src, tgt_in, tgt_out, 0.1), False)
+        m32 = ours(size, dropouts)
+        out["ours fp32"] = _train_step(m32, lambda: m32.loss(src, tgt_in, tgt_out, 0.1), False, n)
     if with_hf:
-        h = marian(size)
-        out["HF Marian"] = _train_step(h, lambda: marian_loss(h, src, tgt_in, tgt_out, 0.1), bf16)
+        h = marian(size, dropouts)
+        out["HF Marian"] = _train_step(h, lambda: marian_loss(h, src, tgt_in, tgt_out, 0.1), bf16, n)
     return out
 
 
-def _no_eos(model: Transformer) -> Transformer:
-    # random weights: make </s> never the argmax, so every contender decodes exactly the same number of tokens
-    with torch.no_grad():
-        model.output.weight[EOS].zero_()
-        model.output.weight[EOS, 0] = -1e4
-    return model.eval()
+def suppress_eos(output_layer: nn.Module) -> None:
+    """Make `</s>` (practically) impossible for a model with random weights: its logit becomes -1e9 (finite,
+    so that a beam search can still be made to end on it)."""
+
+    def hook(module, inputs, logits):
+        logits[..., EOS] = -1e9
+        return logits
+
+    output_layer.register_forward_hook(hook)
 
 
-def _under_autocast(fn: Callable[[], object]) -> Callable[[], object]:
-    def run():
+def _under_autocast(fn: Callable[[], int]) -> Callable[[], int]:
+    def run() -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return fn()
 
@@ -167,24 +196,30 @@ def _under_autocast(fn: Callable[[], object]) -> Callable[[], object]:
 
 def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_hf: bool, naive: bool,
                       bf16: bool = False) -> dict:
-    """Decoding of each contender; `bf16` runs every one under bf16 autocast (our `translate --bf16`)."""
+    """Decoding of each contender; `bf16` runs every one under bf16 autocast (our `translate --bf16`). Each
+    returns the number of tokens it wrote (without <s>/</s>)."""
     torch.manual_seed(0)
     src, _, _ = _batch(size, batch, 24)
-    m = _no_eos(ours(size))
-    out: dict[str, Callable] = {}
+    m = ours(size).eval()
+    suppress_eos(m.output)
+    out: dict[str, Callable[[], int]] = {}
     if beam == 1:
-        out["ours"] = lambda: greedy(m, src, max_len_a=0, max_len_b=new_tokens)
+        out["ours"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens)))
         if naive:
-            out["naive recompute"] = lambda: greedy(m, src, max_len_a=0, max_len_b=new_tokens, use_cache=False)
+            out["naive recompute"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens,
+                                                                 use_cache=False)))
     else:
-        out["ours"] = lambda: beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)
+        out["ours"] = lambda: sum(map(len, beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)))
     if with_hf:
         h = marian(size).eval()
+        suppress_eos(h.lm_head)
 
-        def hf():
+        def hf() -> int:
             with torch.no_grad():
-                h.generate(input_ids=src, attention_mask=src != PAD, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, num_beams=beam, do_sample=False, early_stopping=False)
+                seqs = h.generate(input_ids=src, attention_mask=src != PAD, max_new_tokens=new_tokens,
+                                  num_beams=beam, do_sample=False, early_stopping=False)
+            written = seqs[:, 1:]  # after the decoder start token
+            return int((written != PAD).sum() - (written == EOS).sum())
 
         out["HF generate"] = hf
     return {name: _under_autocast(fn) for name, fn in out.items()} if bf16 else out
@@ -192,6 +227,8 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
 
 def lm_contenders(with_hf: bool, vocab: int = 69, layers: int = 4, heads: int = 4, d: int = 128, block: int = 64,
                   batch: int = 12) -> dict:
+    """A language-model training step (the shakespeare-char shape): ours against GPT-2 with the same erf GELU
+    ("HF GPT-2"), and GPT-2 at its own default activation, gelu_new, a tanh formula ("HF GPT-2 gelu_new")."""
     torch.manual_seed(0)
     x = torch.randint(4, vocab, (batch, block))
     y = torch.randint(4, vocab, (batch, block))
@@ -199,49 +236,102 @@ def lm_contenders(with_hf: bool, vocab: int = 69, layers: int = 4, heads: int = 
                                   d_ff=4 * d, dropout=0.0, activation="gelu", norm_first=True,
                                   positional="learned", max_positions=block, tie_embeddings="decoder",
                                   arch="decoder-only"))
-    out = {"ours": _train_step(m, lambda: m.loss(x, y), False)}
+    out = {"ours": _train_step(m, lambda: m.loss(x, y), False, y.numel())}
     if with_hf:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        h = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=block, n_embd=d, n_layer=layers, n_head=heads,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        for name, activation in (("HF GPT-2", "gelu"), ("HF GPT-2 gelu_new", "gelu_new")):
+            h = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=block, n_embd=d, n_layer=layers,
+                                           n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           activation_function=activation))
 
-        def hf_loss():
-            logits = h(input_ids=x).logits
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            def hf_loss(h=h):
+                logits = h(input_ids=x).logits
+                return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-        out["HF GPT-2"] = _train_step(h, hf_loss, False)
+            out[name] = _train_step(h, hf_loss, False, y.numel())
     return out
 
 
-def matmul_peak(bf16: bool, n: int = 1024, repeat: int = 10) -> float:
-    """FLOP/s of a square matrix product: the measured peak that utilisation is reported against. The best of
-    torch's default product and oneDNN's (which our fp32 `Linear` uses), so the peak is never the slower one."""
-    import time
+# ----------------------------------------------------------------------------------------------------------
+# Utilisation and memory
 
-    from transformer import backend, linear
+
+def step_product_shapes(size: Size, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the forward matrix products of one training step of our model on `tokens` tokens per side:
+    the shapes a utilisation peak should be measured at."""
+    d, f, v = size.d_model, size.d_ff, size.vocab
+    per_layer = [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, f), (tokens, f, d)]  # qkv, out, feed-forward
+    cross = [(tokens, d, d), (tokens, d, 2 * d), (tokens, d, d)]  # q, kv, out
+    return per_layer * size.layers + (per_layer + cross) * size.layers + [(tokens, d, v)]
+
+
+def product_peak(shapes: list[tuple[int, int, int]], bf16: bool) -> Callable[[], float]:
+    """A contender that runs every distinct product shape of `shapes` once with torch's default product and
+    once with oneDNN's (where it works here), and returns the best FLOP/s over the set: the achievable rate at
+    the step's own shapes, each shape with its faster library."""
+    from transformer.linear import _onednn
 
     dt = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-    products = [lambda: a @ b]
-    if backend._works(dt):
-        products.append(lambda: linear._onednn(a, b, None))
-    best = 0.0
-    for product in products:
-        for _ in range(3):
-            product()
-        t = time.perf_counter()
-        for _ in range(repeat):
-            product()
-        best = max(best, 2 * n**3 * repeat / (time.perf_counter() - t))
-    return best
+    g = torch.Generator().manual_seed(0)
+    distinct = sorted(set(shapes))
+    mats = {s: (torch.randn(s[0], s[1], generator=g).to(dt), torch.randn(s[2], s[1], generator=g).to(dt))
+            for s in distinct}
+    libraries = [F.linear] + ([lambda a, w: _onednn(a, w, None)] if backend._works(dt) else [])
+    count = {s: shapes.count(s) for s in distinct}
+
+    def run() -> float:
+        seconds = 0.0
+        for s in distinct:
+            a, w = mats[s]
+            best = math.inf
+            for product in libraries:
+                product(a, w)
+                t = time.perf_counter()
+                product(a, w)
+                best = min(best, time.perf_counter() - t)
+            seconds += best * count[s]
+        return sum(2 * m * k * n for m, k, n in shapes) / seconds
+
+    return run
+
+
+def nominal_peak(bf16: bool) -> tuple[Optional[float], str]:
+    """The hardware's nominal peak FLOP/s for our threads, cores x clock x FLOPs per cycle, and how it was
+    reckoned; None where it cannot be reckoned from what the CPU reports."""
+    flags = backend.cpu_flags()
+    clock = _max_clock_hz()
+    if clock is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, "clock or vector width unknown"
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 lanes per vector
+    per_cycle, kind = lanes * 2 * 2, "fp32: lanes x 2 FLOPs per FMA x 2 FMA units, assumed"
+    if bf16:
+        if "amx_bf16" in flags:
+            return None, "AMX's bf16 rate is not a multiple of the vector units'"
+        if "avx512_bf16" not in flags:
+            return None, "no native bf16"
+        per_cycle, kind = per_cycle * 2, "AVX512-BF16: twice fp32's, 2 FMA units assumed"
+    cores = torch.get_num_threads()
+    return cores * clock * per_cycle, f"{cores} cores x {clock / 1e9:.2f} GHz x {per_cycle} FLOP/cycle ({kind})"
+
+
+def _max_clock_hz() -> Optional[float]:
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.split(":")[1]) * 1e6
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def step_flops(size: Size, bf16: bool, batch: int = 32, length: int = 32) -> int:
     """Matrix-product FLOPs of one forward + backward of our model (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from transformer import backend
 
     m = ours(size)
     src, tgt_in, tgt_out = _batch(size, batch, length)
@@ -256,7 +346,7 @@ def step_flops(size: Size, bf16: bool, batch: int = 32, length: int = 32) -> int
     return counter.get_total_flops()
 
 
-def peak_memory(step: Callable[[], None]) -> int:
+def peak_memory(step: Callable[[], object]) -> int:
     """Peak bytes allocated by the CPU allocator during one call, from the profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -79,19 +79,47 @@ def test_corrupt_files_name_the_file(tmp_path):
         load_checkpoint(path)
 
 
+def _rewrite_weights(path, weights):
+    """Replace a checkpoint's weights and record their checksum, as a writer of wrong weights would."""
+    from safetensors.torch import save_file
+
+    from transformer.checkpoint import file_sha256
+
+    save_file(weights, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "weights_sha256": file_sha256(path / "model.safetensors")}))
+
+
 def test_missing_tensor_and_shape_mismatch(tmp_path):
+    from safetensors.torch import load_file
+
+    path, _ = save(tmp_path)
+    weights = load_file(str(path / "model.safetensors"))
+    name = "decoder.layers.0.ff.linear1.weight"
+    _rewrite_weights(path, {k: v for k, v in weights.items() if k != name})
+    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
+        load_checkpoint(path)
+    weights[name] = torch.zeros(3, 3)
+    _rewrite_weights(path, weights)
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(3, 3\)"):
+        load_checkpoint(path)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    """A weights file changed after saving, still a valid file of the right tensors, is caught by its checksum."""
     from safetensors.torch import load_file, save_file
 
     path, _ = save(tmp_path)
     weights = load_file(str(path / "model.safetensors"))
     name = "decoder.layers.0.ff.linear1.weight"
-    save_file({k: v for k, v in weights.items() if k != name}, str(path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
-        load_checkpoint(path)
-    weights[name] = torch.zeros(3, 3)
+    weights[name][0, 0] += 1.0
     save_file(weights, str(path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \(3, 3\)"):
+    with pytest.raises(CheckpointError, match="model.safetensors: the file differs from the one saved"):
         load_checkpoint(path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["weights_sha256"]  # a checkpoint from before checksums: loads as before
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(path).model.state_dict()[name][0, 0] == weights[name][0, 0]
 
 
 def test_task_mismatch(tmp_path):

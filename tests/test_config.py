@@ -64,5 +64,19 @@ def test_missing_config_file(tmp_path):
 def test_ready_made_recipes_load():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        load_run_config(path)
+    recipes = {p.stem: load_run_config(p) for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))}
+    assert {"multi30k-en-de", "shakespeare-char"} <= set(recipes)
+    m30k, lm = recipes["multi30k-en-de"], recipes["shakespeare-char"]
+    assert m30k.data.task == "translation" and m30k.train.precision == "auto" and m30k.train.average_last == 3
+    assert lm.model.arch == "decoder-only" and lm.data.task == "lm"
+    # the Multi30k recipe's fp32 variant (CPUs without native bf16) replaces exactly what it names
+    fp32, bf16 = m30k.for_precision("fp32"), m30k.for_precision("bf16")
+    assert fp32.train.max_tokens == 2048 and fp32.train.warmup_steps == 300 and fp32.model.dropout == 0.2
+    assert bf16.train.max_tokens == 4096 and bf16.train.warmup_steps == 800 and bf16.model.dropout == 0.3
+    assert fp32.train.precision == "fp32" and bf16.train.precision == "bf16" and fp32.fp32_variant is None
+    assert fp32.model.attention_dropout == bf16.model.attention_dropout == 0.1
+
+
+def test_a_bad_variant_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"fp32_variant: .*unknown key 'train.warmup'"):
+        load_run_config(write(tmp_path, "fp32_variant:\n  train: {warmup: 3}\n"))

@@ -103,3 +103,38 @@ def test_synthetic_task_is_deterministic_and_held_out_is_unseen(name):
     assert len({len(s) for s, _ in train}) == 10  # variable lengths
     for s, t in val:
         assert t == {"reverse": s[::-1], "sort": "".join(sorted(s)), "copy": s}[name]
+
+
+def test_lines_end_at_newline_only(tmp_path):
+    """Bug: str.splitlines() also splits at U+2028 (and U+0085, form feeds, ...), which silently shifted one
+    side of a line-aligned pair of files against the other."""
+    (tmp_path / "src.txt").write_text("one\u2028uno\ntwo\n", encoding="utf-8")
+    (tmp_path / "tgt.txt").write_text("eins\nzwei\u2028zwo\n", encoding="utf-8")
+    src, tgt = read_parallel(str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt"), None, "train")
+    assert list(zip(src, tgt)) == [("one\u2028uno", "eins"), ("two", "zwei\u2028zwo")]
+    # as `wc -l` counts: the final newline starts no line, a missing one loses none, blank lines stay
+    for text, lines in [("a\nb\n", ["a", "b"]), ("a\nb", ["a", "b"]), ("a\n\nb\r\n", ["a", "", "b"]),
+                        ("x\x0cy\x1cz\x85w\n", ["x\x0cy\x1cz\x85w"])]:
+        (tmp_path / "f.txt").write_text(text, encoding="utf-8", newline="")
+        assert read_lines(tmp_path / "f.txt") == lines
+
+
+def test_collate_pads_with_the_models_pad_id():
+    # pad_id 3: the real token 0 is a target like any other, and counted
+    b = collate([([5, 0], [0, 9]), ([5], [8, 9, 10])], pad_id=3)
+    assert b.src.tolist() == [[5, 0], [5, 3]]
+    assert b.tgt_out.tolist() == [[0, 9, EOS, 3], [8, 9, 10, EOS]]
+    assert b.n_tokens == 7
+
+
+def test_language_model_windows_reach_the_end_of_the_text():
+    """Bug: the last window of the text was never drawn, and a text one token longer than a block failed."""
+    import torch
+
+    from transformer.data import lm_blocks
+
+    data = torch.arange(10)
+    b = lm_blocks(data, 9, 4, torch.Generator().manual_seed(0))  # exactly one window fits
+    assert b.x.tolist() == [list(range(9))] * 4 and b.y.tolist() == [list(range(1, 10))] * 4 and b.n_tokens == 36
+    starts = {int(x[0]) for x in lm_blocks(torch.arange(12), 8, 400, torch.Generator().manual_seed(0)).x}
+    assert starts == {0, 1, 2, 3}  # 3: the window ending at the last token

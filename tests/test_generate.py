@@ -47,12 +47,25 @@ def test_beam_search_batch_equals_one_by_one(trained):
     assert sum(t == w[::-1] for t, w in zip(texts, WORDS)) >= 5
 
 
-def test_beam_search_respects_max_length(trained):
+def no_eos(model):
+    """The model with </s> made impossible (its logit -1e9): decoding runs to the length limit exactly."""
+    import copy
+
+    from transformer.data import EOS
+
+    model = copy.deepcopy(model)
+    model.output.register_forward_hook(lambda m, i, logits: logits.index_fill_(-1, torch.tensor([EOS]), -1e9))
+    return model
+
+
+def test_decoding_stops_exactly_at_the_length_limit(trained):
     src = encode(trained, WORDS)
-    for a, b in [(0.0, 3), (0.5, 0), (1.0, 1)]:
+    model = no_eos(trained.model)
+    for a, b in [(0.0, 3), (0.5, 0), (1.0, 1), (1.5, 10)]:
         limits = [int(len(w) * a) + b for w in WORDS]
-        for out in (beam_search(trained.model, src, 3, max_len_a=a, max_len_b=b), greedy(trained.model, src, a, b)):
-            assert all(len(o) <= n for o, n in zip(out, limits))
+        for out in (beam_search(model, src, 3, max_len_a=a, max_len_b=b), greedy(model, src, a, b),
+                    greedy(model, src, a, b, use_cache=False)):
+            assert [len(o) for o in out] == limits
 
 
 def test_invalid_decoding_arguments(trained):
@@ -122,7 +135,70 @@ def test_prompt_longer_than_learned_positions_is_cropped():
     long_prompt = torch.randint(4, 20, (1, 20))
     out = torch.cat(list(sample(model, long_prompt, 30, temperature=0)))  # also runs past the table's end
     assert out.shape == (30,)
-    cropped = torch.cat(list(sample(model, long_prompt[:, -8:], 30, temperature=0)))
-    assert torch.equal(out, cropped)
-    # the first new token sees exactly the last 8 prompt tokens
-    assert int(out[0]) == int(model(long_prompt[:, -8:])[0, -1].argmax())
+    # each token is the argmax of a full recompute (no cache) over the window the model sees: the last 8 tokens
+    # of the prompt; then, whenever the 8 positions are full, the last 6 tokens and what follows them
+    ids = long_prompt[0].tolist()
+    window, cached = ids[-8:], 8
+    with torch.no_grad():
+        for tok in out.tolist():
+            assert tok == int(model(torch.tensor([window]))[0, -1].argmax())
+            ids.append(tok)
+            window, cached = (ids[-6:], 6) if cached >= 8 else (window + [tok], cached + 1)
+
+
+def test_streamed_text_keeps_the_space_after_the_prompt():
+    """Bug: `generate` decoded the new tokens alone, and a Metaspace (BPE) tokenizer's word-initial token
+    lost its space: prompt "ROMEO:" printed "ROMEO:the king"."""
+    from transformer.data import BPETokenizer
+    from transformer.generate import TextStream
+
+    tok = BPETokenizer.train(["ROMEO: the king is here", "JULIET: the king is there"] * 50, vocab_size=60)
+    full = tok.encode("ROMEO: the king")
+    prompt = tok.encode("ROMEO:")
+    assert full[: len(prompt)] == prompt
+    stream = TextStream(tok, prompt)
+    assert "ROMEO:" + "".join(stream.push(t) for t in full[len(prompt):]) == "ROMEO: the king"
+
+
+def test_streamed_text_waits_for_whole_characters():
+    from transformer.data import BPETokenizer
+    from transformer.generate import TextStream
+
+    tok = BPETokenizer.train_bytes(["abc"] * 10, vocab_size=260)  # "é" and "✓" stay split into their bytes
+    ids = tok.encode("é ✓")
+    assert len(ids) == 6
+    stream = TextStream(tok, [])
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) == "é ✓" and not any("\ufffd" in p for p in pieces)
+    assert pieces[0] == "" and pieces[1] == "é"  # the first byte alone is not a character yet
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_beam_search_finds_the_best_sequence_when_the_beam_holds_them_all(length_penalty):
+    """On a 6-token vocabulary and 3 tokens at most, a beam of 125 keeps every hypothesis: beam search must
+    return the sequence a brute-force search over all 156 finds (score = log-probability including </s>,
+    divided by length ** length_penalty, the length counting </s>), and a narrow beam can only do worse."""
+    import itertools
+
+    from transformer.data import EOS
+
+    torch.manual_seed(int(length_penalty * 10))
+    model = Transformer(ModelConfig(src_vocab_size=6, tgt_vocab_size=6, d_model=16, n_heads=2, n_encoder_layers=1,
+                                    n_decoder_layers=1, d_ff=16, dropout=0.0)).eval()
+    src = torch.tensor([[4, 5, 4], [5, 5, 0]])
+    tokens = [t for t in range(6) if t != EOS]
+
+    def score(i, seq):
+        with torch.no_grad():
+            logp = model(src[i : i + 1], torch.tensor([[1, *seq]])).log_softmax(-1)[0]
+        picked = [logp[j, t] for j, t in enumerate([*seq, EOS])]
+        return float(sum(picked)) / (len(seq) + 1) ** length_penalty
+
+    limits = [len([t for t in row if t != 0]) for row in src.tolist()]  # max_len_a=1, max_len_b=0 below
+    for i, limit in enumerate(limits):
+        candidates = [list(s) for n in range(limit + 1) for s in itertools.product(tokens, repeat=n)]
+        best = max(candidates, key=lambda s: score(i, s))
+        found = beam_search(model, src, beam_size=5 ** limit, length_penalty=length_penalty, max_len_a=1, max_len_b=0)
+        assert found[i] == best
+        narrow = beam_search(model, src, beam_size=2, length_penalty=length_penalty, max_len_a=1, max_len_b=0)
+        assert score(i, narrow[i]) <= score(i, best) + 1e-6

@@ -49,8 +49,11 @@ def copy_to_torch_transformer(model: Transformer) -> nn.Transformer:
             theirs.norm1.load_state_dict(ours.self_attn_norm.state_dict())
             theirs.norm2.load_state_dict(ours.cross_attn_norm.state_dict())
             theirs.norm3.load_state_dict(ours.ff_norm.state_dict())
-        ref.encoder.norm.load_state_dict(model.encoder.norm.state_dict())
-        ref.decoder.norm.load_state_dict(model.decoder.norm.state_dict())
+        for ours, theirs in ((model.encoder, ref.encoder), (model.decoder, ref.decoder)):
+            if ours.norm is None:
+                theirs.norm = nn.Identity()
+            else:
+                theirs.norm.load_state_dict(ours.norm.state_dict())
     return ref.eval()
 
 
@@ -73,18 +76,21 @@ def batch(seed=0):
     return src, tgt
 
 
+@pytest.mark.parametrize("final_norm", [True, None])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_equals_torch_transformer(norm_first, activation):
+def test_equals_torch_transformer(norm_first, activation, final_norm):
+    """final_norm None is the default: a final LayerNorm only with pre-norm (so post-norm has none, as the
+    paper and the benchmarks' model). nn.Transformer always has one; it is replaced by identity there."""
     torch.manual_seed(0)
-    model = Transformer(small_config(norm_first=norm_first, activation=activation, final_norm=True)).eval()
+    model = Transformer(small_config(norm_first=norm_first, activation=activation, final_norm=final_norm)).eval()
     randomize_norms_and_biases(model)
     ref = copy_to_torch_transformer(model)
     src, tgt = batch()
     with torch.no_grad():
         ours = model(src, tgt)
-        src_x = model.encoder.pos(model.encoder.embed(src))
-        tgt_x = model.decoder.pos(model.decoder.embed(tgt))
+        src_x = model.encoder.positions(model.encoder.embed(src))
+        tgt_x = model.decoder.positions(model.decoder.embed(tgt))
         causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
         hidden = ref(src_x, tgt_x, tgt_mask=causal, src_key_padding_mask=src == PAD,
                      tgt_key_padding_mask=tgt == PAD, memory_key_padding_mask=src == PAD, tgt_is_causal=True)
@@ -226,8 +232,40 @@ def test_invalid_config_names_field_and_value(kw, field):
 
 
 def test_long_input_with_sinusoidal_positions():
+    """Positions past the table's first size (64) follow the formula, and the grown table changes nothing."""
+    import math
+
     model = Transformer(small_config()).eval()
     src = torch.randint(1, 23, (1, 3000))
+    tgt = torch.ones(1, 2, dtype=torch.long)
     with torch.no_grad():
-        out = model(src, torch.ones(1, 2, dtype=torch.long))
-    assert torch.isfinite(out).all()
+        out = model(src, tgt)
+        again = model(src, tgt)  # now with the grown table from the start
+    table = model.encoder.positions.table
+    assert table.size(0) >= 3000
+    d = model.config.d_model
+    for pos in (0, 63, 64, 2999):
+        for i in (0, 5):
+            angle = pos / 10000 ** (2 * i / d)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+
+
+def test_loss_on_padded_targets_equals_cross_entropy():
+    """Transformer.loss (the blockwise loss over non-pad targets) equals F.cross_entropy with ignore_index and
+    label smoothing over the whole padded batch, value and gradient."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Transformer(small_config()).train()
+    src, tgt = batch()
+    tgt_in = tgt.clone()
+    tgt_out = torch.roll(tgt, -1, dims=1)
+    tgt_out[tgt == PAD] = PAD
+    ours = model.loss(src, tgt_in, tgt_out, label_smoothing=0.1)
+    (g_ours,) = torch.autograd.grad(ours, model.output.weight)
+    ref = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=PAD, label_smoothing=0.1)
+    (g_ref,) = torch.autograd.grad(ref, model.output.weight)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transformer import ModelConfig, Transformer
-from transformer.data import BPETokenizer, CharTokenizer, pad_batch
+from transformer.data import EOS, BPETokenizer, CharTokenizer, pad_batch
 from transformer.generate import beam_search, greedy
 
 from helpers import fp32_atol, model_depth
@@ -83,11 +83,13 @@ def test_batching_and_padding_change_nothing(shapes, extra_pad, seed):
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(1, 8), min_size=1, max_size=4), st.integers(1, 4),
        st.floats(0.0, 2.0), st.integers(0, 5), st.integers(0, 2**16))
-def test_decoding_never_exceeds_the_maximum_length(lengths, beam, a, b, seed):
+def test_decoding_stops_exactly_at_the_maximum_length(lengths, beam, a, b, seed):
+    """With </s> made impossible, every output is exactly as long as its limit allows: never longer, never
+    cut short (an off-by-one either way fails)."""
     g = torch.Generator().manual_seed(seed)
     model = small_model()
+    model.output.register_forward_hook(lambda m, i, logits: logits.index_fill_(-1, torch.tensor([EOS]), -1e9))
     src = pad_batch([torch.randint(4, 20, (n,), generator=g).tolist() for n in lengths])
     limits = [int(n * a) + b for n in lengths]
     for out in (beam_search(model, src, beam, max_len_a=a, max_len_b=b), greedy(model, src, a, b)):
-        assert len(out) == len(lengths)
-        assert all(len(o) <= n for o, n in zip(out, limits))
+        assert [len(o) for o in out] == limits

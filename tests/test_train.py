@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from transformer.checkpoint import load_checkpoint
+from transformer.checkpoint import average_checkpoints, load_checkpoint
 from transformer.config import TrainConfig
-from transformer.train import Trainer, average_checkpoints, learning_rate
+from transformer.train import Trainer, learning_rate
 
 from helpers import tiny_run_config
 
@@ -36,7 +36,7 @@ def test_resume_gives_the_same_parameters(tmp_path):
     first = Trainer(run_config(12), tmp_path / "split")
     first.train()
     resumed = Trainer(run_config(30), tmp_path / "split", resume=True)
-    assert resumed.pos.step == 12
+    assert resumed.position.step == 12
     resumed.train()
     a, b = params(whole.model), params(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -85,10 +85,78 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
 
 def test_training_ends_with_an_averaged_checkpoint(tmp_path):
-    run = tiny_run_config(max_steps=12, eval_every=4, eval_bleu_sentences=5, average_last=2)
+    # checkpoints at steps 3, 6, 9, 12; the last three asked for, but step 6 is before the last quarter (< 9)
+    run = tiny_run_config(max_steps=12, eval_every=3, eval_bleu_sentences=5, average_last=3)
     Trainer(run, tmp_path / "run").train()
     avg = load_checkpoint(tmp_path / "run" / "averaged")
-    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000008")
+    assert avg.meta["averaged_from"] == [str(tmp_path / "run" / "checkpoints" / f"step-{n:07d}") for n in (9, 12)]
+    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000009")
     b = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-0000012")
     for k, v in avg.model.state_dict().items():
         torch.testing.assert_close(v, (a.model.state_dict()[k] + b.model.state_dict()[k]) / 2)
+
+
+def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
+    """Bug: the epoch check came before the batch iterator rolled over, so one epoch trained one step too many."""
+    run = tiny_run_config(schedule="constant", max_steps=0, max_epochs=1, eval_every=1000, eval_bleu_sentences=5,
+                          max_tokens=4096)
+    trainer = Trainer(run, tmp_path / "run")
+    batches = trainer.task.num_batches(0)
+    trainer.train()
+    assert trainer.position.step == batches and trainer.position.epoch == 0
+    # with two micro-batches a step, the last step of an epoch may cross into the next one, and then it stops
+    run2 = tiny_run_config(schedule="constant", max_steps=0, max_epochs=1, eval_every=1000, eval_bleu_sentences=5,
+                           max_tokens=4096,
+                           accumulate=2)
+    trainer2 = Trainer(run2, tmp_path / "run2")
+    trainer2.train()
+    assert trainer2.position.step == (batches + 1) // 2
+
+
+def test_a_pad_id_other_than_zero_is_never_a_target(tmp_path):
+    """Bug: padding, target-token counting and decoding hard-coded id 0, so with model.pad_id 3 padding was
+    trained as a target and the real token 0 was masked."""
+    import torch.nn.functional as F
+
+    from transformer import ModelConfig, Transformer
+    from transformer.data import collate
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=16, n_heads=2,
+                                    n_encoder_layers=1, n_decoder_layers=1, d_ff=16, dropout=0.0, pad_id=3)).eval()
+    pairs = [([5, 0, 7], [0, 9]), ([6], [8, 0, 10, 11])]
+    b = collate(pairs, pad_id=3)
+    with torch.no_grad():
+        loss = model.loss(b.src, b.tgt_in, b.tgt_out)
+        # each sentence alone, unpadded: every one of its target tokens counts, token 0 included
+        total = sum(F.cross_entropy(model(b.src[i : i + 1, : len(s)], b.tgt_in[i : i + 1, : len(t) + 1])[0],
+                                    b.tgt_out[i, : len(t) + 1], reduction="sum") for i, (s, t) in enumerate(pairs))
+    assert b.n_tokens == 8  # 2 + 4 target tokens, each sentence's </s>
+    torch.testing.assert_close(loss, total / b.n_tokens)
+
+
+def test_bf16_training_learns_like_fp32(tmp_path):
+    """precision bf16 (autocast) trains: the loss falls, and a step's loss is fp32's within bf16 rounding."""
+
+    def run(precision):
+        trainer = Trainer(tiny_run_config(max_steps=60, eval_every=30, eval_bleu_sentences=10, precision=precision),
+                          tmp_path / precision)
+        record = trainer.train()
+        lines = [json.loads(l) for l in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        return trainer, record, lines
+
+    bf16, record, lines = run("bf16")
+    assert bf16.precision.bf16
+    assert lines[1]["val_loss"] < lines[0]["val_loss"] < 3.0  # a 30-token vocabulary starts at ln 30 = 3.4
+    _, _, fp32_lines = run("fp32")
+    # the first 30 steps' mean training loss: bf16 keeps ~3 significant digits per product
+    assert lines[0]["train_loss"] == pytest.approx(fp32_lines[0]["train_loss"], rel=0.03)
+
+
+def test_max_minutes_ends_training_on_time(tmp_path):
+    run = tiny_run_config(schedule="constant", max_steps=0, max_minutes=0.02, eval_every=10_000,
+                          eval_bleu_sentences=5)
+    trainer = Trainer(run, tmp_path / "run")
+    record = trainer.train()
+    assert trainer.position.step >= 1 and record["step"] == trainer.position.step
+    assert record["minutes"] >= 0.02  # stopped by the budget (1.2 s), and then validated once

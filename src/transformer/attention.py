@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dropout import dropout
 from .linear import Linear
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,25 +60,8 @@ def attention_reference(
     return out, weights
 
 
-def dropout(x: Tensor, p: float) -> Tensor:
-    """Inverted dropout (zero with probability p, scale the rest by 1 / (1 - p)); pass p=0 when not training.
-
-    Same as `F.dropout`, but with a cheaper random mask: 16 random bits per element, drawn 64 at a time with
-    `random_` over the whole int64 range. On CPU, `F.dropout`'s `bernoulli_` made dropout a quarter of a bf16
-    training step; this mask costs about 5x less (p is resolved to 1/65536).
-    """
-    if p == 0.0:
-        return x
-    n = x.numel()
-    # full-range int64 draws are 2x cheaper per bit than int32 ones on CPU (measured, torch 2.13)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
-    bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform over [-32768, 32767]
-    keep = bits >= int(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
 def _use_matmul_path(q: Tensor, k: Tensor) -> bool:
-    # Measured (bench/, torch 2.13, 2-core CPU): for bf16 on CPU the fused kernel's backward is ~4x slower than
+    # For bf16 on CPU the fused kernel's backward is several times slower than
     # plain matrix products at the lengths of sentences (<= 256 keys), and its forward ~2x. fp32 and long
     # sequences stay on the fused kernel.
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= 256
@@ -102,8 +86,8 @@ def attention(
         out, weights = attention_reference(q, k, v, mask, dropout_p)
         return out, (weights if need_weights else None)
     if q.is_cuda and _NOT_CUDNN is not None:
-        # cuDNN's kernel (picked for bf16 by torch >= 2.5) builds a plan for every new shape: decoding, whose
-        # shapes change at every step, ran 9x slower under bf16 than in fp32 on an H200 with it.
+        # cuDNN's kernel (picked for bf16 by recent torch) builds a plan for every new shape: decoding, whose
+        # shapes change at every step, spent most of its time building plans (README: "What runs where").
         with sdpa_kernel(_NOT_CUDNN):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
     else:

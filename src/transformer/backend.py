@@ -10,9 +10,9 @@ Every other module asks here; nothing else probes the hardware. Three kinds of d
   default BLAS, for training and for decoding with pre-packed weights, and whether bf16 weights can be packed.
   Each is decided by *trying the very operation* (a CPU without the instructions an op needs raises, and the
   path is off) and then *timing it against plain `F.linear`* on this machine: a path is used only where it is
-  clearly faster. Which library wins differs by CPU: on an AMD EPYC with AVX-512 oneDNN's fp32 products ran
-  ~2x faster than MKL's, on an AVX2 EPYC they were slower, on an Intel Xeon with AMX MKL's weight-gradient
-  product was faster while oneDNN's pre-packed decoding products were 2x faster.
+  clearly faster. Which library wins differs by CPU (the README's "What runs where" has the figures): oneDNN
+  won every fp32 product on one AVX-512 CPU, lost them on an AVX2 one, and won only the pre-packed decoding
+  products on another AVX-512 CPU.
   `TRANSFORMER_ONEDNN=0` turns every oneDNN path off; `=1` uses every one that works, without timing.
 """
 
@@ -85,13 +85,15 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def native_bf16_cpu() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16). Elsewhere bf16 is emulated
-    with fp32 arithmetic plus conversions (measured ~20x slower than fp32 per training step on an AVX2 CPU)."""
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16) and PyTorch runs its AVX-512
+    kernels (ATEN_CPU_CAPABILITY can hold it to AVX2). Elsewhere bf16 is emulated with fp32 arithmetic plus
+    conversions, many times slower than fp32 itself."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # an older torch: read the flags ourselves
-        flags = cpu_flags()
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
+        hardware = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    kernels = torch.backends.cpu.get_cpu_capability().upper()
+    return hardware and kernels.startswith("AVX512")
 
 
 def cpu_description() -> str:
@@ -104,7 +106,7 @@ def cpu_description() -> str:
     else:
         kind = platform.processor() or "unknown vector extensions"
     bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
-    return f"{platform.machine()}, {kind}, {bf16}"
+    return f"{platform.machine()}, {kind}, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,16 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     return Precision(torch.float32, f"auto: {why}")
 
 
+def describe(device: torch.device, precision: Precision, variant: Optional[list[str]] = None) -> str:
+    """One line for the log: the device, the precision and why, the CPU's fast paths, a recipe's variant."""
+    if device.type == "cuda":
+        where = f"device: {device} ({torch.cuda.get_device_name(device)})"
+    else:
+        where = f"device: cpu ({cpu_description()}, {torch.get_num_threads()} threads); {cpu_paths().describe()}"
+    changes = f"; the recipe's fp32 variant: {', '.join(variant)}" if variant else ""
+    return f"{where}; precision: {precision.name} ({precision.reason}){changes}"
+
+
 def autocast(device: torch.device, precision: Precision):
     """The autocast context for `precision` on `device` (a no-op for fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16)
@@ -157,7 +169,7 @@ def autocast(device: torch.device, precision: Precision):
 def decoding_precision(model: torch.nn.Module, bf16: bool):
     """A context to decode with `model` in bf16 (when `bf16`) on its device. On a GPU the weights themselves
     are cast to bf16, once: at decoding sizes a step is bound by kernel launches, and autocast's per-op casts
-    made bf16 beam search slower than fp32 (H200: 1.53 s against 1.40 s). On a CPU it is bf16 autocast, where
+    made bf16 decoding slower than fp32 (README, "What runs where"). On a CPU it is bf16 autocast, where
     `Linear` packs bf16 weights once per decoding call. The model is changed in place on a GPU: for a model
     loaded to decode, as the command line does."""
     device = next(model.parameters()).device

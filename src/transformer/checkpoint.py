@@ -9,20 +9,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .config import ModelConfig, from_dict
 from .data import Tokenizer, load_tokenizer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TransformerError
+from .files import fsync_dir, read_json, write_json_atomic
 from .model import build_model
 
 FORMAT_VERSION = 1
@@ -48,15 +50,6 @@ class Checkpoint:
     @property
     def tgt_tokenizer(self) -> Tokenizer:
         return self.tokenizers["tgt"]
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -94,16 +87,17 @@ def save_checkpoint(
             "task": task,
             "model": model.config.to_dict(),
             "tokenizers": files,
+            "weights_sha256": file_sha256(tmp / WEIGHTS),  # checked on load: a changed weights file is refused
             "meta": meta or {},
         }
         write_json_atomic(tmp / CONFIG, config)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(directory, old)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -128,19 +122,6 @@ def recover(directory: Path, clean: bool = False) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.exists():
@@ -150,12 +131,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory (expected a directory with {CONFIG})")
     path = directory / CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; {directory} is not a checkpoint directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    config = read_json(path, CheckpointError, f"missing; {directory} is not a checkpoint directory")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     version = config.get("format_version")
@@ -191,10 +167,23 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights}: corrupt or truncated weights file ({e})") from None
+    expected = config.get("weights_sha256")  # absent in checkpoints written before it was recorded
+    if expected is not None and file_sha256(weights) != expected:
+        raise CheckpointError(f"{weights}: the file differs from the one saved with this checkpoint (its SHA-256 "
+                              f"does not match {CONFIG}); it was changed or damaged after saving")
     load_weights(model, state, weights)
     model.to(device).eval()
-    tokenizers = {role: load_tokenizer(directory / name) for role, name in config["tokenizers"].items()}
+    files = {name: load_tokenizer(directory / name) for name in set(config["tokenizers"].values())}
+    tokenizers = {role: files[name] for role, name in config["tokenizers"].items()}  # a joint one: one object
     return Checkpoint(model, model_cfg, config["task"], tokenizers, config.get("meta", {}), directory)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _compatible(task: str) -> tuple[str, ...]:
@@ -223,3 +212,75 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
                     f"{source}: tensor '{found[0]}' has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
                 )
             target.copy_(tensor)
+
+
+def average_checkpoints(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """Average the weights of several checkpoints of one model into a new checkpoint directory `out` (the
+    first one's tokenizers and metadata, plus `averaged_from`)."""
+    if not paths:
+        raise TransformerError("no checkpoints to average")
+    ckpts = [load_checkpoint(p) for p in paths]
+    first = ckpts[0]
+    avg = {k: v.detach().clone().double() for k, v in first.model.state_dict().items()}
+    for c in ckpts[1:]:
+        if c.config != first.config:
+            raise CheckpointError(f"{c.path}: a different model configuration from {first.path}; cannot average")
+        for k, v in c.model.state_dict().items():
+            avg[k] += v.double()
+    with torch.no_grad():
+        for k, v in first.model.state_dict().items():
+            v.copy_((avg[k] / len(ckpts)).to(v.dtype))
+    meta = dict(first.meta)
+    meta["averaged_from"] = [str(p) for p in paths]
+    return save_checkpoint(out, first.model, first.task, first.tokenizers, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state: what `last/` holds beyond the model, so that a run resumes exactly
+
+
+@dataclass
+class TrainingState:
+    """A resumable checkpoint as read back: the checkpoint, the optimizer state keyed by parameter name, the
+    random states per process, and the JSON part (position in training, process count)."""
+
+    checkpoint: Checkpoint
+    optimizer: dict
+    rng: dict[str, torch.Tensor]  # "torch.R" / "cuda.R": the CPU / GPU random state of process R
+    meta: dict[str, Any]
+
+
+def training_state(optimizer: dict, rng: dict[str, torch.Tensor], meta: dict[str, Any]):
+    """The `training_state` argument of `save_checkpoint`: optimizer state (keyed by parameter name) and
+    random states as tensors for safetensors, everything else as JSON."""
+    tensors: dict[str, torch.Tensor] = {f"rng.{k}": v for k, v in rng.items()}
+    per_param: dict[str, dict] = {}
+    for name, s in optimizer["state"].items():
+        per_param[name] = {}
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optimizer.{name}.{k}"] = v.detach().cpu()
+                per_param[name][k] = "tensor"
+            else:
+                per_param[name][k] = v
+    return tensors, {**meta, "optimizer": {"state": per_param, "param_groups": optimizer["param_groups"]}}
+
+
+def read_training_state(directory: str | Path) -> TrainingState:
+    """Read a resumable checkpoint (a run's `last/`)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / STATE_JSON).is_file():
+        raise CheckpointError(f"{directory}: no resumable checkpoint (missing {STATE_JSON})")
+    ckpt = load_checkpoint(directory)
+    tensors = load_file(str(directory / STATE_TENSORS))
+    meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    opt = meta.pop("optimizer")
+    state = {name: {k: tensors[f"optimizer.{name}.{k}"] if v == "tensor" else v for k, v in entry.items()}
+             for name, entry in opt["state"].items()}
+    for g in opt["param_groups"]:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return TrainingState(ckpt, {"state": state, "param_groups": opt["param_groups"]}, rng, meta)

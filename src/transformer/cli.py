@@ -164,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     hyps = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, test_src)
     score = exact_match(hyps, test_tgt)
     result = {"task": args.task, "exact_match": round(score, 4), "held_out": len(test_src),
-              "train_seconds": round(seconds, 1), "steps": trainer.pos.step, "checkpoint": str(out / "best"),
+              "train_seconds": round(seconds, 1), "steps": trainer.position.step, "checkpoint": str(out / "best"),
               "examples": [{"input": s, "output": h, "expected": r} for s, h, r in
                            list(zip(test_src, hyps, test_tgt))[:5]]}
     if args.json:
@@ -174,31 +174,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             mark = "ok" if ex["output"] == ex["expected"] else "WRONG"
             print(f"  {ex['input']:>18}  ->  {ex['output']:<18} [{mark}]")
         print(f"exact match on {len(test_src)} held-out strings: {score:.3f}  "
-              f"(trained {trainer.pos.step} steps in {seconds:.0f} s)")
+              f"(trained {trainer.position.step} steps in {seconds:.0f} s)")
         print(f"checkpoint: {out / 'best'}    try: transformer translate {out / 'best'} stressed")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_run_config
-    from .train import load_run_dir_config
+    from .config import RunConfig, apply_overrides, from_dict, load_run_config
+    from .rundir import read_run_config
 
     if args.resume:
         out = Path(args.resume)
-        run = load_run_dir_config(out)
+        run = read_run_config(out)
         if args.config is not None:
             log.info("--resume: using the recipe saved in %s (ignoring %s)", out, args.config)
         if args.set:
-            from .config import RunConfig, from_dict, parse_override
-
-            data = run.to_dict()
-            for item in args.set:
-                keys, value = parse_override(item)
-                node = data
-                for k in keys[:-1]:
-                    node = node.setdefault(k, {})
-                node[keys[-1]] = value
-            run = from_dict(RunConfig, data)
+            run = from_dict(RunConfig, apply_overrides(run.to_dict(), args.set))
     else:
         if args.config is None:
             raise TransformerError("give a config file (e.g. configs/multi30k-en-de.yaml) or --resume RUN_DIR")
@@ -273,7 +264,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = bleu_chrf(hyps, ref)
     result = {**scores.as_dict(), "beam": args.beam, "bf16": args.bf16, "seconds": round(seconds, 2)}
     if args.output:
-        Path(args.output).write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        from .files import write_text_atomic
+
+        write_text_atomic(args.output, "\n".join(hyps) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
@@ -284,10 +277,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from .train import average_checkpoints
+    from .checkpoint import average_checkpoints
+    from .rundir import step_checkpoints
 
     run_dir = Path(args.run_dir)
-    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    steps = step_checkpoints(run_dir)
     if not steps:
         raise TransformerError(f"{run_dir}: no checkpoints/step-* directories to average")
     chosen = steps[-args.last :]
@@ -301,7 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import BOS
-    from .generate import check_sampling, sample
+    from .generate import TextStream, check_sampling, sample
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     ckpt = _load(args, "lm")
@@ -315,16 +309,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for n in range(args.num_samples):
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        # decode the growing sequence and print only what is new, so multi-token characters come out whole
-        produced: list[int] = []
-        shown = ""
+        stream = TextStream(tok, ids)
         for tokens in sample(ckpt.model, prompt[n : n + 1], args.max_new_tokens, args.temperature, args.top_k,
                              args.top_p, gen, context):
-            produced.append(int(tokens[0]))
-            text = tok.decode(produced)
-            sys.stdout.write(text[len(shown):])
+            sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
-            shown = text
         sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---\n")
     return 0
 
@@ -359,13 +348,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="transformer", description="Train, run and inspect Transformer models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _device_option(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
-    def device_option(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
+def _add_training_commands(sub) -> None:
     d = sub.add_parser("demo", help="train and test a small model on a built-in task (no downloads)")
     d.add_argument("--out", default="demo-run", help="run directory (default: demo-run)")
     d.add_argument("--task", default="reverse", choices=["reverse", "sort", "copy"])
@@ -373,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-minutes", type=_nonneg_float, default=2.75, help="time budget (default 2.75)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
-    device_option(d)
+    _device_option(d)
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe")
@@ -387,12 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N (train.device)")
     t.set_defaults(fn=cmd_train)
 
+
+
+def _add_translation_commands(sub) -> None:
     def decoding_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--beam", type=_positive_int, default=1, help="beam size (1 = greedy)")
         q.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
         q.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**LP")
         q.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (faster, slightly different)")
-        device_option(q)
+        _device_option(q)
 
     tr = sub.add_parser("translate", help="translate sentences with a checkpoint")
     tr.add_argument("checkpoint", help="checkpoint directory")
@@ -412,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     decoding_options(e)
     e.set_defaults(fn=cmd_evaluate)
 
+
+
+def _add_other_commands(sub) -> None:
     a = sub.add_parser("average", help="average the weights of a run's last checkpoints")
     a.add_argument("run_dir")
     a.add_argument("--last", type=_positive_int, default=5, help="how many of the newest checkpoints (default 5)")
@@ -427,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with probability >= p")
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
-    device_option(g)
+    _device_option(g)
     g.set_defaults(fn=cmd_generate)
 
     at = sub.add_parser("attention", help="draw a checkpoint's attention weights for a sentence")
@@ -440,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which attention (repeatable; default all three)")
     at.add_argument("--layer", type=_positive_int, help="one layer (1-based), drawn large with --head")
     at.add_argument("--head", type=_positive_int, help="one head (1-based)")
-    device_option(at)
+    _device_option(at)
     at.set_defaults(fn=cmd_attention)
 
     pl = sub.add_parser("plot", help="draw training curves from a run's metrics.jsonl")
@@ -448,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="curves.png", help="PNG file to write (default curves.png)")
     pl.add_argument("--title", help="a title over the plots")
     pl.set_defaults(fn=cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transformer", description="Train, run and inspect Transformer models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_translation_commands(sub)
+    _add_other_commands(sub)
     return p
 
 

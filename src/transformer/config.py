@@ -48,6 +48,7 @@ class ModelConfig:
     d_ff: int = 2048
     dropout: float = 0.1
     attention_dropout: float = 0.0
+    activation_dropout: Optional[float] = None  # inside the feed-forward, after the activation (None: dropout)
     activation: Activation = "relu"
     norm_first: bool = False
     final_norm: Optional[bool] = None
@@ -73,9 +74,9 @@ class ModelConfig:
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
             f"must be divisible by n_heads={self.n_heads}",
         )
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
             v = getattr(self, name)
-            _check(0.0 <= v < 1.0, name, v, "must be in [0, 1)")
+            _check(v is None or 0.0 <= v < 1.0, name, v, "must be in [0, 1)")
         _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
         vocab = max(self.tgt_vocab_size, self.src_vocab_size)
         if vocab:
@@ -86,6 +87,11 @@ class ModelConfig:
                 f"'all' needs one joint vocabulary, but src_vocab_size={self.src_vocab_size} "
                 f"!= tgt_vocab_size={self.tgt_vocab_size}",
             )
+
+    @property
+    def feed_forward_dropout(self) -> float:
+        """Dropout inside the feed-forward: `activation_dropout`, or `dropout` when that is unset."""
+        return self.dropout if self.activation_dropout is None else self.activation_dropout
 
     @property
     def head_dim(self) -> int:
@@ -198,14 +204,46 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """A whole recipe: what a YAML file in `configs/` holds."""
+    """A whole recipe: what a YAML file in `configs/` holds.
+
+    `fp32_variant` (optional) holds `model`/`data`/`train` values that replace the recipe's own on a machine
+    where `train.precision: auto` resolves to fp32 (a CPU without native bf16 gets a fraction of the tokens in
+    the same time budget, and wants e.g. a shorter warmup); `for_precision` applies it.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fp32_variant: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.fp32_variant:
+            self.for_precision("fp32")  # check the variant's keys and values now, not on some other machine
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_precision(self, precision: str) -> "RunConfig":
+        """This recipe as it runs at `precision` ("fp32" or "bf16"): the fp32 variant applied where it applies,
+        the precision fixed (so that a resumed run keeps it), and no variant left."""
+        data = self.to_dict()
+        variant = data.pop("fp32_variant") or {}
+        if precision == "fp32":
+            for section, values in variant.items():
+                if section not in ("model", "data", "train") or not isinstance(values, dict):
+                    raise ConfigError(f"fp32_variant.{section}: expected one of the sections model, data, train")
+                data[section].update(values)
+        data["train"]["precision"] = precision
+        try:
+            return from_dict(RunConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"fp32_variant: {e}") from None
+
+    def variant_changes(self, precision: str) -> list[str]:
+        """The `section.key=value` settings that `for_precision(precision)` changes (for the log)."""
+        if precision != "fp32" or not self.fp32_variant:
+            return []
+        return [f"{s}.{k}={v}" for s, values in self.fp32_variant.items() for k, v in values.items()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,6 +317,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=f"{key}.")
@@ -362,6 +404,14 @@ def load_run_config(path: str | Path, overrides: tuple[str, ...] | list[str] = (
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with sections model, data, train")
+    try:
+        return from_dict(RunConfig, apply_overrides(data, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_overrides(data: dict, overrides: tuple[str, ...] | list[str]) -> dict:
+    """Apply `--set section.key=value` overrides to a recipe's dict (in place; returned for convenience)."""
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -370,7 +420,4 @@ def load_run_config(path: str | Path, overrides: tuple[str, ...] | list[str] = (
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item}: '{k}' is not a section")
         node[keys[-1]] = value
-    try:
-        return from_dict(RunConfig, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return data

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
+from .files import read_json, write_text_atomic
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -68,7 +69,7 @@ class CharTokenizer:
         return self.itos[id] if 0 <= id < self.vocab_size else "<unk>"
 
     def save(self, path: Path) -> None:
-        _write_text_atomic(Path(path), json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
+        write_text_atomic(Path(path), json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
 
 
 class BPETokenizer:
@@ -123,7 +124,7 @@ class BPETokenizer:
         return self.tok.id_to_token(id) or "<unk>"
 
     def save(self, path: Path) -> None:
-        _write_text_atomic(Path(path), self.tok.to_str())
+        write_text_atomic(Path(path), self.tok.to_str())
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -139,12 +140,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
 def load_tokenizer(path: Path) -> Tokenizer:
     """Read a tokenizer saved by `save` (JSON only: nothing is unpickled)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: tokenizer file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable tokenizer file ({e})") from None
+    data = read_json(path, DataError, "tokenizer file not found", what=" tokenizer file")
     if isinstance(data, dict) and data.get("type") == "char":
         return CharTokenizer(data["chars"])
     if isinstance(data, dict) and "model" in data:
@@ -155,12 +151,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
         except Exception as e:  # the library's own parse errors
             raise DataError(f"{path}: invalid tokenizer file ({e})") from None
     raise DataError(f"{path}: not a tokenizer file this package wrote")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +176,11 @@ def read_lines(path: str | Path, what: str = "data file") -> list[str]:
         raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8") from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = [line.strip() for line in text.splitlines()]
+    # Lines end at "\n" only, as `wc -l` counts them: str.splitlines() would also split at U+2028, U+0085, form
+    # feeds and more, and silently shift one side of a line-aligned pair of files against the other.
+    lines = [line.strip() for line in text.split("\n")]
+    if lines and not lines[-1] and text.endswith("\n"):
+        lines.pop()  # the newline that ends the last line starts no new one
     if not any(lines):
         raise DataError(f"{path}: {what} is empty")
     return lines
@@ -245,31 +239,44 @@ def encode_pairs(
 
 @dataclass
 class Batch:
+    """A batch of translation pairs. Every batch type has `n_tokens` (the target tokens its loss averages
+    over, counted once, here) and `to(device)`."""
+
     src: Tensor  # (B, S) source ids, right-padded
     tgt_in: Tensor  # (B, T) <s> + target
     tgt_out: Tensor  # (B, T) target + </s>
-    n_tokens: int  # non-pad target tokens (what the loss averages over)
-    n_pad: int  # pad positions in src and tgt together
-    n_total: int  # all positions in src and tgt together
+    n_tokens: int  # real target tokens (what the loss averages over)
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.n_tokens, self.n_pad, self.n_total)
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.n_tokens)
+
+
+@dataclass
+class LMBatch:
+    """A batch of language-model windows: inputs and their next tokens."""
+
+    x: Tensor  # (B, T) token ids
+    y: Tensor  # (B, T) the token after each one
+    n_tokens: int
+
+    def to(self, device: torch.device | str) -> "LMBatch":
+        return LMBatch(self.x.to(device), self.y.to(device), self.n_tokens)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad: int = PAD) -> Tensor:
+    """Sequences of ids -> a (B, longest) tensor, right-padded with `pad`."""
     out = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
 
 
-def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Batch:
-    src = pad_batch([s for s, _ in pairs])
-    tgt_in = pad_batch([[BOS, *t] for _, t in pairs])
-    tgt_out = pad_batch([[*t, EOS] for _, t in pairs])
-    n_tokens = int((tgt_out != PAD).sum())
-    n_pad = int((src == PAD).sum()) + int((tgt_out == PAD).sum())
-    return Batch(src, tgt_in, tgt_out, n_tokens, n_pad, src.numel() + tgt_out.numel())
+def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = PAD) -> Batch:
+    """(source ids, target ids) pairs -> a Batch padded with `pad_id` (the model's `pad_id`)."""
+    src = pad_batch([s for s, _ in pairs], pad_id)
+    tgt_in = pad_batch([[BOS, *t] for _, t in pairs], pad_id)
+    tgt_out = pad_batch([[*t, EOS] for _, t in pairs], pad_id)
+    return Batch(src, tgt_in, tgt_out, sum(len(t) + 1 for _, t in pairs))
 
 
 def token_batches(
@@ -309,12 +316,13 @@ def pair_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[i
 # Language-model data: one long token stream, random contiguous blocks
 
 
-def lm_blocks(data: Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`batch_size` random windows of a 1-D token tensor: inputs (B, T) and next-token targets (B, T)."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+def lm_blocks(data: Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> LMBatch:
+    """`batch_size` random windows of a 1-D token tensor (len(data) > block_size): inputs (B, T) and their
+    next tokens (B, T). Every window start 0 .. len - T - 1 is possible, the last one included."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     x = torch.stack([data[s : s + block_size] for s in starts.tolist()])
     y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()])
-    return x, y
+    return LMBatch(x, y, y.numel())
 
 
 # ----------------------------------------------------------------------------------------------------------

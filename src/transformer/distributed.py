@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 
 from .backend import resolve_device
 from .errors import TransformerError
@@ -91,3 +92,85 @@ class Distributed:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model across processes: replicated (DDP) or sharded (FSDP2)
+
+
+def data_parallel(model: nn.Module, step_module: nn.Module, dist: Distributed, fsdp: bool) -> nn.Module:
+    """The module the trainer calls for a step's loss. `step_module` computes the loss with `model`; across
+    processes it is wrapped in DistributedDataParallel (gradients averaged), or `model`'s layers are sharded
+    with FSDP2's `fully_shard` (one unit per layer). One process: `step_module` itself."""
+    if fsdp:
+        _shard(model, dist)
+        return step_module
+    if dist.world == 1:
+        return step_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(step_module, device_ids=ids)
+
+
+def _shard(model: nn.Module, dist: Distributed) -> None:
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:
+        raise TransformerError(
+            f"--fsdp needs FSDP2's fully_shard (torch >= 2.6); the installed torch is {torch.__version__}"
+        ) from None
+    if dist.world < 2:
+        raise TransformerError("--fsdp shards parameters across processes: launch with torchrun --nproc-per-node N")
+    from .layers import TransformerLayer
+
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            fully_shard(module)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "loss")  # the trainer calls model.loss, not model(...)
+
+
+def full_state_dict(model: nn.Module, fsdp: bool) -> dict:
+    """The whole model's weights: its own state dict, or with FSDP gathered from every process (a collective
+    call; every process must make it) onto the CPU."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """The optimizer state keyed by parameter name (not by position), so that it loads whatever the process
+    count or sharding. With FSDP a collective call."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    sd = optimizer.state_dict()
+    names = _param_names(model, optimizer)
+    return {
+        "state": {names[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    optimizer.load_state_dict({
+        "state": {index[n]: v for n, v in named["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+    })
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's own numbering (group by group)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]

@@ -8,6 +8,7 @@ Sentences that finish leave the active batch, so the work per step shrinks as de
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -22,7 +23,7 @@ log = logging.getLogger("transformer")
 
 
 def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD) -> Tensor:
-    """Per-sentence limit on output tokens (before </s>): a * source length + b."""
+    """(B, S) padded source ids -> (B,) limits on output tokens (before </s>): a * source length + b."""
     n = (src != pad_id).sum(1)
     return (n.double() * max_len_a).long() + max_len_b  # float64: the same rounding as Python
 
@@ -36,8 +37,16 @@ def _check_lengths(max_len_a: float, max_len_b: int) -> None:
 def greedy(
     model: Transformer, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10, use_cache: bool = True
 ) -> list[list[int]]:
-    """Most probable next token at each step. src: (B, S) ids. Returns token lists without <s>/</s>.
-    `use_cache=False` recomputes the whole decoder every step (for comparison only)."""
+    """The most probable next token at each step.
+
+    Args:
+        model: an encoder-decoder in eval mode.
+        src: (B, S) source ids, right-padded with the model's pad_id.
+        max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens.
+        use_cache: False recomputes the whole decoder every step (for comparison only).
+    Returns:
+        B lists of token ids, without <s> and </s>.
+    """
     _check_lengths(max_len_a, max_len_b)
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
         B = src.size(0)
@@ -47,15 +56,15 @@ def greedy(
         active = torch.arange(B, device=src.device)  # original index of each row still decoding
         tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
-        for step in range(int(limits.max()) + 1):
+        for step in range(int(limits.max())):  # step: tokens each active row has written so far
             inp = tokens[:, -1:] if use_cache else tokens
             logits = model.decode(inp, memory, mask, cache)[:, -1]  # (n, V)
             nxt = logits.argmax(-1)
-            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # out of room: stop
-            done = nxt == EOS
+            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # no room at all: stop
             for row, tok in zip(active.tolist(), nxt.tolist()):
                 if tok != EOS:
                     out[row].append(tok)
+            done = (nxt == EOS) | (limits[active] <= step + 1)  # ended, or as long as it may be
             if bool(done.all()):
                 break
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -76,7 +85,16 @@ def beam_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
 ) -> list[list[int]]:
-    """Batched beam search. Returns the best hypothesis per sentence, without <s>/</s>.
+    """Batched beam search.
+
+    Args:
+        model: an encoder-decoder in eval mode.
+        src: (B, S) source ids, right-padded with the model's pad_id.
+        beam_size: hypotheses kept per sentence (1 is exactly greedy).
+        length_penalty: ended hypotheses are ranked by log-probability / length ** length_penalty.
+        max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens.
+    Returns:
+        The best hypothesis of each of the B sentences: token ids without <s> and </s>.
 
     Hypotheses are ranked by sum of log-probabilities / length**length_penalty (fairseq's normalisation; the
     length counts </s>). As in fairseq, only an </s> among the top `beam_size` candidates ends a hypothesis,
@@ -113,16 +131,7 @@ def beam_search(
             top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
             beam_idx, tok = top_idx // V, top_idx % V
 
-            # End hypotheses whose </s> is among the top K candidates.
-            is_eos = (tok == EOS) & torch.isfinite(top_scores)
-            is_eos[:, K:] = False
-            length = step + 1  # tokens incl. </s>
-            for i, j in is_eos.nonzero().tolist():
-                b = int(active[i])
-                if len(finished[b]) < K:
-                    row = i * K + int(beam_idx[i, j])
-                    seq = hyps[row, 1:].tolist()
-                    finished[b].append((float(top_scores[i, j]) / length**length_penalty, seq))
+            _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, (step + 1) ** length_penalty)
 
             # Keep the K best candidates that did not end.
             alive_score = top_scores.masked_fill(tok == EOS, float("-inf"))
@@ -146,8 +155,23 @@ def beam_search(
         return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
+def _end_hypotheses(finished: list, hyps: Tensor, active: Tensor, top_scores: Tensor, beam_idx: Tensor,
+                    tok: Tensor, K: int, norm: float) -> None:
+    """End the hypotheses whose </s> is among the top K candidates of their sentence: each goes into its
+    sentence's `finished` list (until that has K) with its score / `norm` (length ** length_penalty, the
+    length counting </s>). top_scores, beam_idx, tok: (n, 2K) candidates of the n active sentences."""
+    is_eos = (tok == EOS) & torch.isfinite(top_scores)
+    is_eos[:, K:] = False
+    for i, j in is_eos.nonzero().tolist():
+        b = int(active[i])
+        if len(finished[b]) < K:
+            row = i * K + int(beam_idx[i, j])
+            finished[b].append((float(top_scores[i, j]) / norm, hyps[row, 1:].tolist()))
+
+
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set whose probability >= top_p."""
+    """(B, V) logits -> the same, with -inf for every token outside the top k and outside the smallest set
+    whose probability >= top_p (0 and 1.0: no limit)."""
     if top_k > 0 and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -194,7 +218,16 @@ def sample(
     generator: Optional[torch.Generator] = None,
     context: Optional[int] = None,
 ) -> Iterator[Tensor]:
-    """Yield (B,) new tokens one step at a time from a language model. prompt: (B, T) ids, T >= 1.
+    """Yield (B,) new tokens one step at a time from a language model.
+
+    Args:
+        model: a decoder-only model in eval mode.
+        prompt: (B, T) ids to continue, T >= 1.
+        max_new_tokens: how many tokens to yield.
+        temperature: divides the logits; 0 picks the most probable token (greedy).
+        top_k, top_p: sample only from the k most probable tokens / the smallest set with probability >= p.
+        generator: the random source (a CPU generator).
+        context: at most this many tokens are seen (see below).
     Temperature 0 picks the most probable token (greedy). `generator` is a CPU generator: random numbers are
     drawn on the CPU whatever the model's device, so a seed gives the same text on any device.
 
@@ -226,6 +259,30 @@ def sample(
                 logits = model(nxt[:, None], cache)[:, -1]
 
 
+class TextStream:
+    """The text that generated tokens add after a prompt, piece by piece, for printing as they come.
+
+    Decoding the new tokens alone would lose what depends on the prompt: a Metaspace (BPE) tokenizer turns
+    the space before a word into that word's token, which decodes to the word alone at the start of a text. So
+    the prompt and the tokens so far are decoded together and only what is new is returned; a character whose
+    bytes are split across tokens (byte-level BPE) waits until it is whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer, self.ids = tokenizer, list(prompt_ids)
+        self.shown = tokenizer.decode(self.ids)
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the text it completes (possibly empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the rest of its bytes
+        same = len(os.path.commonprefix([text, self.shown]))  # all of `shown`, unless decoding re-segmented it
+        new, self.shown = text[same:], text
+        return new
+
+
 @torch.no_grad()
 def translate_texts(
     model: Transformer,
@@ -239,8 +296,9 @@ def translate_texts(
     max_len_b: int = 10,
     max_src_len: Optional[int] = None,
 ) -> list[str]:
-    """Translate plain sentences: batched by length, decoded, detokenised, returned in input order.
-    Sources longer than `max_src_len` tokens are truncated."""
+    """Translate plain sentences: tokenised, batched by length (`batch_size` sentences), decoded (greedy, or
+    beam search for beam_size > 1), detokenised, returned in input order. An empty sentence translates to an
+    empty string; sources longer than `max_src_len` tokens are truncated with a warning."""
     if beam_size < 1:
         raise TransformerError(f"beam size must be >= 1, got {beam_size}")
     if batch_size < 1:

@@ -2,11 +2,9 @@
 
 Every projection in the model is a matrix product, and on CPU they are most of the time of a training step and
 of decoding. PyTorch's CPU `F.linear` in fp32 calls MKL's sgemm; the same build also ships oneDNN, which
-PyTorch already uses for bf16. Which of the two is faster depends on the CPU (see `backend.py`): on an AMD
-EPYC with AVX-512 oneDNN ran the fp32 products of a training step ~2x faster than MKL, on an AVX2 EPYC it was
-slower, and for the few-row products of decoding a weight pre-packed into oneDNN's blocked layout was ~2x
-faster on both AVX-512 CPUs measured. So each path is taken only where `backend.cpu_paths()` found it faster on
-this machine. The results are fp32 either way (no reduced-precision arithmetic); only the order of the sums
+PyTorch already uses for bf16. Which of the two is faster depends on the CPU (see `backend.py`), for training
+products and for the few-row products of decoding against a weight pre-packed into oneDNN's blocked layout, so
+each path is taken only where `backend.cpu_paths()` found it faster on this machine. The results are fp32 either way (no reduced-precision arithmetic); only the order of the sums
 differs, as it does between any two BLAS libraries.
 
 Paths: fp32 training (an autograd function with all three products in oneDNN), fp32 decoding with packed
@@ -112,8 +110,8 @@ class Linear(nn.Linear):
 @contextlib.contextmanager
 def packed_weights(*modules: nn.Module) -> Iterator[None]:
     """Within the block, the `Linear`s in `modules` multiply by weights packed once into oneDNN's blocked layout:
-    for decoding loops, where the same weights meet a few rows at every step (32-row products measured 1.3x
-    faster than unpacked oneDNN, 2.4x faster than `F.linear`). The weights must not change inside the block; the
+    for decoding loops, where the same weights meet a few rows at every step (where `backend.cpu_paths()` found
+    that faster than `F.linear`). The weights must not change inside the block; the
     packed copies are dropped when it ends. Blocks may nest."""
     linears = list({id(m): m for module in modules for m in module.modules() if isinstance(m, Linear)}.values())
     for m in linears:

@@ -15,31 +15,35 @@ from torch import Tensor, nn
 
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
-from .layers import Dropout, TokenEmbedding, TransformerLayer, positional_encoding
+from .dropout import Dropout
+from .layers import TokenEmbedding, TransformerLayer, positional_encoding
 from .linear import Linear
 from .loss import label_smoothed_loss
 
 
 class Encoder(nn.Module):
-    """Source ids -> contextual vectors ("memory"), (B, S) -> (B, S, E)."""
+    """Source ids -> contextual vectors ("memory"): embedding, positions, dropout, N layers, optional final
+    LayerNorm. `forward(src (B, S), mask (B, 1, 1, S), attn_maps)` -> (B, S, E); `attn_maps`, a list, receives
+    each layer's attention weights."""
 
     def __init__(self, cfg: ModelConfig, embed: TokenEmbedding) -> None:
         super().__init__()
         self.embed = embed
-        self.pos = positional_encoding(cfg)
+        self.positions = positional_encoding(cfg)
         self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
 
-    def forward(self, src: Tensor, mask: Optional[Tensor], weights: Optional[list] = None) -> Tensor:
-        x = self.dropout(self.pos(self.embed(src)))
+    def forward(self, src: Tensor, mask: Optional[Tensor], attn_maps: Optional[list] = None) -> Tensor:
+        x = self.dropout(self.positions(self.embed(src)))
         for layer in self.layers:
-            x = layer(x, mask=mask, weights=weights)
+            x = layer(x, mask=mask, attn_maps=attn_maps)
         return self.norm(x) if self.norm is not None else x
 
 
 class DecoderCache:
-    """Per-layer key/value caches for incremental decoding, plus how many positions are cached."""
+    """Per-layer key/value caches for incremental decoding (self-attention keys/values (B, H, t, D) growing
+    with each step; the source's, for cross-attention, computed once), plus how many positions are cached."""
 
     def __init__(self, n_layers: int, capacity: int, cross: bool) -> None:
         self.layers = [(KVCache(capacity), KVCache(static=True) if cross else None) for _ in range(n_layers)]
@@ -56,13 +60,17 @@ class DecoderCache:
 
 
 class Decoder(nn.Module):
-    """Target ids (+ memory) -> hidden states, (B, T) -> (B, T, E); causal. Without cross-attention this is
-    the decoder-only language model's stack."""
+    """Target ids (+ memory) -> hidden states; causal. Without cross-attention this is the decoder-only
+    language model's stack.
+
+    `forward(tgt (B, T), memory (B, S, E), memory_mask (B, 1, 1, S), cache, attn_maps)` -> (B, T, E). With a
+    cache, `tgt` holds only the new tokens and their keys/values are appended to it.
+    """
 
     def __init__(self, cfg: ModelConfig, embed: TokenEmbedding, cross_attention: bool) -> None:
         super().__init__()
         self.embed = embed
-        self.pos = positional_encoding(cfg)
+        self.positions = positional_encoding(cfg)
         self.dropout = Dropout(cfg.dropout)
         self.cross_attention = cross_attention
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
@@ -77,7 +85,7 @@ class Decoder(nn.Module):
         memory: Optional[Tensor] = None,
         memory_mask: Optional[Tensor] = None,
         cache: Optional[DecoderCache] = None,
-        weights: Optional[list] = None,
+        attn_maps: Optional[list] = None,
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
         T = tgt.size(1)
@@ -88,10 +96,10 @@ class Decoder(nn.Module):
             is_causal = True
         elif T > 1:
             mask = causal_mask(T, tgt.device, keys=offset + T)
-        x = self.dropout(self.pos(self.embed(tgt), offset))
+        x = self.dropout(self.positions(self.embed(tgt), offset))
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = layer(x, mask, is_causal, memory, memory_mask, layer_cache, weights)
+            x = layer(x, mask, is_causal, memory, memory_mask, layer_cache, attn_maps)
         if cache is not None:
             cache.length += T
         return self.norm(x) if self.norm is not None else x
@@ -125,10 +133,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings != "none":
             self.output.weight = tgt_embed.weight
 
-    def encode(self, src: Tensor, weights: Optional[list] = None) -> tuple[Tensor, Tensor]:
-        """(B, S) source ids -> memory (B, S, E) and its mask (B, 1, 1, S)."""
+    def encode(self, src: Tensor, attn_maps: Optional[list] = None) -> tuple[Tensor, Tensor]:
+        """(B, S) source ids (right-padded with pad_id) -> memory (B, S, E) and its mask (B, 1, 1, S)."""
         mask = padding_mask(src, self.config.pad_id)
-        return self.encoder(src, mask, weights), mask
+        return self.encoder(src, mask, attn_maps), mask
 
     def decode(
         self,
@@ -136,12 +144,13 @@ class Transformer(nn.Module):
         memory: Tensor,
         memory_mask: Tensor,
         cache: Optional[DecoderCache] = None,
-        weights: Optional[list] = None,
+        attn_maps: Optional[list] = None,
     ) -> Tensor:
         """(B, T) target ids -> logits (B, T, V). With a cache, `tgt` holds only the new tokens."""
-        return self.output(self.decoder(tgt, memory, memory_mask, cache, weights))
+        return self.output(self.decoder(tgt, memory, memory_mask, cache, attn_maps))
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """src (B, S) and tgt (B, T) ids (tgt starting with <s>) -> next-token logits (B, T, V_tgt)."""
         memory, memory_mask = self.encode(src)
         return self.decode(tgt, memory, memory_mask)
 
@@ -169,11 +178,12 @@ class TransformerLM(nn.Module):
         if cfg.tie_embeddings != "none":
             self.output.weight = embed.weight
 
-    def forward(self, ids: Tensor, cache: Optional[DecoderCache] = None, weights: Optional[list] = None) -> Tensor:
+    def forward(self, ids: Tensor, cache: Optional[DecoderCache] = None, attn_maps: Optional[list] = None) -> Tensor:
         """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens."""
-        return self.output(self.decoder(ids, cache=cache, weights=weights))
+        return self.output(self.decoder(ids, cache=cache, attn_maps=attn_maps))
 
     def loss(self, ids: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Mean label-smoothed cross entropy of predicting `targets` (B, T), the tokens after `ids` (B, T)."""
         logits = self(ids)
         return label_smoothed_loss(logits.flatten(0, 1), targets.flatten(), label_smoothing)
 
@@ -184,4 +194,5 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, tied ones counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -1,8 +1,9 @@
 """Tasks: what a run trains on and how it is scored. The trainer sees a task only through this interface:
 
     num_batches(epoch)        batches in one pass over the training data
-    batch(epoch, i)           the i-th batch of an epoch (deterministic from the seed: resuming needs no state)
-    loss(model, batch)        (mean loss, number of target tokens)
+    batch(epoch, i)           the i-th batch of an epoch (deterministic from the seed: resuming needs no state);
+                              it carries `n_tokens`, the target tokens its loss averages over
+    loss(model, batch)        the mean loss of the batch (a scalar tensor)
     validate(model)           a dict of validation figures; `metric` names the one that picks the best checkpoint
     tokenizers, name          what the checkpoint stores
 
@@ -22,6 +23,7 @@ from .config import RunConfig
 from .data import (
     Batch,
     CharTokenizer,
+    LMBatch,
     SyntheticTask,
     Tokenizer,
     collate,
@@ -39,7 +41,15 @@ log = logging.getLogger("transformer")
 
 
 class TranslationTask:
-    """Sequence-to-sequence pairs in token-bucketed batches; validated by loss and BLEU (or exact match)."""
+    """Sequence-to-sequence pairs in token-bucketed batches; validated by loss and BLEU (or exact match).
+
+    Args:
+        run: the recipe (batch size in tokens, seed, label smoothing, validation settings, the model's pad id).
+        src_tok, tgt_tok: the tokenizers (one object twice for a joint vocabulary).
+        train_pairs: (source ids, target ids) per training pair, without <s>/</s>.
+        val_src, val_tgt: validation sentences as text (BLEU is computed on detokenised text).
+        name: "translation", or "synthetic" for the built-in task (validated by exact match).
+    """
 
     def __init__(
         self,
@@ -76,11 +86,12 @@ class TranslationTask:
         return len(self._epoch_batches(epoch))
 
     def batch(self, epoch: int, i: int) -> Batch:
-        return collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]])
+        """The i-th batch of `epoch`: src (B, S), tgt_in and tgt_out (B, T), padded with the model's pad id."""
+        return collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]], self.run.model.pad_id)
 
-    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-        ls = self.run.train.label_smoothing
-        return model.loss(batch.src, batch.tgt_in, batch.tgt_out, ls), batch.n_tokens
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Label-smoothed cross entropy, averaged over the batch's `n_tokens` target tokens."""
+        return model.loss(batch.src, batch.tgt_in, batch.tgt_out, self.run.train.label_smoothing)
 
     def padding_fraction(self, epoch: int) -> float:
         pad = total = 0
@@ -98,7 +109,7 @@ class TranslationTask:
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for idx in token_batches(pair_lengths(self.val_pairs), self.run.train.max_tokens, 0, shuffle=False):
-            b = collate([self.val_pairs[j] for j in idx]).to(device)
+            b = collate([self.val_pairs[j] for j in idx], self.run.model.pad_id).to(device)
             total += float(model.loss(b.src, b.tgt_in, b.tgt_out, 0.0)) * b.n_tokens
             count += b.n_tokens
         out: dict[str, Any] = {"val_loss": total / max(count, 1)}
@@ -111,7 +122,14 @@ class TranslationTask:
 
 
 class LanguageModelTask:
-    """One text file as a token stream: random contiguous blocks for training, a fixed set for validation."""
+    """One text file as a token stream: random contiguous windows for training, a fixed set for validation.
+
+    Args:
+        run: the recipe (block size, batch size, seed, label smoothing).
+        tok: the tokenizer.
+        train_ids, val_ids: (N,) token ids of the training and validation text, each longer than a block.
+        eval_batches: windows of validation text scored at each validation, in batches.
+    """
 
     name = "lm"
     metric = "val_loss"
@@ -123,10 +141,10 @@ class LanguageModelTask:
         d, t = run.data, run.train
         self.batch_size = t.batch_size or max(1, t.max_tokens // d.block_size)
         for split, ids in (("training", train_ids), ("validation", val_ids)):
-            if len(ids) <= d.block_size + 1:
+            if len(ids) <= d.block_size:  # a window needs block_size inputs and one more token to predict
                 raise DataError(
-                    f"{d.text}: the {split} split has {len(ids)} tokens, fewer than data.block_size+2="
-                    f"{d.block_size + 2}; use a longer text or a smaller block_size"
+                    f"{d.text}: the {split} split has {len(ids)} tokens, fewer than data.block_size+1="
+                    f"{d.block_size + 1}; use a longer text or a smaller block_size"
                 )
 
     @property
@@ -136,13 +154,14 @@ class LanguageModelTask:
     def num_batches(self, epoch: int) -> int:
         return max(1, len(self.train_ids) // (self.batch_size * self.run.data.block_size))
 
-    def batch(self, epoch: int, i: int) -> tuple[Tensor, Tensor]:
+    def batch(self, epoch: int, i: int) -> LMBatch:
+        """`batch_size` random windows of the training text, x and y (B, block_size)."""
         g = torch.Generator().manual_seed(hash((self.run.train.seed, epoch, i)) & 0x7FFFFFFF)
         return lm_blocks(self.train_ids, self.run.data.block_size, self.batch_size, g)
 
-    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
-        x, y = batch
-        return model.loss(x, y, self.run.train.label_smoothing), y.numel()
+    def loss(self, model: nn.Module, batch: LMBatch) -> Tensor:
+        """Next-token cross entropy, averaged over the batch's tokens."""
+        return model.loss(batch.x, batch.y, self.run.train.label_smoothing)
 
     def padding_fraction(self, epoch: int) -> float:
         return 0.0
@@ -152,10 +171,10 @@ class LanguageModelTask:
         model.eval()
         g = torch.Generator().manual_seed(1234)
         losses = []
+        device = next(model.parameters()).device
         for _ in range(self.eval_batches):
-            x, y = lm_blocks(self.val_ids, self.run.data.block_size, self.batch_size, g)
-            device = next(model.parameters()).device
-            losses.append(float(model.loss(x.to(device), y.to(device), 0.0)))
+            b = lm_blocks(self.val_ids, self.run.data.block_size, self.batch_size, g).to(device)
+            losses.append(float(model.loss(b.x, b.y, 0.0)))
         return {"val_loss": sum(losses) / len(losses)}
 
 

@@ -1,35 +1,35 @@
-"""One training loop for every task: schedule, bf16 autocast, accumulation, validation, checkpoints, resume.
+"""One training loop for every task: schedule, precision, accumulation, validation, checkpoints, resume.
 
-    RUN_DIR/
-      run_config.json        the resolved recipe
-      metrics.jsonl          one JSON line per validation
-      last/                  newest checkpoint, with training_state (what `--resume RUN_DIR` reads)
-      best/                  best validation checkpoint so far
-      checkpoints/step-N/    the last `keep_checkpoints` checkpoints' weights (for `transformer average`)
-
-Resuming restores the model, optimizer, step, data position (epoch, batch) and RNG, so N steps + M resumed
-steps give the same parameters as N + M steps in one go. Batches are a pure function of (seed, epoch, index).
+A run writes the run directory described in `rundir.py`. Resuming restores the model, optimizer, step, data
+position (epoch, batch) and random states, so N steps + M resumed steps give the same parameters as N + M steps
+in one go: batches are a pure function of (seed, epoch, index).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import math
-import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import backend
-from .checkpoint import STATE_JSON, STATE_TENSORS, load_weights, save_checkpoint, write_json_atomic
-from .config import RunConfig, TrainConfig, from_dict
-from .distributed import Distributed
+from . import backend, rundir
+from .checkpoint import TrainingState, load_weights, read_training_state, save_checkpoint, training_state
+from .config import ModelConfig, RunConfig, TrainConfig
+from .distributed import (
+    Distributed,
+    data_parallel,
+    full_state_dict,
+    load_named_optimizer_state,
+    named_optimizer_state,
+)
 from .errors import CheckpointError, TransformerError
 from .generate import translate_texts
 from .model import build_model, count_parameters
@@ -59,6 +59,32 @@ class TrainingInterrupted(TransformerError):
         self.exit_code = 128 + signum
 
 
+@dataclass
+class Position:
+    """Where training is: what `last/` records and `--resume` restores."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch: int = 0  # next batch index within the epoch
+    elapsed: float = 0.0  # seconds of training before this process
+    best: Optional[float] = None  # best validation metric so far
+
+
+@dataclass
+class _Window:
+    """Training figures summed since some point (the last progress report, the last validation)."""
+
+    loss: float = 0.0  # summed over tokens
+    tokens: int = 0
+    norms: list[float] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: int, norm: float) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.norms.append(norm)
+
+
 class _LossStep(nn.Module):
     """model + task.loss as one module, so DistributedDataParallel's forward sees the whole computation."""
 
@@ -67,22 +93,37 @@ class _LossStep(nn.Module):
         self.model, self.task = model, task
 
     def forward(self, batch):
-        return self.task.loss(self.model, batch)[0]
+        return self.task.loss(self.model, batch)
 
 
-@dataclass
-class Position:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch: int = 0  # next batch index within the epoch
-    elapsed: float = 0.0  # seconds of training before this process
-    best: Optional[float] = None
+def adamw(model: nn.Module, t: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, with weight decay on matrices (projections, embeddings) only, never on biases and LayerNorm
+    gains. The fused kernel updates each tensor in one pass (several times faster than the default on a CPU);
+    `fused=False` for parameters it cannot take (FSDP's sharded ones)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = fused and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
+
+
+def sized_for(cfg: ModelConfig, tokenizers: dict) -> ModelConfig:
+    """`cfg` with the vocabulary sizes of the task's tokenizers (a new, re-checked config)."""
+    sizes = {"tgt_vocab_size": tokenizers["tgt"].vocab_size}
+    if "src" in tokenizers:
+        sizes["src_vocab_size"] = tokenizers["src"].vocab_size
+    return dataclasses.replace(cfg, **sizes)
 
 
 class Trainer:
     """Trains a model described by a `RunConfig` into a run directory.
 
-    `progress`: a callable(dict) called every `log_every` steps (the CLI draws its progress bar with it).
+    Args:
+        run: the recipe. Its fp32 variant is applied where precision resolves to fp32 (`self.run` is the recipe
+            as it runs).
+        out_dir: the run directory.
+        resume: continue the run in `out_dir` from its `last/` checkpoint.
+        progress: called with a dict (step, epoch, loss, lr, tokens_per_s, minutes) every `log_every` steps.
     """
 
     def __init__(
@@ -92,245 +133,142 @@ class Trainer:
         resume: bool = False,
         progress: Optional[Callable[[dict[str, Any]], None]] = None,
     ) -> None:
-        self.run, self.out = run, Path(out_dir)
+        self.out = Path(out_dir)
         self.progress = progress
-        t = run.train
-        self.dist = Distributed(t.device)
+        self.dist = Distributed(run.train.device)
         self.device = self.dist.device
-        self.precision = backend.resolve_precision(t.precision, self.device)
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
-        tokenizers = None
+        self.precision = backend.resolve_precision(run.train.precision, self.device)
+        self.variant = run.variant_changes(self.precision.name)  # the recipe's settings for this precision
+        run = run.for_precision(self.precision.name)
+        if run.train.threads:
+            torch.set_num_threads(run.train.threads)
+        torch.manual_seed(run.train.seed)
         state = None
         if resume:
-            state, tokenizers = self._read_resume_state()
-        self.task = build_task(run, tokenizers)
-        self.model = self._build_model().to(self.device)
+            try:
+                state = read_training_state(self.out / "last")
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; cannot --resume {self.out}") from None
+        self.task = build_task(run, state.checkpoint.tokenizers if state else None)
+        self.run = dataclasses.replace(run, model=sized_for(run.model, self.task.tokenizers))
+        self.model = build_model(self.run.model).to(self.device)
         if state is not None:  # weights go in before any sharding
-            load_weights(self.model, state[0], self.out / "last")
-        self.fsdp = t.fsdp
-        self.step_module: nn.Module = _LossStep(self.model, self.task)
-        if t.fsdp:
-            self._shard()
-        elif self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = DistributedDataParallel(self.step_module, device_ids=ids)
-        # Weight decay on matrices (projections, embeddings) only, never on biases and LayerNorm gains.
-        params = list(self.model.parameters())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # The fused kernel updates each tensor in one pass (3x faster than the default on a 2-core CPU at 44M
-        # parameters); FSDP's sharded parameters keep the default implementation.
-        fused = not t.fsdp and self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
-        self.pos = Position()
+            load_weights(self.model, state.checkpoint.model.state_dict(), self.out / "last")
+        self.fsdp = self.run.train.fsdp
+        self.step_module = data_parallel(self.model, _LossStep(self.model, self.task), self.dist, self.fsdp)
+        self.optimizer = adamw(self.model, self.run.train, fused=not self.fsdp)
+        self.saver = _Saver(self.out, self.run, self.task, self.dist, self.model, self.optimizer, self.fsdp)
+        self.position = Position()
         if state is not None:
-            self._restore(state[1], state[2])
-        self._stop_signal: Optional[int] = None
+            self._restore(state)
         self.bad_steps = 0
         self.reached_target = False  # the validation metric reached train.stop_at
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
-    def describe_machine(self) -> str:
-        """One line: the device, the precision and why, and (on CPU) the fast paths this machine gets."""
-        if self.device.type == "cuda":
-            where = f"device: {self.device} ({torch.cuda.get_device_name(self.device)})"
-        else:
-            where = f"device: cpu ({backend.cpu_description()}, {torch.get_num_threads()} threads); " \
-                    f"{backend.cpu_paths().describe()}"
-        return f"{where}; precision: {self.precision.name} ({self.precision.reason})"
-
-    def _build_model(self) -> nn.Module:
-        cfg = self.run.model
-        toks = self.task.tokenizers
-        cfg.tgt_vocab_size = toks["tgt"].vocab_size
-        if "src" in toks:
-            cfg.src_vocab_size = toks["src"].vocab_size
-        cfg.__post_init__()  # re-check with the real vocabulary sizes
-        return build_model(cfg)
-
-    def _shard(self) -> None:
-        """FSDP2: shard each layer's parameters (and the rest at the root) across the processes."""
-        try:
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-        except ImportError:
-            raise TransformerError(
-                f"--fsdp needs FSDP2's fully_shard (torch >= 2.6); the installed torch is {torch.__version__}"
-            ) from None
-        if self.dist.world < 2:
-            raise TransformerError("--fsdp shards parameters across processes: launch with torchrun --nproc-per-node N")
-        for module in self.model.modules():
-            if type(module).__name__ == "TransformerLayer":
-                fully_shard(module)
-        fully_shard(self.model)
-        register_fsdp_forward_method(self.model, "loss")  # the trainer calls model.loss, not model(...)
-
-    def _read_resume_state(self):
-        from safetensors.torch import load_file
-
-        from .checkpoint import load_checkpoint
-
-        last = self.out / "last"
-        if not (last / STATE_JSON).is_file():
-            raise CheckpointError(f"{last}: no resumable checkpoint (missing {STATE_JSON}); cannot --resume {self.out}")
-        ckpt = load_checkpoint(last)
-        tensors = load_file(str(last / STATE_TENSORS))
-        state = json.loads((last / STATE_JSON).read_text())
-        return (ckpt.model.state_dict(), tensors, state), ckpt.tokenizers
-
-    def _restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        self._load_optimizer(_unflatten_optimizer(tensors, state["optimizer"]))
-        rng = tensors.get(f"rng.torch.{self.dist.rank}")
-        if rng is not None and state.get("world", 1) == self.dist.world:
-            torch.set_rng_state(rng)
-            cuda_rng = tensors.get(f"rng.cuda.{self.dist.rank}")
-            if cuda_rng is not None and self.device.type == "cuda":  # dropout's random numbers on the GPU
-                torch.cuda.set_rng_state(cuda_rng, self.device)
+    def _restore(self, state: TrainingState) -> None:
+        load_named_optimizer_state(self.model, self.optimizer, state.optimizer, self.fsdp)
+        rank = self.dist.rank
+        if f"torch.{rank}" in state.rng and state.meta.get("world", 1) == self.dist.world:
+            torch.set_rng_state(state.rng[f"torch.{rank}"])
+            if f"cuda.{rank}" in state.rng and self.device.type == "cuda":  # dropout's random numbers on the GPU
+                torch.cuda.set_rng_state(state.rng[f"cuda.{rank}"], self.device)
         else:  # a different number of processes: reseed each rank from the step instead
-            torch.manual_seed(self.run.train.seed + 1000 * state["position"]["step"] + self.dist.rank)
-        p = state["position"]
-        self.pos = Position(p["step"], p["epoch"], p["batch"], p["elapsed"], p.get("best"))
-
-    # Optimizer state is stored keyed by parameter name, so it loads whatever the process count or sharding.
-
-    def _optimizer_state(self) -> dict:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-        sd = self.optimizer.state_dict()
-        names = self._optimizer_param_names()
-        return {
-            "state": {names[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
-        }
-
-    def _load_optimizer(self, named: dict) -> None:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.model, self.optimizer, named, options=StateDictOptions(full_state_dict=True))
-            return
-        index = {n: i for i, n in enumerate(self._optimizer_param_names())}
-        self.optimizer.load_state_dict({
-            "state": {index[n]: v for n, v in named["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
-        })
-
-    def _optimizer_param_names(self) -> list[str]:
-        """Parameter names in the optimizer's own numbering (group by group)."""
-        name_of = {id(p): n for n, p in self.model.named_parameters()}
-        return [name_of[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-
-    def _full_model(self) -> Optional[nn.Module]:
-        """The whole model on the main process (None elsewhere): the model itself, or with FSDP an unsharded
-        copy gathered from every process (a collective call)."""
-        if not self.fsdp:
-            return self.model if self.dist.main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.dist.main:
-            return None
-        replica = build_model(self.run.model)
-        load_weights(replica, full, Path("<gathered>"))
-        return replica.to(self.device)
+            torch.manual_seed(self.run.train.seed + 1000 * state.meta["position"]["step"] + rank)
+        self.position = Position(**state.meta["position"])
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        """Train until max_steps, max_epochs or max_minutes; returns the last validation figures."""
+        """Train until max_steps, max_epochs, max_minutes or stop_at; returns the last validation figures."""
         t = self.run.train
-        main = self.dist.main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.out / "run_config.json", self.run.to_dict())
-            log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
-                     self.task.name, self.dist.world)
-            log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.pos.epoch))
-            log.info("%s", self.describe_machine())
-        autocast = backend.autocast(self.device, self.precision)
-        start = time.perf_counter() - self.pos.elapsed
+        if self.dist.main:
+            self._start_run_dir()
+        start = time.perf_counter() - self.position.elapsed
+        since_log, since_eval = _Window(), _Window()
         last_eval: dict[str, Any] = {}
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        eval_loss, eval_tokens, eval_norms = 0.0, 0, []  # training loss and gradient norms since the last validation
-        old_handlers = self._catch_signals()
-        try:
+        with StopSignals() as signals:
             while not self._done(start):
-                self.model.train()
-                self.optimizer.zero_grad(set_to_none=True)
-                micro = self._step_batches()
-                # Weight each micro-batch by its share of the target tokens of the whole (global) step; DDP's
-                # gradient average over processes then gives exactly the single-process token-weighted mean.
-                local_tokens = sum(n for _, n in micro)
-                total_tokens = self.dist.sum(local_tokens)
-                step_loss = 0.0
-                for i, (batch, n) in enumerate(micro):
-                    last = i == len(micro) - 1
-                    with self._no_sync(not last), autocast:
-                        loss = self.step_module(batch)
-                    (loss * (n * self.dist.world / total_tokens)).backward()
-                    step_loss += float(loss.detach()) * n
-                step_loss = self.dist.sum(step_loss)
-                eval_norms.append(self._update(step_loss, total_tokens))
-                window_loss += step_loss
-                eval_loss += step_loss
-                eval_tokens += total_tokens
-                window_tokens += total_tokens
-                if main and self.pos.step % t.log_every == 0 and self.progress is not None:
-                    now = time.perf_counter()
-                    self.progress(
-                        dict(step=self.pos.step, epoch=self.pos.epoch, loss=window_loss / max(window_tokens, 1),
-                             lr=learning_rate(t, self.pos.step), tokens_per_s=window_tokens / max(now - window_start, 1e-9),
-                             minutes=(now - start) / 60)
-                    )
-                    window_loss, window_tokens, window_start = 0.0, 0, now
-                if self.pos.step % t.eval_every == 0:
-                    last_eval = self._validate(start, eval_loss / max(eval_tokens, 1), sum(eval_norms) / len(eval_norms))
-                    eval_loss, eval_tokens, eval_norms = 0.0, 0, []
-                    self.reached_target = self.dist.sum(float(self.reached_target)) > 0  # rank 0 scored
-                stop = self.dist.sum(float(self._stop_signal is not None))  # every process stops at the same step
-                if stop:
-                    self._save_last(start)
-                    signum = self._stop_signal or signal.SIGTERM
-                    raise TrainingInterrupted(
-                        f"{signal.Signals(signum).name}: training stopped at step {self.pos.step}; "
-                        f"resume with --resume {self.out}",
-                        signum,
-                    )
-            if not last_eval or last_eval.get("step") != self.pos.step:
-                last_eval = self._validate(start, None, None)
+                figures = self._train_step()
+                since_log.add(*figures)
+                since_eval.add(*figures)
+                if self.position.step % t.log_every == 0:
+                    self._report(since_log, start)
+                    since_log = _Window()
+                if self.position.step % t.eval_every == 0:
+                    last_eval = self._validate(start, since_eval)
+                    since_eval = _Window()
+                self._stop_if_signalled(signals.signum, start)
+            if last_eval.get("step") != self.position.step:
+                last_eval = self._validate(start, None)
             if t.average_last and self.dist.main:
-                steps = sorted((self.out / "checkpoints").glob("step-*"))[-t.average_last :]
-                average_checkpoints(steps, self.out / "averaged")
-                log.info("averaged %d checkpoints (%s .. %s) into %s", len(steps), steps[0].name, steps[-1].name,
-                         self.out / "averaged")
-            return last_eval
-        finally:
-            self._restore_signals(old_handlers)
+                averaged = rundir.average_last(self.out, t.average_last, self.position.step)
+                log.info("averaged %s into %s", ", ".join(p.name for p in averaged), self.out / "averaged")
+        return last_eval
+
+    def _stop_if_signalled(self, signum: Optional[int], start: float) -> None:
+        """After SIGINT/SIGTERM: save a resumable checkpoint and stop (every process at the same step)."""
+        if not self.dist.sum(float(signum is not None)):
+            return
+        self.saver.last(self.position, time.perf_counter() - start)
+        signum = signum or signal.SIGTERM
+        raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at step {self.position.step}; "
+                                  f"resume with --resume {self.out}", signum)
+
+    def _start_run_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rundir.write_run_config(self.out, self.run)
+        log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
+                 self.task.name, self.dist.world)
+        log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.position.epoch))
+        log.info("%s", backend.describe(self.device, self.precision, self.variant))
+
+    def _train_step(self) -> tuple[float, int, float]:
+        """One optimizer step over this process's micro-batches. Returns the loss summed over the step's target
+        tokens (all processes), their number, and the gradient norm before clipping."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = self._step_batches()
+        # Weight each micro-batch by its share of the target tokens of the whole (global) step; DDP's gradient
+        # average over processes then gives exactly the single-process token-weighted mean.
+        total = int(self.dist.sum(sum(b.n_tokens for b in micro)))
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            with self._no_sync(i < len(micro) - 1), backend.autocast(self.device, self.precision):
+                loss = self.step_module(batch)
+            (loss * (batch.n_tokens * self.dist.world / total)).backward()
+            loss_sum += float(loss.detach()) * batch.n_tokens
+        loss_sum = self.dist.sum(loss_sum)
+        return loss_sum, total, self._update(loss_sum)
+
+    def _step_batches(self) -> list:
+        """This process's micro-batches for one optimizer step. A step consumes world x accumulate batches in
+        order (crossing into the next epoch when one runs out); process r takes every world-th of them."""
+        positions = []
+        for _ in range(self.dist.world * self.run.train.accumulate):
+            if self.position.batch >= self.task.num_batches(self.position.epoch):
+                self.position.epoch += 1
+                self.position.batch = 0
+            positions.append((self.position.epoch, self.position.batch))
+            self.position.batch += 1
+        mine = positions[self.dist.rank :: self.dist.world]
+        return [_to_device(self.task.batch(epoch, index), self.device) for epoch, index in mine]
 
     def _no_sync(self, skip: bool):
         """Inside gradient accumulation, no all-reduce until the last micro-batch of a step."""
-        import contextlib
-
         if skip and hasattr(self.step_module, "no_sync"):
             return self.step_module.no_sync()
         return contextlib.nullcontext()
 
-    def _update(self, step_loss: float, total_tokens: float) -> float:
+    def _update(self, step_loss: float) -> float:
         """Clip, check and apply the gradients of one step; returns their norm before clipping."""
         t = self.run.train
         # The gradient norm (clipped to clip_norm, if set) doubles as the check for inf/NaN.
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
-        self.pos.step += 1
+        self.position.step += 1
         if math.isfinite(step_loss) and bool(torch.isfinite(norm)):
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(t, self.pos.step)
+                group["lr"] = learning_rate(t, self.position.step)
             self.optimizer.step()
             self.bad_steps = 0
         else:
@@ -343,89 +281,129 @@ class Trainer:
         self.bad_steps += 1
         limit = self.run.train.max_bad_steps
         log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row, limit %d)",
-                    self.pos.step, loss, norm, self.bad_steps, limit)
+                    self.position.step, loss, norm, self.bad_steps, limit)
         if self.bad_steps >= limit:
             raise TransformerError(
-                f"training stopped at step {self.pos.step}: {self.bad_steps} steps in a row had a non-finite loss or "
-                f"gradient (try a lower train.lr or train.precision: fp32); the last good checkpoint is {self.out / 'last'}"
+                f"training stopped at step {self.position.step}: {self.bad_steps} steps in a row had a non-finite "
+                f"loss or gradient (try a lower train.lr or train.precision: fp32); the last good checkpoint is "
+                f"{self.out / 'last'}"
             )
 
     def _done(self, start: float) -> bool:
-        t = self.run.train
-        if t.max_steps and self.pos.step >= t.max_steps:
+        t, p = self.run.train, self.position
+        if t.max_steps and p.step >= t.max_steps:
             return True
-        if t.max_epochs and self.pos.epoch >= t.max_epochs:
+        # epochs completed: the current one counts once its last batch has been taken
+        epochs = p.epoch + (p.batch >= self.task.num_batches(p.epoch))
+        if t.max_epochs and epochs >= t.max_epochs:
             return True
         if t.max_minutes and time.perf_counter() - start >= t.max_minutes * 60:
             return True
         return self.reached_target
 
-    def _step_batches(self) -> list[tuple[Any, int]]:
-        """This process's micro-batches for one optimizer step. A step consumes world x accumulate batches in
-        order (crossing into the next epoch when one runs out); process r takes every world-th of them."""
-        t = self.run.train
-        positions = []
-        for _ in range(self.dist.world * t.accumulate):
-            if self.pos.batch >= self.task.num_batches(self.pos.epoch):
-                self.pos.epoch += 1
-                self.pos.batch = 0
-            positions.append((self.pos.epoch, self.pos.batch))
-            self.pos.batch += 1
-        out = []
-        for epoch, index in positions[self.dist.rank :: self.dist.world]:
-            batch = _to_device(self.task.batch(epoch, index), self.device)
-            n = batch.n_tokens if hasattr(batch, "n_tokens") else batch[1].numel()
-            out.append((batch, n))
-        return out
+    def _report(self, window: _Window, start: float) -> None:
+        if not self.dist.main or self.progress is None:
+            return
+        now = time.perf_counter()
+        self.progress(dict(step=self.position.step, epoch=self.position.epoch,
+                           loss=window.loss / max(window.tokens, 1), lr=learning_rate(self.run.train, self.position.step),
+                           tokens_per_s=window.tokens / max(now - window.start, 1e-9), minutes=(now - start) / 60))
 
     # -- validation and checkpoints -------------------------------------------------------------------------
 
     def translate(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> list[str]:
-        t = self.run.train
+        """Translate with the model being trained (as validation does): the run's precision and beam."""
         with backend.autocast(self.device, self.precision):
             return translate_texts(model or self.model, self.task.src_tok, self.task.tgt_tok, texts,
-                                   beam_size=t.eval_beam)
+                                   beam_size=self.run.train.eval_beam)
 
-    def _validate(self, start: float, train_loss: Optional[float], grad_norm: Optional[float]) -> dict[str, Any]:
-        """Validate, append to metrics.jsonl and save checkpoints (the main process), then save `last/` (all
-        processes take part in gathering). With FSDP the whole model is gathered once for both."""
-        model = self._full_model()
-        record = self._score(model, start, train_loss, grad_norm) if model is not None else {"step": self.pos.step}
-        self._save_last(start, model, gathered=True)  # after scoring, so it records the updated best
+    def _validate(self, start: float, window: Optional[_Window]) -> dict[str, Any]:
+        """Score the model, append the figures to metrics.jsonl and save the step and best checkpoints (the main
+        process), then save `last/` (every process takes part in gathering a sharded model)."""
+        model = self.saver.whole_model()
+        record: dict[str, Any] = {"step": self.position.step}
+        if model is not None:
+            record = self._score(model, start, window)
+            self.saver.validated(record, model, self._note_best(record))
+        self.saver.last(self.position, time.perf_counter() - start, model)  # records the updated best
+        self.reached_target = self.dist.sum(float(self.reached_target)) > 0  # the main process scored
         return record
 
-    def _score(self, model: nn.Module, start: float, train_loss: Optional[float], grad_norm: Optional[float]) -> dict[str, Any]:
+    def _score(self, model: nn.Module, start: float, window: Optional[_Window]) -> dict[str, Any]:
+        """The validation figures of `model`, with where training is and how it went since the last time."""
         with backend.autocast(self.device, self.precision):
             figures = self.task.validate(model, lambda texts: self.translate(texts, model))
-        lr = learning_rate(self.run.train, max(self.pos.step, 1))
-        record = {"step": self.pos.step, "epoch": self.pos.epoch, "minutes": round((time.perf_counter() - start) / 60, 3),
-                  "lr": lr}
-        if train_loss is not None:
-            record["train_loss"] = round(train_loss, 4)
-            record["grad_norm"] = round(grad_norm, 4)  # before clipping, mean over the steps since the last one
-        record.update({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
-        metric = self.task.metric
-        value = record.get(metric)
-        better = value is not None and (
-            self.pos.best is None or (value < self.pos.best if metric == "val_loss" else value > self.pos.best)
-        )
-        if better:
-            self.pos.best = value
-        target = self.run.train.stop_at
-        if value is not None and target is not None:
-            self.reached_target = value <= target if metric == "val_loss" else value >= target
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        step_dir = self.out / "checkpoints" / f"step-{self.pos.step:07d}"
-        self._write(step_dir, model)
-        self._prune_step_checkpoints()
-        if better:
-            self._write(self.out / "best", model, extra={"validation": record})
         self.model.train()
+        record = {"step": self.position.step, "epoch": self.position.epoch,
+                  "minutes": round((time.perf_counter() - start) / 60, 3),
+                  "lr": learning_rate(self.run.train, max(self.position.step, 1))}
+        if window is not None:
+            record["train_loss"] = round(window.loss / max(window.tokens, 1), 4)
+            record["grad_norm"] = round(sum(window.norms) / len(window.norms), 4)  # before clipping, mean per step
+        record.update({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
         return record
 
-    def _write(self, directory: Path, model: nn.Module, state=None, extra: Optional[dict] = None) -> None:
-        meta = {"step": self.pos.step, "run": self.run.to_dict(), **(extra or {})}
+    def _note_best(self, record: dict[str, Any]) -> bool:
+        """Update the best score (and whether `stop_at` is reached) from `record`; True if it is a new best."""
+        value = record.get(self.task.metric)
+        if value is None:
+            return False
+        lower = self.task.metric == "val_loss"  # lower is better
+        better = self.position.best is None or (value < self.position.best if lower else value > self.position.best)
+        if better:
+            self.position.best = value
+        if self.run.train.stop_at is not None:
+            self.reached_target = value <= self.run.train.stop_at if lower else value >= self.run.train.stop_at
+        return better
+
+
+class _Saver:
+    """What the trainer writes to its run directory: from the main process the metrics and the step and best
+    checkpoints; with every process taking part (a sharded model is gathered), `last/` and its training state.
+    """
+
+    def __init__(self, out: Path, run: RunConfig, task, dist: Distributed, model: nn.Module, optimizer, fsdp: bool):
+        self.out, self.run, self.task, self.dist = out, run, task, dist
+        self.model, self.optimizer, self.fsdp = model, optimizer, fsdp
+
+    def whole_model(self) -> Optional[nn.Module]:
+        """The whole model on the main process (None elsewhere): the model itself, or with FSDP an unsharded
+        copy gathered from every process (a collective call)."""
+        if not self.fsdp:
+            return self.model if self.dist.main else None
+        weights = full_state_dict(self.model, fsdp=True)
+        if not self.dist.main:
+            return None
+        replica = build_model(self.run.model)
+        load_weights(replica, weights, Path("<gathered>"))
+        return replica.to(self.dist.device)
+
+    def validated(self, record: dict[str, Any], model: nn.Module, better: bool) -> None:
+        """After a validation (main process): its metrics line, its step checkpoint, and `best/` if better."""
+        rundir.append_metrics(self.out, record)
+        self._write(rundir.step_dir(self.out, record["step"]), model, record["step"])
+        rundir.prune_step_checkpoints(self.out, self.run.train.keep_checkpoints)
+        if better:
+            self._write(self.out / "best", model, record["step"], extra={"validation": record})
+
+    def last(self, position: Position, elapsed: float, model: Optional[nn.Module] = None) -> None:
+        """The resumable checkpoint: weights, optimizer, every process's random states, the data position.
+        Every process calls it; `model` is `whole_model()`'s result when the caller has it already."""
+        device = self.dist.device
+        cpu_rngs = self.dist.gather(torch.get_rng_state())
+        gpu_rngs = self.dist.gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        optimizer = named_optimizer_state(self.model, self.optimizer, self.fsdp)
+        if model is None:
+            model = self.whole_model()
+        if model is not None:
+            rng = {f"torch.{r}": s for r, s in enumerate(cpu_rngs)}
+            rng.update({f"cuda.{r}": s for r, s in enumerate(gpu_rngs) if s is not None})
+            meta = {"position": {**dataclasses.asdict(position), "elapsed": elapsed}, "world": self.dist.world}
+            self._write(self.out / "last", model, position.step, training_state(optimizer, rng, meta))
+        self.dist.barrier()
+
+    def _write(self, directory: Path, model: nn.Module, step: int, state=None, extra: Optional[dict] = None) -> None:
+        meta = {"step": step, "run": self.run.to_dict(), **(extra or {})}
         try:
             save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state)
         except OSError as e:
@@ -433,116 +411,30 @@ class Trainer:
                 f"{directory}: could not save the checkpoint ({e.strerror or e}); the previous one is intact"
             ) from None
 
-    def _save_last(self, start: float, model: Optional[nn.Module] = None, gathered: bool = False) -> None:
-        """The resumable checkpoint: weights, optimizer, every process's RNG, the data position. Every process
-        calls it (gathering is collective); the main process writes. `gathered`: `model` is already the
-        result of `_full_model()`."""
-        rngs = self.dist.gather(torch.get_rng_state())
-        cuda_rngs = self.dist.gather(torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        optimizer = self._optimizer_state()
-        if not gathered:
-            model = self._full_model()
-        if model is not None:
-            tensors, opt_meta = _flatten_optimizer(optimizer)
-            tensors.update({f"rng.torch.{r}": rng for r, rng in enumerate(rngs)})
-            tensors.update({f"rng.cuda.{r}": rng for r, rng in enumerate(cuda_rngs) if rng is not None})
-            position = {"step": self.pos.step, "epoch": self.pos.epoch, "batch": self.pos.batch,
-                        "elapsed": time.perf_counter() - start, "best": self.pos.best}
-            state = (tensors, {"optimizer": opt_meta, "position": position, "world": self.dist.world})
-            self._write(self.out / "last", model, state)
-        self.dist.barrier()
 
-    def _prune_step_checkpoints(self) -> None:
-        steps = sorted((self.out / "checkpoints").glob("step-*"))
-        for old in steps[: -self.run.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+class StopSignals:
+    """Within the block, SIGINT and SIGTERM only set `signum` (the trainer stops at the end of the step and
+    saves a resumable checkpoint); the previous handlers come back after it."""
 
-    # -- signals --------------------------------------------------------------------------------------------
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: dict = {}
 
-    def _catch_signals(self):
+    def __enter__(self) -> "StopSignals":
         def handler(signum, frame):
-            self._stop_signal = signum
+            self.signum = signum
 
-        old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                old[sig] = signal.signal(sig, handler)
+                self._old[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread
                 pass
-        return old
+        return self
 
-    @staticmethod
-    def _restore_signals(old) -> None:
-        for sig, h in old.items():
+    def __exit__(self, *exc) -> None:
+        for sig, h in self._old.items():
             signal.signal(sig, h)
 
 
 def _to_device(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    return batch.to(device) if hasattr(batch, "to") else tuple(t.to(device) for t in batch)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizer state <-> (tensors for safetensors, JSON for the rest)
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a name-keyed optimizer state into tensors (for safetensors) and everything else (for JSON)."""
-    tensors: dict[str, torch.Tensor] = {}
-    per_param: dict[str, dict] = {}
-    for name, s in state["state"].items():
-        entry = {}
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.{name}.{k}"] = v.detach().cpu()
-                entry[k] = "tensor"
-            else:
-                entry[k] = v
-        per_param[name] = entry
-    return tensors, {"state": per_param, "param_groups": state["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state = {}
-    for name, entry in meta["state"].items():
-        state[name] = {k: tensors[f"optimizer.{name}.{k}"] if v == "tensor" else v for k, v in entry.items()}
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
-
-
-def load_run_dir_config(run_dir: str | Path) -> RunConfig:
-    """The recipe a run directory was trained with (for --resume)."""
-    path = Path(run_dir) / "run_config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; {run_dir} is not a run directory") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    return from_dict(RunConfig, data)
-
-
-def average_checkpoints(paths: Sequence[str | Path], out: str | Path) -> Path:
-    """Average the weights of several checkpoints of one model into a new checkpoint directory."""
-    from .checkpoint import load_checkpoint
-
-    if not paths:
-        raise TransformerError("no checkpoints to average")
-    ckpts = [load_checkpoint(p) for p in paths]
-    first = ckpts[0]
-    avg = {k: v.detach().clone().double() for k, v in first.model.state_dict().items()}
-    for c in ckpts[1:]:
-        if c.config != first.config:
-            raise CheckpointError(f"{c.path}: a different model configuration from {first.path}; cannot average")
-        for k, v in c.model.state_dict().items():
-            avg[k] += v.double()
-    with torch.no_grad():
-        for k, v in first.model.state_dict().items():
-            v.copy_((avg[k] / len(ckpts)).to(v.dtype))
-    meta = dict(first.meta)
-    meta["averaged_from"] = [str(p) for p in paths]
-    return save_checkpoint(out, first.model, first.task, first.tokenizers, meta)
+    return batch if device.type == "cpu" else batch.to(device)

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .errors import TransformerError
+from .files import atomic_path, write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -83,13 +84,12 @@ def plot_curves(run_dir: str | Path, out: str | Path, title: str | None = None) 
 def _save_figure(plt, fig, out: str | Path, dpi: int) -> Path:
     """Write a PNG atomically (a temporary file renamed into place), then free the figure."""
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,8 +141,8 @@ def attention_maps(model, src_tok, tgt_tok, source: str, target: Optional[str] =
     enc_w: list = []
     dec_w: list = []
     with torch.no_grad():
-        memory, mask = model.encode(src, weights=enc_w)
-        model.decode(tgt_in, memory, mask, weights=dec_w)
+        memory, mask = model.encode(src, attn_maps=enc_w)
+        model.decode(tgt_in, memory, mask, attn_maps=dec_w)
 
     def stack(records: list, kind: str) -> torch.Tensor:  # (layers, heads, T, S) on the CPU
         return torch.stack([w[kind][0] for w in records]).float().cpu()
@@ -283,9 +283,5 @@ def attention_html(maps: AttentionMaps, out: str | Path) -> Path:
         }
     # JSON inside <script>: escape "</" so a token can never close the script element
     page = _HTML.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    write_text_atomic(out, page)
+    return Path(out)
