@@ -23,7 +23,7 @@ from transformer import backend
 from . import workloads as W
 from .harness import compare, ratio
 
-ALL = ["train-small", "train-base", "greedy", "beam", "lm", "mfu", "memory"]
+ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "lm", "mfu", "memory"]
 
 # Targets from the issues: (workload row, peer) -> minimum ratio
 TARGETS = {
@@ -33,6 +33,8 @@ TARGETS = {
     ("train base fp32", "HF Marian"): 1.0, ("train base bf16", "HF Marian"): 1.0,
     ("greedy base", "HF generate"): 1.5, ("greedy base", "naive recompute"): 8.0,
     ("beam5 base", "HF generate"): 1.5, ("lm step", "HF GPT-2"): 1.0, ("train base bf16", "ours fp32"): 1.5,
+    **{(f"ct2 {kind} {size} {q}", "CTranslate2"): 1.0 for kind in ("greedy", "beam5") for size in ("small", "base")
+       for q in ("fp32", "int8")},
 }
 
 
@@ -119,6 +121,20 @@ def main(argv=None) -> int:
         n, sentences = (8, 2) if args.smoke else (64, 8)
         res = compare(W.decode_contenders(base, n, sentences, 5, hf, naive=False), rounds, warmup)
         table.add("beam5 base", res, sentences * n, "tokens/s")
+    if "ct2" in chosen:
+        if not W.have_ct2():
+            print("# ct2 rows skipped: CTranslate2 is not installed (pip install ctranslate2)")
+        else:
+            import tempfile
+
+            for size_name, size in (("small", small), ("base", base)):
+                for beam, sentences in ((1, 2 if args.smoke else 32), (5, 2 if args.smoke else 8)):
+                    n = 8 if args.smoke else 64
+                    for int8 in (False, True):
+                        with tempfile.TemporaryDirectory() as d:
+                            res = compare(W.ct2_contenders(size, n, sentences, beam, int8, Path(d) / "ct2"), rounds, warmup)
+                        kind = "greedy" if beam == 1 else "beam5"
+                        table.add(f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}", res, sentences * n, "tokens/s")
     if "lm" in chosen:
         block, lm_batch = (16, 2) if args.smoke else (64, 12)
         res = compare(W.lm_contenders(hf, block=block, batch=lm_batch), rounds, warmup)

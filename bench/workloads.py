@@ -370,3 +370,62 @@ def threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The race with CTranslate2: the same weights, exported to it
+
+
+def have_ct2() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _NamedVocabulary:
+    """Token strings for a random model's ids (what CTranslate2 reads and writes)."""
+
+    def __init__(self, size: int) -> None:
+        self.vocab_size = size
+        self.names = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, size)]
+
+    def token_text(self, i: int) -> str:
+        return self.names[i]
+
+
+def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: bool, directory: Path) -> dict:
+    """Decoding of `batch` sentences x `new_tokens` tokens by ours and by CTranslate2 on the same weights,
+    float32 or int8 (ours: int8 weights with dynamic quantisation; CTranslate2: its int8 compute type), with
+    CTranslate2's intra_threads = our thread count. </s> is impossible for both (ours: its logit -1e9;
+    CTranslate2: min_decoding_length), so both write exactly new_tokens per sentence."""
+    import ctranslate2
+
+    from transformer.checkpoint import Checkpoint
+    from transformer.interop.ctranslate2 import export_ct2
+    from transformer.linear import int8_weights
+
+    torch.manual_seed(0)
+    src, _, _ = _batch(size, batch, 24)
+    m = ours(size).eval()
+    vocab = _NamedVocabulary(size.vocab)
+    export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
+               quantization="int8" if int8 else None)
+    translator = ctranslate2.Translator(str(directory), device="cpu", compute_type="int8" if int8 else "float32",
+                                        intra_threads=torch.get_num_threads(), inter_threads=1)
+    suppress_eos(m.output)
+    tokens = [[vocab.token_text(i) for i in row.tolist()] for row in src]
+
+    def run_ours() -> int:
+        decode = (lambda: greedy(m, src, max_len_a=0, max_len_b=new_tokens)) if beam == 1 else \
+            (lambda: beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens))
+        with int8_weights(m) if int8 else contextlib.nullcontext():
+            return sum(map(len, decode()))
+
+    def run_ct2() -> int:
+        out = translator.translate_batch(tokens, beam_size=beam, max_decoding_length=new_tokens,
+                                         min_decoding_length=new_tokens)
+        return sum(len(r.hypotheses[0]) for r in out)
+
+    return {"ours": run_ours, "CTranslate2": run_ct2}

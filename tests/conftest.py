@@ -5,6 +5,7 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers must never reach for a hub: everything is on local disk
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

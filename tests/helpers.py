@@ -37,3 +37,27 @@ def tiny_run_config(**train_kw):
                         synthetic_val_size=100),
         train=TrainConfig(**train),
     )
+
+
+def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
+    """A small BERT saved by Hugging Face transformers (random weights) with a WordPiece tokenizer.json that
+    lower-cases and adds [CLS] ... [SEP]: what `transformer import` reads. Returns (path, the transformers model)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "runs", "the", "big", "##s", ".",
+             "sleeps", "small", "bird", "sings"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=40, num_labels=max(num_labels, 2))
+    torch.manual_seed(seed)
+    kind = transformers.BertForSequenceClassification if num_labels else transformers.BertModel
+    model = kind(cfg).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model

@@ -8,7 +8,9 @@ from .attention import KVCache, MultiHeadAttention, attention, attention_referen
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_run_config
 from .errors import CheckpointError, ConfigError, DataError, TransformerError
 from .layers import FeedForward, SinusoidalPositionalEncoding, LearnedPositionalEncoding, TokenEmbedding, TransformerLayer
-from .model import Decoder, DecoderCache, Encoder, Transformer, TransformerLM, build_model, count_parameters
+from .model import (
+    Decoder, DecoderCache, Encoder, Transformer, TransformerEncoder, TransformerLM, build_model, count_parameters,
+)
 
 __version__ = "0.1.0"
 
@@ -17,5 +19,6 @@ __all__ = [
     "DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "load_run_config",
     "CheckpointError", "ConfigError", "DataError", "TransformerError",
     "FeedForward", "SinusoidalPositionalEncoding", "LearnedPositionalEncoding", "TokenEmbedding", "TransformerLayer",
-    "Decoder", "DecoderCache", "Encoder", "Transformer", "TransformerLM", "build_model", "count_parameters",
+    "Decoder", "DecoderCache", "Encoder", "Transformer", "TransformerEncoder", "TransformerLM", "build_model",
+    "count_parameters",
 ]

@@ -277,6 +277,20 @@ def _decide() -> CpuPaths:
     return CpuPaths(train, packed, packed_bf16, why)
 
 
+@functools.cache
+def int8_works() -> bool:
+    """Can this build run an int8 linear (fbgemm's dynamic quantisation), giving F.linear's result within
+    8-bit rounding? Tried once."""
+    try:
+        from .linear import _pack_int8
+
+        x, w = _fixed(3, 8), _fixed(5, 8).cos()
+        out = torch.ops.quantized.linear_dynamic(x, _pack_int8(w, None))
+        return bool(torch.allclose(out, F.linear(x, w), atol=0.05))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 _paths: Optional[CpuPaths] = None
 
 

@@ -187,8 +187,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _compatible(task: str) -> tuple[str, ...]:
-    # the built-in synthetic task is a translation task on made-up data
-    return ("translation", "synthetic") if task == "translation" else (task,)
+    # the built-in synthetic task is a translation task on made-up data; a classifier also embeds sentences
+    return {"translation": ("translation", "synthetic"), "embedding": ("embedding", "classification")}.get(task, (task,))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -202,6 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device is not None:
         run.train.device = args.device
         run.train.__post_init__()
+    if args.init_from is not None:
+        run.model.init_from = args.init_from
     if args.fsdp:
         run.train.fsdp = True
     _, record, seconds = _run_trainer(run, out, resume=bool(args.resume), quiet=args.json)
@@ -224,18 +226,34 @@ def _load(args: argparse.Namespace, task: str):
     return load_checkpoint(args.checkpoint, device=resolve_device(args.device), task=task)
 
 
+def _decoding(ckpt, args: argparse.Namespace):
+    """The precision to decode in: fp32, --bf16 (bf16 autocast, or bf16 weights on a GPU) or --int8 (int8
+    weights on the CPU)."""
+    import contextlib
+
+    from .backend import decoding_precision
+    from .linear import int8_weights
+
+    if getattr(args, "int8", False):
+        if args.bf16:
+            raise TransformerError("choose one of --bf16 and --int8")
+        if next(ckpt.model.parameters()).device.type != "cpu":
+            raise TransformerError("--int8 decodes on the CPU (use --device cpu); on a GPU use --bf16")
+        return int8_weights(ckpt.model)
+    return decoding_precision(ckpt.model, args.bf16) if args.bf16 else contextlib.nullcontext()
+
+
 def _max_src_len(ckpt) -> Optional[int]:
     cfg = ckpt.config
     return cfg.max_positions if cfg.positional == "learned" else None
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from .backend import decoding_precision
     from .generate import translate_texts
 
     ckpt = _load(args, "translation")
     texts = _read_inputs(args.text, args.input)
-    with decoding_precision(ckpt.model, args.bf16):
+    with _decoding(ckpt, args):
         outputs = translate_texts(
             ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, [t.strip() for t in texts], beam_size=args.beam,
             batch_size=args.batch_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
@@ -247,22 +265,26 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .backend import decoding_precision
+    from .checkpoint import read_config
     from .data import read_parallel
     from .evaluate import bleu_chrf
     from .generate import translate_texts
 
+    if read_config(args.checkpoint)["task"] == "classification":
+        return _evaluate_classifier(args)
+    if not (args.src and args.ref):
+        raise TransformerError("evaluate a translator with --src FILE --ref FILE (a classifier: --data FILE.tsv)")
     ckpt = _load(args, "translation")
     src, ref = read_parallel(args.src, args.ref, None, "evaluation")
     start = time.perf_counter()
-    with decoding_precision(ckpt.model, args.bf16):
+    with _decoding(ckpt, args):
         hyps = translate_texts(
             ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, beam_size=args.beam, batch_size=args.batch_size,
             length_penalty=args.length_penalty, max_src_len=_max_src_len(ckpt),
         )
     seconds = time.perf_counter() - start
     scores = bleu_chrf(hyps, ref)
-    result = {**scores.as_dict(), "beam": args.beam, "bf16": args.bf16, "seconds": round(seconds, 2)}
+    result = {**scores.as_dict(), "beam": args.beam, "bf16": args.bf16, "int8": args.int8, "seconds": round(seconds, 2)}
     if args.output:
         from .files import write_text_atomic
 
@@ -273,6 +295,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"BLEU = {scores.bleu:.2f}  ({scores.bleu_signature})")
         print(f"chrF = {scores.chrf:.2f}  ({scores.chrf_signature})")
         print(f"{scores.sentences} sentences, beam {args.beam}, {seconds:.1f} s")
+    return 0
+
+
+def _evaluate_classifier(args: argparse.Namespace) -> int:
+    """Accuracy and macro-F1 of a classifier on a `label<TAB>text` file."""
+    from .backend import decoding_precision
+    from .data import read_labelled
+    from .encoding import classify_texts
+    from .tasks import classification_scores
+
+    if not args.data:
+        raise TransformerError("evaluate a classifier with --data FILE.tsv ('label<TAB>text' lines)")
+    ckpt = _load(args, "classification")
+    labels = ckpt.meta.get("labels") or [str(i) for i in range(ckpt.config.num_labels)]
+    gold, texts = read_labelled(args.data, "evaluation file", known=labels)
+    start = time.perf_counter()
+    with decoding_precision(ckpt.model, args.bf16):
+        probs = classify_texts(ckpt.model, ckpt.src_tokenizer, texts, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    scores = classification_scores(probs.argmax(-1).tolist(), [labels.index(g) for g in gold], len(labels))
+    result = {**{k: round(v, 4) for k, v in scores.items()}, "examples": len(texts), "seconds": round(seconds, 2)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy = {scores['accuracy']:.4f}  macro-F1 = {scores['macro_f1']:.4f}  ({len(texts)} examples, "
+              f"{seconds:.1f} s)")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """The most probable label of each input text, with every label's probability."""
+    from .backend import decoding_precision
+    from .encoding import classify_texts
+
+    ckpt = _load(args, "classification")
+    labels = ckpt.meta.get("labels") or [str(i) for i in range(ckpt.config.num_labels)]
+    texts = _read_inputs(args.text, args.input)
+    with decoding_precision(ckpt.model, args.bf16):
+        probs = classify_texts(ckpt.model, ckpt.src_tokenizer, texts, batch_size=args.batch_size)
+    rows = [{"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, [round(float(x), 6) for x in p]))}
+            for p in probs]
+    if args.json:
+        print(json.dumps({"predictions": rows}))
+    else:
+        for row in rows:
+            print(f"{row['label']}\t{row['probabilities'][row['label']]:.4f}")
     return 0
 
 
@@ -294,14 +362,13 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import BOS
     from .generate import TextStream, check_sampling, sample
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     ckpt = _load(args, "lm")
     tok = ckpt.tgt_tokenizer
     # with no prompt, start from a newline (what the text's lines follow), or <s> if the vocabulary has none
-    ids = tok.encode(args.prompt or "\n") or [BOS]
+    ids = tok.encode(args.prompt or "\n") or [ckpt.config.bos_id]
     device = next(ckpt.model.parameters()).device
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     context = ckpt.meta.get("run", {}).get("data", {}).get("block_size")
@@ -315,6 +382,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
         sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---\n")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """A Hugging Face model directory -> a checkpoint of this package."""
+    from .checkpoint import save_checkpoint
+    from .interop import from_pretrained
+
+    ckpt = from_pretrained(args.hf_dir)
+    out = save_checkpoint(args.out, ckpt.model, ckpt.task, ckpt.tokenizers, ckpt.meta)
+    cfg = ckpt.config
+    print(f"imported a {ckpt.meta['hf_model_type']} model ({cfg.arch}, {cfg.d_model} wide, "
+          f"{cfg.n_encoder_layers if cfg.arch != 'decoder-only' else cfg.n_decoder_layers} layers) into {out} "
+          f"as a '{ckpt.task}' checkpoint")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .interop import export_hf
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.to == "ct2":
+        from .interop.ctranslate2 import export_ct2
+
+        out = export_ct2(ckpt, args.out, quantization=args.quantization)
+        print(f"wrote a CTranslate2 model directory to {out}")
+        return 0
+    if args.quantization:
+        raise TransformerError("--quantization applies to --to ct2 only")
+    out = export_hf(ckpt, args.out)
+    print(f"wrote a Hugging Face model directory to {out}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """One vector per input sentence, pooled (and normalised) as the checkpoint says."""
+    from .backend import decoding_precision
+    from .encoding import embed_texts
+
+    ckpt = _load(args, "embedding")
+    texts = _read_inputs(args.text, args.input)
+    with decoding_precision(ckpt.model, args.bf16):
+        vectors = embed_texts(ckpt.model, ckpt.src_tokenizer, texts, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"embeddings": vectors.tolist(), "dim": vectors.size(1)}))
+    else:
+        for v in vectors.tolist():
+            print(" ".join(f"{x:.6f}" for x in v))
     return 0
 
 
@@ -372,6 +488,7 @@ def _add_training_commands(sub) -> None:
     t.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters with FSDP2 (train.fsdp)")
     t.add_argument("--json", action="store_true", help="print one JSON object at the end (no progress bar)")
     t.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N (train.device)")
+    t.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's model (model.init_from)")
     t.set_defaults(fn=cmd_train)
 
 
@@ -382,6 +499,8 @@ def _add_translation_commands(sub) -> None:
         q.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
         q.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**LP")
         q.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (faster, slightly different)")
+        q.add_argument("--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly "
+                                                           "different)")
         _device_option(q)
 
     tr = sub.add_parser("translate", help="translate sentences with a checkpoint")
@@ -393,15 +512,49 @@ def _add_translation_commands(sub) -> None:
     decoding_options(tr)
     tr.set_defaults(fn=cmd_translate)
 
-    e = sub.add_parser("evaluate", help="BLEU and chrF of a checkpoint on a test set (sacreBLEU)")
+    e = sub.add_parser("evaluate", help="BLEU and chrF of a translator (sacreBLEU), or a classifier's accuracy")
     e.add_argument("checkpoint")
-    e.add_argument("--src", required=True, help="source sentences, one per line")
-    e.add_argument("--ref", required=True, help="reference translations, line-aligned with --src")
+    e.add_argument("--src", help="source sentences, one per line")
+    e.add_argument("--ref", help="reference translations, line-aligned with --src")
+    e.add_argument("--data", help="a classifier's test file of 'label<TAB>text' lines")
     e.add_argument("--output", help="also write the translations to this file")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     decoding_options(e)
     e.set_defaults(fn=cmd_evaluate)
 
+
+
+def _add_pretrained_commands(sub) -> None:
+    im = sub.add_parser("import", help="turn a Hugging Face model directory (BERT, Marian, GPT-2) into a checkpoint")
+    im.add_argument("hf_dir", help="a local directory with config.json, model.safetensors and tokenizer files")
+    im.add_argument("--out", required=True, help="checkpoint directory to write")
+    im.set_defaults(fn=cmd_import)
+    ex = sub.add_parser("export", help="write a checkpoint in another library's format")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--to", choices=["hf", "ct2"], default="hf",
+                    help="hf: a Hugging Face transformers directory; ct2: a CTranslate2 model directory")
+    ex.add_argument("out", help="directory to write")
+    ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
+                    help="ct2: store the weights in this type (default float32)")
+    ex.set_defaults(fn=cmd_export)
+    cl = sub.add_parser("classify", help="label texts with a classifier checkpoint")
+    cl.add_argument("checkpoint")
+    cl.add_argument("text", nargs="*", help="texts (default: read lines from stdin)")
+    cl.add_argument("--input", help="read texts from this file, one per line")
+    cl.add_argument("--batch-size", type=_positive_int, default=64)
+    cl.add_argument("--bf16", action="store_true", help="compute in bf16 (faster where native, slightly different)")
+    cl.add_argument("--json", action="store_true", help="print one JSON object with every label's probability")
+    _device_option(cl)
+    cl.set_defaults(fn=cmd_classify)
+    em = sub.add_parser("embed", help="sentence embeddings from an encoder-only checkpoint")
+    em.add_argument("checkpoint")
+    em.add_argument("text", nargs="*", help="sentences (default: read lines from stdin)")
+    em.add_argument("--input", help="read sentences from this file, one per line")
+    em.add_argument("--batch-size", type=_positive_int, default=64)
+    em.add_argument("--bf16", action="store_true", help="compute in bf16 (faster where native, slightly different)")
+    em.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...], "dim": N}')
+    _device_option(em)
+    em.set_defaults(fn=cmd_embed)
 
 
 def _add_other_commands(sub) -> None:
@@ -448,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)
     _add_translation_commands(sub)
+    _add_pretrained_commands(sub)
     _add_other_commands(sub)
     return p
 

@@ -18,10 +18,10 @@ from typing import Any, Literal, Optional
 
 from .errors import ConfigError
 
-Activation = Literal["relu", "gelu"]
-Positional = Literal["sinusoidal", "learned"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
+Positional = Literal["sinusoidal", "sinusoidal_halves", "learned"]
 Tying = Literal["none", "decoder", "all"]
-Arch = Literal["encoder-decoder", "decoder-only"]
+Arch = Literal["encoder-decoder", "decoder-only", "encoder-only"]
 
 
 def _check(ok: bool, name: str, value: Any, why: str) -> None:
@@ -33,10 +33,20 @@ def _check(ok: bool, name: str, value: Any, why: str) -> None:
 class ModelConfig:
     """The shape of a Transformer. Defaults are the base model of "Attention Is All You Need".
 
-    `arch` picks the encoder-decoder (translation) or the decoder-only (language model) form; both use the
-    same layers. `final_norm` adds a LayerNorm after each stack (None: only with `norm_first`, where it is
-    needed; `torch.nn.Transformer` always has one). `tie_embeddings`: "decoder" shares the decoder's input
-    embedding with the output layer, "all" also shares it with the encoder's (needs one joint vocabulary).
+    `arch` picks the encoder-decoder (translation), the decoder-only (language model) or the encoder-only
+    (classification, sentence embeddings: BERT's) form; all use the same layers. `final_norm` adds a LayerNorm
+    after each stack (None: only with `norm_first`, where it is needed; `torch.nn.Transformer` always has
+    one). `tie_embeddings`: "decoder" shares the decoder's input embedding with the output layer, "all" also
+    shares it with the encoder's (needs one joint vocabulary). An encoder-only model's vocabulary is
+    `src_vocab_size`.
+
+    What pretrained families need besides: `scale_embeddings` (the paper and Marian multiply token embeddings by
+    sqrt(d_model); BERT and GPT-2 do not), `embed_norm` (BERT's LayerNorm over embeddings + positions + token
+    types), `type_vocab_size` (BERT's segment embeddings), `positional: sinusoidal_halves` (Marian's sinusoids:
+    all sines, then all cosines, instead of interleaved), `output_bias` (Marian's final_logits_bias), and the
+    ids decoding starts (`bos_id`) and stops (`eos_id`) at. The encoder-only heads: a sentence vector is the
+    first token's or the mean of the real tokens' (`pooling`), through BERT's dense + tanh layer for
+    classification if `pooler`, into `num_labels` classes; embeddings can be L2-normalised.
     """
 
     src_vocab_size: int = 0
@@ -58,18 +68,31 @@ class ModelConfig:
     pad_id: int = 0
     layer_norm_eps: float = 1e-5
     arch: Arch = "encoder-decoder"
+    scale_embeddings: bool = True
+    embed_norm: bool = False
+    type_vocab_size: int = 0
+    output_bias: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    num_labels: int = 0
+    pooling: Literal["cls", "mean"] = "mean"
+    pooler: bool = False
+    normalize_embeddings: bool = False
+    init_from: Optional[str] = None  # a checkpoint to start from (its architecture, weights and tokenizer)
 
     def __post_init__(self) -> None:
         _check_literals(self)
         enc_dec = self.arch == "encoder-decoder"
         if self.final_norm is None:
             self.final_norm = self.norm_first
-        for name in ("d_model", "n_heads", "n_decoder_layers", "d_ff", "max_positions"):
+        for name in ("d_model", "n_heads", "d_ff", "max_positions"):
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0")
-        for name in ("src_vocab_size", "tgt_vocab_size"):  # 0: set by training from the tokenizer
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be > 0 (or 0: taken from the tokenizer)")
-        if enc_dec:
+        for name in ("src_vocab_size", "tgt_vocab_size", "type_vocab_size", "num_labels"):  # vocabularies: 0 = set
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")  # by training
+        if self.arch != "decoder-only":
             _check(self.n_encoder_layers > 0, "n_encoder_layers", self.n_encoder_layers, "must be > 0")
+        if self.arch != "encoder-only":
+            _check(self.n_decoder_layers > 0, "n_decoder_layers", self.n_decoder_layers, "must be > 0")
         _check(
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
             f"must be divisible by n_heads={self.n_heads}",
@@ -80,7 +103,8 @@ class ModelConfig:
         _check(self.layer_norm_eps > 0, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
         vocab = max(self.tgt_vocab_size, self.src_vocab_size)
         if vocab:
-            _check(0 <= self.pad_id < vocab, "pad_id", self.pad_id, f"must be a token id in [0, {vocab})")
+            for name in ("pad_id", "bos_id", "eos_id"):
+                _check(0 <= getattr(self, name) < vocab, name, getattr(self, name), f"must be a token id in [0, {vocab})")
         if self.tie_embeddings == "all" and enc_dec:
             _check(
                 self.src_vocab_size == self.tgt_vocab_size, "tie_embeddings", self.tie_embeddings,
@@ -99,12 +123,25 @@ class ModelConfig:
 
     def check_vocab(self) -> None:
         """Raise unless the vocabulary sizes are set (a model cannot be built before they are)."""
-        names = ("src_vocab_size", "tgt_vocab_size") if self.arch == "encoder-decoder" else ("tgt_vocab_size",)
+        names = {"encoder-decoder": ("src_vocab_size", "tgt_vocab_size"), "decoder-only": ("tgt_vocab_size",),
+                 "encoder-only": ("src_vocab_size",)}[self.arch]
         for name in names:
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0 to build a model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What a fine-tuning recipe sets for a model that `init_from` provides: the head and the regularisation.
+# Everything else (sizes, vocabulary, norms, positions) is the starting checkpoint's.
+HEAD_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "num_labels", "pooling", "pooler",
+               "normalize_embeddings", "init_from")
+
+
+def fine_tuned(base: ModelConfig, recipe: ModelConfig, **changes: Any) -> ModelConfig:
+    """The model a recipe fine-tunes: `base`'s architecture and vocabulary with the recipe's `HEAD_FIELDS`
+    (and `changes`, e.g. the number of labels the data has)."""
+    return dataclasses.replace(base, **{**{f: getattr(recipe, f) for f in HEAD_FIELDS}, **changes})
 
 
 @dataclass
@@ -113,10 +150,12 @@ class DataConfig:
 
     task "translation": `train_src`/`train_tgt` line-aligned files (or `train_tsv`, tab-separated pairs), the
     same for validation. task "lm": one plain `text` file, split into train/validation by `val_fraction`.
-    task "synthetic": the built-in sequence task (see `transformer.data.SyntheticTask`).
+    task "synthetic": the built-in sequence task (see `transformer.data.SyntheticTask`). task
+    "classification": `train_tsv` and `val_tsv` hold `label<TAB>text` lines (a header line is recognised);
+    texts longer than `max_len` tokens are truncated.
     """
 
-    task: Literal["translation", "lm", "synthetic"] = "translation"
+    task: Literal["translation", "lm", "synthetic", "classification"] = "translation"
     train_src: Optional[str] = None
     train_tgt: Optional[str] = None
     train_tsv: Optional[str] = None
@@ -147,7 +186,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The optimisation recipe. `lr` is the peak learning rate reached after `warmup_steps`; `schedule`
-    "inverse_sqrt" decays as 1/sqrt(step) afterwards (the paper), "cosine" decays to `min_lr` at `max_steps`."""
+    "inverse_sqrt" decays as 1/sqrt(step) afterwards (the paper), "cosine" and "linear" decay to `min_lr` at
+    the last step (`max_steps`, or what `max_epochs` comes to). `head_lr`: the learning rate of layers that
+    `model.init_from` did not provide (a new classification head), if other than `lr`."""
 
     seed: int = 0
     max_tokens: int = 4096
@@ -156,7 +197,8 @@ class TrainConfig:
     lr: float = 7e-4
     min_lr: float = 0.0
     warmup_steps: int = 4000
-    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "inverse_sqrt"
+    head_lr: Optional[float] = None
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
@@ -196,8 +238,10 @@ class TrainConfig:
         )
         _check(self.device.split(":")[0] in ("auto", "cpu", "cuda"), "train.device", self.device,
                "must be auto, cpu, cuda or cuda:N")
-        if self.schedule == "cosine":
-            _check(self.max_steps > 0, "train.schedule", self.schedule, "'cosine' needs train.max_steps > 0")
+        if self.schedule in ("cosine", "linear"):
+            _check(self.max_steps > 0 or self.max_epochs > 0, "train.schedule", self.schedule,
+                   f"{self.schedule!r} decays to the last step: it needs train.max_steps or train.max_epochs")
+        _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", self.head_lr, "must be > 0")
         _check(self.average_last <= self.keep_checkpoints, "train.average_last", self.average_last,
                f"cannot exceed train.keep_checkpoints={self.keep_checkpoints}")
 

@@ -143,6 +143,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
     data = read_json(path, DataError, "tokenizer file not found", what=" tokenizer file")
     if isinstance(data, dict) and data.get("type") == "char":
         return CharTokenizer(data["chars"])
+    if isinstance(data, dict) and data.get("type") in ("pretrained", "sentencepiece"):  # imported models'
+        from .interop.tokenizers import PretrainedTokenizer, SentencePieceTokenizer
+
+        kind = PretrainedTokenizer if data["type"] == "pretrained" else SentencePieceTokenizer
+        return kind.from_saved(data, path)
     if isinstance(data, dict) and "model" in data:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -157,9 +162,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # Reading text files
 
 
-def read_lines(path: str | Path, what: str = "data file") -> list[str]:
-    """All lines of a UTF-8 text file, stripped (so CRLF, trailing spaces and NBSP-only lines are handled).
-    Errors name the file and, for bad UTF-8, the line."""
+def read_lines(path: str | Path, what: str = "data file", strip: bool = True) -> list[str]:
+    """All lines of a UTF-8 text file, stripped (so CRLF, trailing spaces and NBSP-only lines are handled;
+    `strip=False` removes only the CR of a CRLF, keeping the tabs of a TSV line). Errors name the file and, for
+    bad UTF-8, the line."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -178,7 +184,7 @@ def read_lines(path: str | Path, what: str = "data file") -> list[str]:
         text = text[1:]
     # Lines end at "\n" only, as `wc -l` counts them: str.splitlines() would also split at U+2028, U+0085, form
     # feeds and more, and silently shift one side of a line-aligned pair of files against the other.
-    lines = [line.strip() for line in text.split("\n")]
+    lines = [line.strip() if strip else line.removesuffix("\r") for line in text.split("\n")]
     if lines and not lines[-1] and text.endswith("\n"):
         lines.pop()  # the newline that ends the last line starts no new one
     if not any(lines):
@@ -207,6 +213,42 @@ def read_parallel(src: Optional[str], tgt: Optional[str], tsv: Optional[str], sp
     if len(s) != len(t):
         raise DataError(f"{src} has {len(s)} lines but {tgt} has {len(t)}: the files must be line-aligned")
     return s, t
+
+
+_HEADER_LABELS = {"label", "labels", "class", "target", "y"}
+
+
+def read_labelled(path: str | Path, what: str, known: Optional[Sequence[str]] = None) -> tuple[list[str], list[str]]:
+    """`label<TAB>text` lines -> (labels, texts). A first line whose label field is a column name ("label") or
+    a value that no other line has is a header and skipped. Blank lines are skipped. A line without a label or
+    text, or (given `known`) with a label not among them, is a DataError naming file and line."""
+    lines = read_lines(path, what, strip=False)
+    start = 0
+    first = lines[0].split("\t")[0].strip() if lines else ""
+    if first.lower() in _HEADER_LABELS or first not in {l.split("\t")[0].strip() for l in lines[1:] if l}:
+        start = 1
+    labels, texts = [], []
+    for n, line in enumerate(lines[start:], start + 1):
+        if not line.strip():
+            continue
+        label, _, text = line.partition("\t")
+        label, text = label.strip(), text.strip()
+        if not label or not text:
+            raise DataError(f"{path}:{n}: expected 'label<TAB>text', found {'no text' if label else 'no label'}")
+        if known is not None and label not in known:
+            raise DataError(f"{path}:{n}: label {label!r} is not one of the training labels ({', '.join(known)})")
+        labels.append(label)
+        texts.append(text)
+    if not labels:
+        raise DataError(f"{path}: {what} has no labelled lines")
+    return labels, texts
+
+
+def label_names(labels: Iterable[str]) -> list[str]:
+    """The distinct labels in class order: numerically if all are integers, else alphabetically."""
+    distinct = set(labels)
+    numeric = all(l.lstrip("-").isdigit() for l in distinct)
+    return sorted(distinct, key=(lambda l: int(l)) if numeric else None)
 
 
 @dataclass
@@ -263,6 +305,18 @@ class LMBatch:
         return LMBatch(self.x.to(device), self.y.to(device), self.n_tokens)
 
 
+@dataclass
+class ClassBatch:
+    """A batch of labelled texts; the loss averages over examples, so `n_tokens` counts examples."""
+
+    ids: Tensor  # (B, S) token ids, right-padded
+    labels: Tensor  # (B,) class indices
+    n_tokens: int
+
+    def to(self, device: torch.device | str) -> "ClassBatch":
+        return ClassBatch(self.ids.to(device), self.labels.to(device), self.n_tokens)
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad: int = PAD) -> Tensor:
     """Sequences of ids -> a (B, longest) tensor, right-padded with `pad`."""
     out = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
@@ -271,11 +325,13 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int = PAD) -> Tensor:
     return out
 
 
-def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = PAD) -> Batch:
-    """(source ids, target ids) pairs -> a Batch padded with `pad_id` (the model's `pad_id`)."""
+def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = PAD, bos_id: int = BOS,
+            eos_id: int = EOS) -> Batch:
+    """(source ids, target ids) pairs -> a Batch padded with `pad_id`; targets start with `bos_id` and end with
+    `eos_id` (the model's ids)."""
     src = pad_batch([s for s, _ in pairs], pad_id)
-    tgt_in = pad_batch([[BOS, *t] for _, t in pairs], pad_id)
-    tgt_out = pad_batch([[*t, EOS] for _, t in pairs], pad_id)
+    tgt_in = pad_batch([[bos_id, *t] for _, t in pairs], pad_id)
+    tgt_out = pad_batch([[*t, eos_id] for _, t in pairs], pad_id)
     return Batch(src, tgt_in, tgt_out, sum(len(t) + 1 for _, t in pairs))
 
 

@@ -47,5 +47,22 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return sum(h == r for h, r in zip(hypotheses, references)) / len(references)
 
 
+def accuracy(predicted: Sequence[int], gold: Sequence[int]) -> float:
+    """Fraction of predicted classes equal to the gold ones."""
+    return sum(p == g for p, g in zip(predicted, gold)) / max(len(gold), 1)
+
+
+def macro_f1(predicted: Sequence[int], gold: Sequence[int], n_classes: int) -> float:
+    """The unweighted mean over classes of F1 = 2 precision recall / (precision + recall) (0 for a class
+    neither predicted nor present)."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and g == c for p, g in zip(predicted, gold))
+        fp = sum(p == c and g != c for p, g in zip(predicted, gold))
+        fn = sum(p != c and g == c for p, g in zip(predicted, gold))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / max(n_classes, 1)
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))

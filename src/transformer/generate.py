@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .data import BOS, EOS, PAD, Tokenizer, pad_batch
+from .data import PAD, Tokenizer, pad_batch
 from .errors import TransformerError
 from .linear import packed_weights
 from .model import Transformer, TransformerLM
@@ -48,23 +48,24 @@ def greedy(
         B lists of token ids, without <s> and </s>.
     """
     _check_lengths(max_len_a, max_len_b)
+    bos, eos = model.config.bos_id, model.config.eos_id
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
         B = src.size(0)
         limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
         memory, mask = model.encode(src)
         cache = model.decoder.new_cache(capacity=int(limits.max()) + 1) if use_cache else None
         active = torch.arange(B, device=src.device)  # original index of each row still decoding
-        tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+        tokens = torch.full((B, 1), bos, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
         for step in range(int(limits.max())):  # step: tokens each active row has written so far
             inp = tokens[:, -1:] if use_cache else tokens
             logits = model.decode(inp, memory, mask, cache)[:, -1]  # (n, V)
             nxt = logits.argmax(-1)
-            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, EOS), nxt)  # no room at all: stop
+            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, eos), nxt)  # no room at all: stop
             for row, tok in zip(active.tolist(), nxt.tolist()):
-                if tok != EOS:
+                if tok != eos:
                     out[row].append(tok)
-            done = (nxt == EOS) | (limits[active] <= step + 1)  # ended, or as long as it may be
+            done = (nxt == eos) | (limits[active] <= step + 1)  # ended, or as long as it may be
             if bool(done.all()):
                 break
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
@@ -76,9 +77,46 @@ def greedy(
         return out
 
 
+class _SourceSteps:
+    """Beam-search steps of an encoder-decoder: the source is encoded once and repeated for each beam."""
+
+    def __init__(self, model: Transformer, src: Tensor, K: int, capacity: int) -> None:
+        self.model = model
+        memory, mask = model.encode(src)
+        self.memory, self.mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
+        self.cache = model.decoder.new_cache(capacity)
+
+    def logits(self, last: Tensor) -> Tensor:
+        """(rows, 1) newest tokens -> (rows, V) next-token logits."""
+        return self.model.decode(last, self.memory, self.mask, self.cache)[:, -1]
+
+    def keep(self, rows: Tensor, sentence_rows: Optional[Tensor]) -> None:
+        """Continue with beam rows `rows`; `sentence_rows` (the rows of the sentences still decoding, in
+        order) when some sentences ended, else None (beams only swapped places within their sentence)."""
+        self.cache.reorder(rows, cross=sentence_rows is not None)
+        if sentence_rows is not None:
+            self.memory, self.mask = self.memory[sentence_rows], self.mask[sentence_rows]
+
+
+class _PromptSteps:
+    """Beam-search steps of a decoder-only model: the first step reads the whole prompt (repeated per beam)."""
+
+    def __init__(self, model: TransformerLM, prompt: Tensor, K: int, capacity: int) -> None:
+        self.model, self.prompt = model, prompt.repeat_interleave(K, 0)  # (B*K, T)
+        self.cache = model.decoder.new_cache(capacity)
+
+    def logits(self, last: Tensor) -> Tensor:
+        if self.prompt is not None:
+            last, self.prompt = self.prompt, None
+        return self.model(last, self.cache)[:, -1]
+
+    def keep(self, rows: Tensor, sentence_rows: Optional[Tensor]) -> None:
+        self.cache.reorder(rows)
+
+
 @torch.no_grad()
 def beam_search(
-    model: Transformer,
+    model: Transformer | TransformerLM,
     src: Tensor,
     beam_size: int = 5,
     length_penalty: float = 1.0,
@@ -88,13 +126,15 @@ def beam_search(
     """Batched beam search.
 
     Args:
-        model: an encoder-decoder in eval mode.
-        src: (B, S) source ids, right-padded with the model's pad_id.
+        model: an encoder-decoder, or a decoder-only model, in eval mode.
+        src: (B, S) source ids, right-padded with the model's pad_id; for a decoder-only model (B, T) prompts
+            (of one length), whose continuations are searched.
         beam_size: hypotheses kept per sentence (1 is exactly greedy).
         length_penalty: ended hypotheses are ranked by log-probability / length ** length_penalty.
-        max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens.
+        max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens (a prompt:
+            max_len_b new tokens).
     Returns:
-        The best hypothesis of each of the B sentences: token ids without <s> and </s>.
+        The best hypothesis of each of the B sentences: token ids without <s> and </s> (the prompt excluded).
 
     Hypotheses are ranked by sum of log-probabilities / length**length_penalty (fairseq's normalisation; the
     length counts </s>). As in fairseq, only an </s> among the top `beam_size` candidates ends a hypothesis,
@@ -103,64 +143,68 @@ def beam_search(
     if beam_size < 1:
         raise TransformerError(f"beam size must be >= 1, got {beam_size}")
     _check_lengths(max_len_a, max_len_b)
+    cfg = model.config
+    B, K = src.size(0), beam_size
+    if cfg.arch == "decoder-only":
+        limits = torch.full((B,), max_len_b, dtype=torch.long, device=src.device)
+        steps = _PromptSteps(model, src, K, src.size(1) + max_len_b + 1)
+    else:
+        limits = max_lengths(src, max_len_a, max_len_b, cfg.pad_id)
+        steps = _SourceSteps(model, src, K, int(limits.max()) + 1)
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
-        B, K = src.size(0), beam_size
-        limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
-        memory, mask = model.encode(src)
-        memory, mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
-        cache = model.decoder.new_cache(capacity=int(limits.max()) + 1)
-        V = model.config.tgt_vocab_size
-        dev = src.device
+        return _beam(steps, limits, K, cfg.bos_id, cfg.eos_id, length_penalty)
 
-        active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
-        hyps = torch.full((B * K, 1), BOS, dtype=torch.long, device=dev)
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
 
-        for step in range(int(limits.max()) + 1):
-            n = active.numel()
-            logp = torch.log_softmax(model.decode(hyps[:, -1:], memory, mask, cache)[:, -1].float(), dim=-1)
-            logp = logp.view(n, K, V)
-            out_of_room = limits[active] <= step  # these must end now
-            if bool(out_of_room.any()):
-                forced = torch.full_like(logp[0], float("-inf"))
-                forced[:, EOS] = 0.0
-                logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
-            cand = (scores[:, :, None] + logp).view(n, K * V)
-            top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
-            beam_idx, tok = top_idx // V, top_idx % V
+def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: float) -> list[list[int]]:
+    """The search itself, over `steps` (a _SourceSteps or _PromptSteps) for sentences of `limits` (B,)."""
+    B, dev = limits.numel(), limits.device
+    active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+    hyps = torch.full((B * K, 1), bos, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    for step in range(int(limits.max()) + 1):
+        n = active.numel()
+        logp = torch.log_softmax(steps.logits(hyps[:, -1:]).float(), dim=-1)
+        V = logp.size(-1)
+        logp = logp.view(n, K, V)
+        out_of_room = limits[active] <= step  # these must end now
+        if bool(out_of_room.any()):
+            forced = torch.full_like(logp[0], float("-inf"))
+            forced[:, eos] = 0.0
+            logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
+        cand = (scores[:, :, None] + logp).view(n, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
+        beam_idx, tok = top_idx // V, top_idx % V
+        _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos, (step + 1) ** length_penalty)
 
-            _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, (step + 1) ** length_penalty)
+        # Keep the K best candidates that did not end.
+        alive_score = top_scores.masked_fill(tok == eos, float("-inf"))
+        alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
+        alive_beam = beam_idx.gather(1, order)
+        alive_tok = tok.gather(1, order)
 
-            # Keep the K best candidates that did not end.
-            alive_score = top_scores.masked_fill(tok == EOS, float("-inf"))
-            alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
-            alive_beam = beam_idx.gather(1, order)
-            alive_tok = tok.gather(1, order)
-
-            done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
-            if bool(done.all()):
-                break
-            keep_sent = (~done).nonzero().squeeze(1)  # (n',)
-            rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
-            hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
-            scores = alive_score[keep_sent]
-            cache.reorder(rows, cross=keep_sent.numel() < n)  # rows stay within their sentence's block of K
-            if keep_sent.numel() < n:
-                sent_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
-                memory, mask = memory[sent_rows], mask[sent_rows]
-            active = active[keep_sent]
-
-        return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+        done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
+        if bool(done.all()):
+            break
+        keep_sent = (~done).nonzero().squeeze(1)  # (n',)
+        rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
+        hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
+        scores = alive_score[keep_sent]
+        sentence_rows = None  # rows stay within their sentence's block of K unless sentences ended
+        if keep_sent.numel() < n:
+            sentence_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
+        steps.keep(rows, sentence_rows)
+        active = active[keep_sent]
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
 def _end_hypotheses(finished: list, hyps: Tensor, active: Tensor, top_scores: Tensor, beam_idx: Tensor,
-                    tok: Tensor, K: int, norm: float) -> None:
+                    tok: Tensor, K: int, eos: int, norm: float) -> None:
     """End the hypotheses whose </s> is among the top K candidates of their sentence: each goes into its
     sentence's `finished` list (until that has K) with its score / `norm` (length ** length_penalty, the
     length counting </s>). top_scores, beam_idx, tok: (n, 2K) candidates of the n active sentences."""
-    is_eos = (tok == EOS) & torch.isfinite(top_scores)
+    is_eos = (tok == eos) & torch.isfinite(top_scores)
     is_eos[:, K:] = False
     for i, j in is_eos.nonzero().tolist():
         b = int(active[i])

@@ -6,6 +6,7 @@ causal mask, a decoder-only language-model layer); with cross-attention it is an
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -26,44 +27,51 @@ class TokenEmbedding(nn.Module):
     Args:
         vocab_size, d_model: the table's shape.
         pad_id: the padding token, whose vector is zero and gets no gradient.
+        scale: multiply by sqrt(d_model) (False for BERT and GPT-2, which do not).
     Shapes: (B, T) ids -> (B, T, d_model).
     """
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, scale: bool = True) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
         with torch.no_grad():
             self.embedding.weight[pad_id].zero_()
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
 
     @property
     def weight(self) -> nn.Parameter:
         return self.embedding.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.embedding(ids) * self.scale  # (B, T) -> (B, T, E)
+        x = self.embedding(ids)  # (B, T) -> (B, T, E)
+        return x * self.scale if self.scale != 1.0 else x
 
 
 class SinusoidalPositionalEncoding(nn.Module):
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
 
-    The table is computed on demand and grows with the longest sequence seen, so any length works.
+    `halves=True` puts the same values in another order, all sines then all cosines (Marian's layout:
+    PE(pos, i) = sin(pos / 10000^(2i/d)), PE(pos, d/2 + i) = cos(...)). The table is computed on demand and
+    grows with the longest sequence seen, so any length works.
     Shapes: (B, T, d_model) -> the same, with PE(offset .. offset + T - 1) added (`offset`: positions already
     cached when decoding step by step).
     """
 
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, halves: bool = False) -> None:
         super().__init__()
-        self.d_model = d_model
+        self.d_model, self.halves = d_model, halves
         self.register_buffer("table", self._make(64), persistent=False)
 
     def _make(self, length: int) -> Tensor:
         pos = torch.arange(length, dtype=torch.float64)[:, None]
-        inv_freq = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / self.d_model))
+        inv_freq = 10000.0 ** (-torch.arange(0, self.d_model, 2, dtype=torch.float64) / self.d_model)
+        sin, cos = torch.sin(pos * inv_freq), torch.cos(pos * inv_freq)[:, : self.d_model // 2]
         table = torch.zeros(length, self.d_model, dtype=torch.float64)
-        table[:, 0::2] = torch.sin(pos * inv_freq)
-        table[:, 1::2] = torch.cos(pos * inv_freq)[:, : self.d_model // 2]
+        if self.halves:
+            table[:, : sin.size(1)], table[:, sin.size(1) :] = sin, cos
+        else:
+            table[:, 0::2], table[:, 1::2] = sin, cos
         return table.float()
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
@@ -98,7 +106,15 @@ def positional_encoding(cfg: ModelConfig) -> nn.Module:
     """The positional encoding `cfg.positional` names."""
     if cfg.positional == "learned":
         return LearnedPositionalEncoding(cfg.max_positions, cfg.d_model)
-    return SinusoidalPositionalEncoding(cfg.d_model)
+    return SinusoidalPositionalEncoding(cfg.d_model, halves=cfg.positional == "sinusoidal_halves")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,  # the exact, erf form (BERT's "gelu")
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
+    "silu": F.silu,  # Marian's "swish"
+}
 
 
 class FeedForward(nn.Module):
@@ -110,7 +126,7 @@ class FeedForward(nn.Module):
         self.linear1 = Linear(d_model, d_ff)
         self.linear2 = Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
-        self.activation: Callable[[Tensor], Tensor] = F.gelu if activation == "gelu" else F.relu
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))

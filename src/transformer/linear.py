@@ -16,6 +16,7 @@ oneDNN through `F.linear`). Everything else (GPU, float64, tensor subclasses, ot
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backend
+from .errors import TransformerError
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -75,16 +77,19 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self._pack_depth = 0  # > 0 inside packed_weights()
         self._packed: dict[torch.dtype, Tensor] = {}
+        self._int8: Optional[object] = None  # inside int8_weights(): the int8 weight, packed for fbgemm
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_pack_depth"], state["_packed"] = 0, {}  # copies and pickles never carry packed weights
+        state["_pack_depth"], state["_packed"], state["_int8"] = 0, {}, None  # copies never carry packed weights
         return state
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.weight, self.bias
         if not _plain_cpu_fp32(x, w):
             return F.linear(x, w, b)
+        if self._int8 is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            return torch.ops.quantized.linear_dynamic(x, self._int8)
         paths = backend.cpu_paths()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
         if torch.is_autocast_enabled("cpu"):  # autocast runs the product in its dtype
@@ -123,3 +128,31 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
             m._pack_depth -= 1
             if m._pack_depth == 0:
                 m._packed = {}
+
+
+@contextlib.contextmanager
+def int8_weights(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the `Linear`s in `modules` multiply (without gradients, on CPU, in fp32) by int8
+    weights: each output row's weights scaled to [-127, 127] (per-channel), the input quantised on the fly
+    (dynamic quantisation, fbgemm). Decoding reads every weight at every step, so a quarter of the bytes makes
+    it faster; results differ from fp32 by the rounding of weights to 8 bits. Not nestable."""
+    if not backend.int8_works():
+        raise TransformerError("int8 decoding needs PyTorch's quantized CPU kernels (fbgemm), which this build or "
+                               "CPU lacks; decode in fp32 or bf16")
+    linears = list({id(m): m for module in modules for m in module.modules() if isinstance(m, Linear)}.values())
+    try:
+        for m in linears:
+            m._int8 = _pack_int8(m.weight.detach(), None if m.bias is None else m.bias.detach())
+        yield
+    finally:
+        for m in linears:
+            m._int8 = None
+
+
+def _pack_int8(weight: Tensor, bias: Optional[Tensor]):
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # one scale per output row
+    with warnings.catch_warnings():  # torch >= 2.12 warns that quantized tensors will move out of the core
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(weight.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                       torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())

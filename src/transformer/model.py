@@ -1,8 +1,10 @@
-"""The models: encoder-decoder `Transformer` and decoder-only `TransformerLM`, built from the same layers.
+"""The models, built from the same layers: encoder-decoder `Transformer`, decoder-only `TransformerLM`,
+encoder-only `TransformerEncoder`.
 
     source ids -> embedding * sqrt(d) + position -> N x [self-attn, feed-forward]                 = memory
     target ids -> embedding * sqrt(d) + position -> N x [masked self-attn, cross-attn(memory), ff] -> linear
     -> logits (softmax gives next-token probabilities)
+    encoder-only: memory -> pooled sentence vector -> class logits, or a sentence embedding
 
 Target sequences are right-padded: the causal mask alone keeps real positions from seeing the pads after them.
 """
@@ -11,31 +13,42 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
 from .dropout import Dropout
+from .errors import TransformerError
 from .layers import TokenEmbedding, TransformerLayer, positional_encoding
 from .linear import Linear
 from .loss import label_smoothed_loss
 
 
 class Encoder(nn.Module):
-    """Source ids -> contextual vectors ("memory"): embedding, positions, dropout, N layers, optional final
-    LayerNorm. `forward(src (B, S), mask (B, 1, 1, S), attn_maps)` -> (B, S, E); `attn_maps`, a list, receives
-    each layer's attention weights."""
+    """Source ids -> contextual vectors ("memory"): embedding, positions (and token types, and a LayerNorm, as
+    BERT has), dropout, N layers, optional final LayerNorm. `forward(src (B, S), mask (B, 1, 1, S), attn_maps,
+    token_types (B, S) or None)` -> (B, S, E); `attn_maps`, a list, receives each layer's attention weights."""
 
     def __init__(self, cfg: ModelConfig, embed: TokenEmbedding) -> None:
         super().__init__()
         self.embed = embed
         self.positions = positional_encoding(cfg)
+        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embed_norm else None
         self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
 
-    def forward(self, src: Tensor, mask: Optional[Tensor], attn_maps: Optional[list] = None) -> Tensor:
-        x = self.dropout(self.positions(self.embed(src)))
+    def forward(self, src: Tensor, mask: Optional[Tensor], attn_maps: Optional[list] = None,
+                token_types: Optional[Tensor] = None) -> Tensor:
+        x = self.positions(self.embed(src))
+        if self.token_types is not None:  # no types given: every token is of type 0, as in BERT
+            x = x + (self.token_types(token_types) if token_types is not None else self.token_types.weight[0])
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, mask=mask, attn_maps=attn_maps)
         return self.norm(x) if self.norm is not None else x
@@ -105,6 +118,10 @@ class Decoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
+def _token_embedding(cfg: ModelConfig, vocab_size: int) -> TokenEmbedding:
+    return TokenEmbedding(vocab_size, cfg.d_model, cfg.pad_id, scale=cfg.scale_embeddings)
+
+
 def _init_linears(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -124,11 +141,11 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.check_vocab()
         self.config = cfg
-        tgt_embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
-        src_embed = tgt_embed if cfg.tie_embeddings == "all" else TokenEmbedding(cfg.src_vocab_size, cfg.d_model, cfg.pad_id)
+        tgt_embed = _token_embedding(cfg, cfg.tgt_vocab_size)
+        src_embed = tgt_embed if cfg.tie_embeddings == "all" else _token_embedding(cfg, cfg.src_vocab_size)
         self.encoder = Encoder(cfg, src_embed)
         self.decoder = Decoder(cfg, tgt_embed, cross_attention=True)
-        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
         _init_linears(self)
         if cfg.tie_embeddings != "none":
             self.output.weight = tgt_embed.weight
@@ -171,9 +188,9 @@ class TransformerLM(nn.Module):
         super().__init__()
         cfg.check_vocab()
         self.config = cfg
-        embed = TokenEmbedding(cfg.tgt_vocab_size, cfg.d_model, cfg.pad_id)
+        embed = _token_embedding(cfg, cfg.tgt_vocab_size)
         self.decoder = Decoder(cfg, embed, cross_attention=False)
-        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output = Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
         _init_linears(self)
         if cfg.tie_embeddings != "none":
             self.output.weight = embed.weight
@@ -188,9 +205,60 @@ class TransformerLM(nn.Module):
         return label_smoothed_loss(logits.flatten(0, 1), targets.flatten(), label_smoothing)
 
 
+class TransformerEncoder(nn.Module):
+    """Encoder-only model (BERT's form): the encoder stack, then a sentence vector for classification or as a
+    sentence embedding.
+
+    A sentence vector is the first token's hidden state (`pooling: cls`) or the mean over its real tokens
+    (`mean`). `classify` passes it through BERT's pooler (dense + tanh, if `pooler`) and dropout to
+    `num_labels` logits; `embed` returns it as it is, L2-normalised if `normalize_embeddings`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.check_vocab()
+        self.config = cfg
+        self.encoder = Encoder(cfg, _token_embedding(cfg, cfg.src_vocab_size))
+        self.pooler = Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
+        self.dropout = Dropout(cfg.dropout)
+        self.classifier = Linear(cfg.d_model, cfg.num_labels) if cfg.num_labels else None
+        _init_linears(self)
+
+    def forward(self, ids: Tensor, token_types: Optional[Tensor] = None, attn_maps: Optional[list] = None) -> Tensor:
+        """(B, S) ids, right-padded with pad_id (and their token types) -> hidden states (B, S, E)."""
+        return self.encoder(ids, padding_mask(ids, self.config.pad_id), attn_maps, token_types)
+
+    def sentence_vectors(self, ids: Tensor, token_types: Optional[Tensor] = None) -> Tensor:
+        """(B, S) ids -> (B, E): the first token's hidden state, or the mean over the real (non-pad) tokens."""
+        hidden = self(ids, token_types)
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        real = (ids != self.config.pad_id).unsqueeze(-1).to(hidden.dtype)  # (B, S, 1)
+        return (hidden * real).sum(1) / real.sum(1).clamp(min=1e-9)
+
+    def embed(self, ids: Tensor, token_types: Optional[Tensor] = None) -> Tensor:
+        """(B, S) ids -> (B, E) sentence embeddings (unit length if `normalize_embeddings`)."""
+        vectors = self.sentence_vectors(ids, token_types)
+        return F.normalize(vectors, p=2, dim=-1) if self.config.normalize_embeddings else vectors
+
+    def classify(self, ids: Tensor, token_types: Optional[Tensor] = None) -> Tensor:
+        """(B, S) ids -> (B, num_labels) class logits."""
+        if self.classifier is None:
+            raise TransformerError("this model has no classification head (model.num_labels is 0)")
+        x = self.sentence_vectors(ids, token_types)
+        if self.pooler is not None:
+            x = torch.tanh(self.pooler(x))
+        return self.classifier(self.dropout(x))
+
+    def loss(self, ids: Tensor, labels: Tensor, label_smoothing: float = 0.0,
+             token_types: Optional[Tensor] = None) -> Tensor:
+        """Mean cross entropy of the (B,) labels."""
+        return label_smoothed_loss(self.classify(ids, token_types), labels, label_smoothing)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model that `cfg.arch` names."""
-    return TransformerLM(cfg) if cfg.arch == "decoder-only" else Transformer(cfg)
+    return {"decoder-only": TransformerLM, "encoder-only": TransformerEncoder}.get(cfg.arch, Transformer)(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

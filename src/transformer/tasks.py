@@ -23,19 +23,23 @@ from .config import RunConfig
 from .data import (
     Batch,
     CharTokenizer,
+    ClassBatch,
     LMBatch,
     SyntheticTask,
     Tokenizer,
     collate,
     encode_pairs,
+    label_names,
     lm_blocks,
+    pad_batch,
     pair_lengths,
+    read_labelled,
     read_parallel,
     token_batches,
     train_tokenizer,
 )
 from .errors import DataError
-from .evaluate import bleu_score, exact_match
+from .evaluate import accuracy, bleu_score, exact_match, macro_f1
 
 log = logging.getLogger("transformer")
 
@@ -87,7 +91,11 @@ class TranslationTask:
 
     def batch(self, epoch: int, i: int) -> Batch:
         """The i-th batch of `epoch`: src (B, S), tgt_in and tgt_out (B, T), padded with the model's pad id."""
-        return collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]], self.run.model.pad_id)
+        return self._collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]])
+
+    def _collate(self, pairs) -> Batch:
+        m = self.run.model
+        return collate(pairs, m.pad_id, m.bos_id, m.eos_id)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Label-smoothed cross entropy, averaged over the batch's `n_tokens` target tokens."""
@@ -109,7 +117,7 @@ class TranslationTask:
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for idx in token_batches(pair_lengths(self.val_pairs), self.run.train.max_tokens, 0, shuffle=False):
-            b = collate([self.val_pairs[j] for j in idx], self.run.model.pad_id).to(device)
+            b = self._collate([self.val_pairs[j] for j in idx]).to(device)
             total += float(model.loss(b.src, b.tgt_in, b.tgt_out, 0.0)) * b.n_tokens
             count += b.n_tokens
         out: dict[str, Any] = {"val_loss": total / max(count, 1)}
@@ -178,6 +186,82 @@ class LanguageModelTask:
         return {"val_loss": sum(losses) / len(losses)}
 
 
+class ClassificationTask:
+    """Labelled texts in length-bucketed batches (at most `batch_size` texts, `max_tokens` padded tokens each);
+    validated by accuracy and macro-F1, the loss averaged over examples.
+
+    Args:
+        run: the recipe.
+        tok: the tokenizer (an imported model's, which adds its [CLS] ... [SEP]).
+        labels: the class names, in class-index order (stored in checkpoints as `meta["labels"]`).
+        train: (token ids, class index) per training example.
+        val_texts, val_labels: validation texts and their class indices.
+    """
+
+    name = "classification"
+    metric = "accuracy"
+
+    def __init__(self, run: RunConfig, tok: Tokenizer, labels: Sequence[str], train: Sequence[tuple[list[int], int]],
+                 val_texts: Sequence[str], val_labels: Sequence[int]) -> None:
+        self.run, self.tok, self.labels = run, tok, list(labels)
+        self.train = list(train)
+        self.lengths = [len(ids) for ids, _ in self.train]
+        self.val_texts, self.val_labels = list(val_texts), list(val_labels)
+        self._epoch: Optional[int] = None
+        self._batches: list[list[int]] = []
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        return {"src": self.tok}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch != epoch:
+            t = self.run.train
+            self._batches = token_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
+            self._epoch = epoch
+        return self._batches
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self._epoch_batches(epoch))
+
+    def batch(self, epoch: int, i: int) -> ClassBatch:
+        """The i-th batch of `epoch`: ids (B, S) padded with the model's pad id, labels (B,)."""
+        chosen = [self.train[j] for j in self._epoch_batches(epoch)[i]]
+        ids = pad_batch([t for t, _ in chosen], self.run.model.pad_id)
+        return ClassBatch(ids, torch.tensor([c for _, c in chosen]), len(chosen))
+
+    def loss(self, model: nn.Module, batch: ClassBatch) -> Tensor:
+        """Cross entropy of the batch's labels, averaged over its examples."""
+        return model.loss(batch.ids, batch.labels, self.run.train.label_smoothing)
+
+    def padding_fraction(self, epoch: int) -> float:
+        pad = total = 0
+        for idx in self._epoch_batches(epoch):
+            n = max(self.lengths[j] for j in idx)
+            pad += sum(n - self.lengths[j] for j in idx)
+            total += n * len(idx)
+        return pad / max(total, 1)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, translate: Any = None) -> dict[str, Any]:
+        """Validation loss, accuracy and macro-F1 over all validation texts."""
+        from .encoding import classify_texts
+
+        probs = classify_texts(model, self.tok, self.val_texts, batch_size=64)
+        gold = torch.tensor(self.val_labels)
+        loss = float(torch.nn.functional.nll_loss(probs.clamp(min=1e-12).log(), gold))
+        return {"val_loss": loss, **classification_scores(probs.argmax(-1).tolist(), self.val_labels, len(self.labels))}
+
+
+def classification_scores(predicted: Sequence[int], gold: Sequence[int], n_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean over classes of each class's F1)."""
+    return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold, n_classes)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building a task from a recipe
 
@@ -190,7 +274,30 @@ def build_task(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]] = None
         return _synthetic(run, tokenizers)
     if d.task == "lm":
         return _language_model(run, tokenizers)
+    if d.task == "classification":
+        return _classification(run, tokenizers)
     return _translation(run, tokenizers)
+
+
+def _classification(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> ClassificationTask:
+    d = run.data
+    if not d.train_tsv or not d.val_tsv:
+        raise DataError("data: a classification task needs data.train_tsv and data.val_tsv ('label<TAB>text' lines)")
+    if not tokenizers:
+        raise DataError("data: a classification task starts from a pretrained model: set model.init_from "
+                        "(e.g. a checkpoint made by `transformer import`)")
+    tok = tokenizers.get("src") or tokenizers["tgt"]
+    raw, texts = read_labelled(d.train_tsv, "training file")
+    labels = label_names(raw)
+    index = {name: i for i, name in enumerate(labels)}
+    val_raw, val_texts = read_labelled(d.val_tsv, "validation file", known=labels)
+    ids = tok.encode_batch(texts)
+    cut = sum(len(t) > d.max_len for t in ids)
+    if cut:
+        log.info("%d training text(s) longer than data.max_len=%d tokens were truncated", cut, d.max_len)
+    train = [(t[: d.max_len - 1] + t[-1:] if len(t) > d.max_len else t, index[c]) for t, c in zip(ids, raw)]
+    log.info("training examples: %d in %d classes (%s)", len(train), len(labels), ", ".join(labels))
+    return ClassificationTask(run, tok, labels, train, val_texts, [index[c] for c in val_raw])
 
 
 def _synthetic(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:

@@ -21,8 +21,15 @@ import torch
 from torch import nn
 
 from . import backend, rundir
-from .checkpoint import TrainingState, load_weights, read_training_state, save_checkpoint, training_state
-from .config import ModelConfig, RunConfig, TrainConfig
+from .checkpoint import (
+    TrainingState,
+    load_checkpoint,
+    load_weights,
+    read_training_state,
+    save_checkpoint,
+    training_state,
+)
+from .config import ModelConfig, RunConfig, TrainConfig, fine_tuned
 from .distributed import (
     Distributed,
     data_parallel,
@@ -38,17 +45,23 @@ from .tasks import build_task
 log = logging.getLogger("transformer")
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step `step` (1-based): linear warmup to `lr`, then the schedule's decay."""
+def learning_rate(cfg: TrainConfig, step: int, total_steps: Optional[int] = None, peak: Optional[float] = None) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warmup to the peak (`lr`, or `peak` for a
+    parameter group of its own), then the schedule's decay, to `min_lr` (scaled alike) at `total_steps`
+    (default `max_steps`) for "cosine" and "linear"."""
+    peak = cfg.lr if peak is None else peak
+    floor = cfg.min_lr * peak / cfg.lr
     warm = max(cfg.warmup_steps, 1)
     if step < warm:
-        return cfg.lr * step / warm
+        return peak * step / warm
     if cfg.schedule == "inverse_sqrt":  # the paper: d^-0.5 * min(step^-0.5, step * warmup^-1.5), peak = lr
-        return cfg.lr * math.sqrt(warm / step)
+        return peak * math.sqrt(warm / step)
+    progress = min(1.0, (step - warm) / max(1, (total_steps or cfg.max_steps) - warm))
     if cfg.schedule == "cosine":
-        progress = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-    return cfg.lr
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return floor + (peak - floor) * (1 - progress)
+    return peak
 
 
 class TrainingInterrupted(TransformerError):
@@ -68,6 +81,7 @@ class Position:
     batch: int = 0  # next batch index within the epoch
     elapsed: float = 0.0  # seconds of training before this process
     best: Optional[float] = None  # best validation metric so far
+    step_seconds: float = 0.0  # of the elapsed time, seconds spent in training steps (not validating, saving)
 
 
 @dataclass
@@ -96,23 +110,48 @@ class _LossStep(nn.Module):
         return self.task.loss(self.model, batch)
 
 
-def adamw(model: nn.Module, t: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+def adamw(model: nn.Module, t: TrainConfig, fused: bool = True, head: frozenset[str] = frozenset()) -> torch.optim.Optimizer:
     """AdamW, with weight decay on matrices (projections, embeddings) only, never on biases and LayerNorm
-    gains. The fused kernel updates each tensor in one pass (several times faster than the default on a CPU);
-    `fused=False` for parameters it cannot take (FSDP's sharded ones)."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = fused and params[0].device.type in ("cpu", "cuda")
+    gains, and the peak learning rate `head_lr` for the parameters named in `head` (a new classification head
+    on a pretrained model). Each group keeps its peak as "peak". The fused kernel updates each tensor in one
+    pass (several times faster than the default on a CPU); `fused=False` for parameters it cannot take (FSDP's
+    sharded ones)."""
+    groups = []
+    for is_head in (False, True):
+        peak = (t.head_lr or t.lr) if is_head else t.lr
+        chosen = [(n, p) for n, p in model.named_parameters() if (n in head) == is_head]
+        for decay in (True, False):
+            params = [p for n, p in chosen if (p.dim() >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": peak,
+                               "peak": peak})
+    fused = fused and next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
 
 
 def sized_for(cfg: ModelConfig, tokenizers: dict) -> ModelConfig:
     """`cfg` with the vocabulary sizes of the task's tokenizers (a new, re-checked config)."""
-    sizes = {"tgt_vocab_size": tokenizers["tgt"].vocab_size}
-    if "src" in tokenizers:
-        sizes["src_vocab_size"] = tokenizers["src"].vocab_size
+    sizes = {f"{role}_vocab_size": tok.vocab_size for role, tok in tokenizers.items() if role in ("src", "tgt")}
     return dataclasses.replace(cfg, **sizes)
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy the tensors of `state` whose name and shape the model has; returns (the model's tensors not
+    loaded, the state's tensors not used). Tied weights count once, under any of their names."""
+    own = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, p in own.items():
+        groups.setdefault(id(p), []).append(name)
+    missing, used = [], set()
+    with torch.no_grad():
+        for names in groups.values():
+            found = next((n for n in names if n in state and state[n].shape == own[n].shape), None)
+            if found is None:
+                missing.append(names[0])
+                continue
+            own[names[0]].copy_(state[found])
+            used.update(n for n in names if n in state)
+    return missing, sorted(set(state) - used)
 
 
 class Trainer:
@@ -143,20 +182,29 @@ class Trainer:
         if run.train.threads:
             torch.set_num_threads(run.train.threads)
         torch.manual_seed(run.train.seed)
-        state = None
+        state = base = None
         if resume:
             try:
                 state = read_training_state(self.out / "last")
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; cannot --resume {self.out}") from None
-        self.task = build_task(run, state.checkpoint.tokenizers if state else None)
-        self.run = dataclasses.replace(run, model=sized_for(run.model, self.task.tokenizers))
+        elif run.model.init_from:  # fine-tuning: the starting checkpoint's model and tokenizer
+            base = load_checkpoint(run.model.init_from)
+        tokenizers = state.checkpoint.tokenizers if state else base.tokenizers if base else None
+        self.task = build_task(run, tokenizers)
+        self.run = dataclasses.replace(run, model=self._model_config(run, base))
         self.model = build_model(self.run.model).to(self.device)
+        head: frozenset[str] = frozenset()
         if state is not None:  # weights go in before any sharding
             load_weights(self.model, state.checkpoint.model.state_dict(), self.out / "last")
+        elif base is not None:
+            head = frozenset(self._start_from(base))
         self.fsdp = self.run.train.fsdp
         self.step_module = data_parallel(self.model, _LossStep(self.model, self.task), self.dist, self.fsdp)
-        self.optimizer = adamw(self.model, self.run.train, fused=not self.fsdp)
+        self.optimizer = adamw(self.model, self.run.train, fused=not self.fsdp, head=head)
+        t = self.run.train
+        per_epoch = math.ceil(self.task.num_batches(0) / (t.accumulate * self.dist.world))
+        self.total_steps = t.max_steps or t.max_epochs * per_epoch or None  # where "linear"/"cosine" end
         self.saver = _Saver(self.out, self.run, self.task, self.dist, self.model, self.optimizer, self.fsdp)
         self.position = Position()
         if state is not None:
@@ -165,6 +213,25 @@ class Trainer:
         self.reached_target = False  # the validation metric reached train.stop_at
 
     # -- set-up ---------------------------------------------------------------------------------------------
+
+    def _model_config(self, run: RunConfig, base) -> ModelConfig:
+        """The model to build: the recipe's, sized to the tokenizers; when fine-tuning, the starting
+        checkpoint's with the recipe's head (as many classes as the data has)."""
+        if base is None:
+            return sized_for(run.model, self.task.tokenizers)
+        labels = {"num_labels": len(self.task.labels)} if hasattr(self.task, "labels") else {}
+        return fine_tuned(base.config, run.model, **labels)
+
+    def _start_from(self, base) -> list[str]:
+        """Copy the starting checkpoint's weights; returns the names of the layers it did not provide."""
+        missing, unused = load_matching(self.model, base.model.state_dict())
+        if self.dist.main:
+            where = self.run.model.init_from
+            if missing:
+                log.warning("not in %s, initialised afresh: %s", where, ", ".join(missing))
+            if unused:
+                log.warning("in %s but not used by this model: %s", where, ", ".join(unused))
+        return missing
 
     def _restore(self, state: TrainingState) -> None:
         load_named_optimizer_state(self.model, self.optimizer, state.optimizer, self.fsdp)
@@ -189,7 +256,9 @@ class Trainer:
         last_eval: dict[str, Any] = {}
         with StopSignals() as signals:
             while not self._done(start):
+                step_start = time.perf_counter()
                 figures = self._train_step()
+                self.position.step_seconds += time.perf_counter() - step_start
                 since_log.add(*figures)
                 since_eval.add(*figures)
                 if self.position.step % t.log_every == 0:
@@ -268,7 +337,7 @@ class Trainer:
         self.position.step += 1
         if math.isfinite(step_loss) and bool(torch.isfinite(norm)):
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(t, self.position.step)
+                group["lr"] = learning_rate(t, self.position.step, self.total_steps, group.get("peak"))
             self.optimizer.step()
             self.bad_steps = 0
         else:
@@ -306,7 +375,7 @@ class Trainer:
             return
         now = time.perf_counter()
         self.progress(dict(step=self.position.step, epoch=self.position.epoch,
-                           loss=window.loss / max(window.tokens, 1), lr=learning_rate(self.run.train, self.position.step),
+                           loss=window.loss / max(window.tokens, 1), lr=learning_rate(self.run.train, self.position.step, self.total_steps),
                            tokens_per_s=window.tokens / max(now - window.start, 1e-9), minutes=(now - start) / 60))
 
     # -- validation and checkpoints -------------------------------------------------------------------------
@@ -325,7 +394,7 @@ class Trainer:
         if model is not None:
             record = self._score(model, start, window)
             self.saver.validated(record, model, self._note_best(record))
-        self.saver.last(self.position, time.perf_counter() - start, model)  # records the updated best
+        self.saver.last(self.position, time.perf_counter() - start, model, gathered=True)  # records the new best
         self.reached_target = self.dist.sum(float(self.reached_target)) > 0  # the main process scored
         return record
 
@@ -336,7 +405,8 @@ class Trainer:
         self.model.train()
         record = {"step": self.position.step, "epoch": self.position.epoch,
                   "minutes": round((time.perf_counter() - start) / 60, 3),
-                  "lr": learning_rate(self.run.train, max(self.position.step, 1))}
+                  "train_minutes": round(self.position.step_seconds / 60, 3),
+                  "lr": learning_rate(self.run.train, max(self.position.step, 1), self.total_steps)}
         if window is not None:
             record["train_loss"] = round(window.loss / max(window.tokens, 1), 4)
             record["grad_norm"] = round(sum(window.norms) / len(window.norms), 4)  # before clipping, mean per step
@@ -386,14 +456,15 @@ class _Saver:
         if better:
             self._write(self.out / "best", model, record["step"], extra={"validation": record})
 
-    def last(self, position: Position, elapsed: float, model: Optional[nn.Module] = None) -> None:
+    def last(self, position: Position, elapsed: float, model: Optional[nn.Module] = None, gathered: bool = False) -> None:
         """The resumable checkpoint: weights, optimizer, every process's random states, the data position.
-        Every process calls it; `model` is `whole_model()`'s result when the caller has it already."""
+        Every process calls it. `gathered`: the caller has `whole_model()`'s result already (`model`, None on
+        all but the main process), so it is not gathered again."""
         device = self.dist.device
         cpu_rngs = self.dist.gather(torch.get_rng_state())
         gpu_rngs = self.dist.gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         optimizer = named_optimizer_state(self.model, self.optimizer, self.fsdp)
-        if model is None:
+        if not gathered:
             model = self.whole_model()
         if model is not None:
             rng = {f"torch.{r}": s for r, s in enumerate(cpu_rngs)}
@@ -403,7 +474,7 @@ class _Saver:
         self.dist.barrier()
 
     def _write(self, directory: Path, model: nn.Module, step: int, state=None, extra: Optional[dict] = None) -> None:
-        meta = {"step": step, "run": self.run.to_dict(), **(extra or {})}
+        meta = {"step": step, "run": self.run.to_dict(), **getattr(self.task, "meta", {}), **(extra or {})}
         try:
             save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state)
         except OSError as e:

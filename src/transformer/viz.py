@@ -124,7 +124,6 @@ class AttentionMaps:
 def attention_maps(model, src_tok, tgt_tok, source: str, target: Optional[str] = None) -> AttentionMaps:
     """Run `source` (and `target`, or the model's own greedy translation) through the model, teacher-forced,
     collecting every layer's attention weights."""
-    from .data import BOS
     from .generate import greedy
 
     if not source.strip():
@@ -137,7 +136,7 @@ def attention_maps(model, src_tok, tgt_tok, source: str, target: Optional[str] =
         tgt_ids = greedy(model, src)[0]
     else:
         tgt_ids = tgt_tok.encode(target)
-    tgt_in = torch.tensor([[BOS, *tgt_ids]], device=device)
+    tgt_in = torch.tensor([[model.config.bos_id, *tgt_ids]], device=device)
     enc_w: list = []
     dec_w: list = []
     with torch.no_grad():

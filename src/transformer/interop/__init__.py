@@ -1,0 +1,230 @@
+"""Pretrained checkpoints in and out: Hugging Face BERT, Marian and GPT-2 directories on local disk <-> this
+package's models and checkpoints. The model code knows nothing of Hugging Face; the name tables are in
+`families.py`, the tokenizer bridges in `tokenizers.py`.
+
+    ckpt = from_pretrained("path/to/hf_dir")          # a Checkpoint: model, config, tokenizers
+    save_checkpoint(out, ckpt.model, ckpt.task, ckpt.tokenizers)   # or: transformer import HF_DIR --out CKPT
+    export_hf(ckpt, "path/to/new_hf_dir")             # or: transformer export CKPT --to hf DIR
+
+Only safetensors weights are read: a directory with only `pytorch_model.bin` (a pickle, which can run code
+when loaded) is refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, load_weights
+from ..errors import CheckpointError
+from ..files import atomic_path, read_json, write_json_atomic
+from ..model import build_model
+from .families import FAMILIES
+from .tokenizers import PretrainedTokenizer, SentencePieceTokenizer
+
+# Where a family may store one tensor under another name (tied weights are saved once, under any of them).
+_ALIASES = {
+    "model.encoder.embed_tokens.weight": ["model.shared.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"],
+    "model.decoder.embed_tokens.weight": ["lm_head.weight", "model.shared.weight"],
+    "final_logits_bias": [],
+}
+
+
+def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A Hugging Face model directory (config.json, model.safetensors, tokenizer files) as a Checkpoint of this
+    package, its weights copied exactly. Raises CheckpointError naming the file and the setting it refuses."""
+    hf_dir = Path(hf_dir)
+    hf = read_json(hf_dir / "config.json", CheckpointError, f"missing; {hf_dir} is not a Hugging Face model directory")
+    where = str(hf_dir / "config.json")
+    family = FAMILIES.get(hf.get("model_type"))
+    if family is None:
+        raise CheckpointError(f"{where}: model_type={hf.get('model_type')!r} is not supported "
+                              f"(supported: {', '.join(FAMILIES)})")
+    extra = _sentence_transformers(hf_dir) if family.model_type == "bert" else {}
+    tensors = _read_weights(hf_dir)
+    if family.model_type == "bert":
+        extra.setdefault("pooler", any(k.endswith("pooler.dense.weight") for k in tensors))
+    cfg = family.config(hf, where, **extra)
+    model = build_model(cfg)
+    state = _map_in(family, cfg, tensors, hf_dir)
+    load_weights(model, state, hf_dir / "model.safetensors")
+    model.to(device).eval()
+    tokenizers = _tokenizers(family.model_type, hf_dir)
+    task = {"bert": "classification" if cfg.num_labels else "embedding", "gpt2": "lm", "marian": "translation"}
+    meta = {"imported_from": str(hf_dir), "hf_model_type": family.model_type}
+    if cfg.num_labels:
+        meta["labels"] = [hf["id2label"][str(i)] for i in range(cfg.num_labels)]
+    return Checkpoint(model, cfg, task[family.model_type], tokenizers, meta, hf_dir)
+
+
+def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(hf_dir.glob("model*.safetensors"))
+    if not files:
+        if (hf_dir / "pytorch_model.bin").exists():
+            raise CheckpointError(
+                f"{hf_dir / 'pytorch_model.bin'}: weights stored only as a pickle, which can run arbitrary code when "
+                "loaded, so this package never reads one. On a machine you trust, convert it: "
+                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        raise CheckpointError(f"{hf_dir}: no model.safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:  # one file, or the shards of a large model
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated weights file ({e})") from None
+    return tensors
+
+
+def _map_in(family, cfg, tensors: dict[str, torch.Tensor], hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Their tensors -> ours, by the family's name table (transposing and concatenating where it says)."""
+    prefix = _prefix(family.model_type, tensors)
+    state = {}
+    for mine, theirs, how in family.names(cfg, prefix):
+        parts = [_lookup(tensors, name, hf_dir) for name in theirs.split("|")]
+        if how == "t":
+            parts = [p.t() for p in parts]
+        elif how == "row":
+            parts = [p.reshape(-1) for p in parts]
+        state[mine] = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+    return state
+
+
+def _lookup(tensors: dict[str, torch.Tensor], name: str, hf_dir: Path) -> torch.Tensor:
+    for candidate in [name, *_ALIASES.get(name, [])]:
+        if candidate in tensors:
+            return tensors[candidate]
+    raise CheckpointError(f"{hf_dir / 'model.safetensors'}: missing tensor '{name}'")
+
+
+def _prefix(model_type: str, tensors: dict) -> str:
+    """The prefix a head model puts before the base model's names (BertFor...: "bert.", GPT2LMHeadModel:
+    "transformer.", MarianMTModel: "model.")."""
+    prefix = {"bert": "bert.", "gpt2": "transformer.", "marian": "model."}[model_type]
+    return prefix if any(k.startswith(prefix) for k in tensors) else ""
+
+
+def _sentence_transformers(hf_dir: Path) -> dict:
+    """How a sentence-transformers model makes a sentence vector (1_Pooling/config.json, modules.json)."""
+    modules_file = hf_dir / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    modules = read_json(modules_file, CheckpointError, "missing")
+    kinds = [m.get("type", "") for m in modules]
+    pooling = "mean"
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pool_cfg = read_json(hf_dir / m["path"] / "config.json", CheckpointError, "missing")
+            modes = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v]
+            if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+                raise CheckpointError(f"{hf_dir / m['path'] / 'config.json'}: pooling {modes} is not supported "
+                                      "(mean or first-token pooling)")
+            pooling = "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
+    unknown = [k for k in kinds if not k.endswith(("Transformer", "Pooling", "Normalize"))]
+    if unknown:
+        raise CheckpointError(f"{modules_file}: module {unknown[0]!r} is not supported (Transformer, Pooling, Normalize)")
+    return {"pooling": pooling, "normalize": any(k.endswith("Normalize") for k in kinds), "pooler": False}
+
+
+def _tokenizers(model_type: str, hf_dir: Path) -> dict:
+    if model_type == "marian":
+        vocab = read_json(hf_dir / "vocab.json", CheckpointError, "missing: a Marian model's vocabulary")
+        spm = {}
+        for role, name in (("src", "source.spm"), ("tgt", "target.spm")):
+            if not (hf_dir / name).is_file():
+                raise CheckpointError(f"{hf_dir / name}: missing: a Marian model's SentencePiece model")
+            spm[role] = SentencePieceTokenizer((hf_dir / name).read_bytes(), vocab, append_eos=role == "src")
+        return spm
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing (only tokenizer.json tokenizers are read)")
+    tok = PretrainedTokenizer.from_file(hf_dir / "tokenizer.json", add_special_tokens=model_type == "bert")
+    return {"src": tok} if model_type == "bert" else {"tgt": tok}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_hf(ckpt: Checkpoint, out: str | Path) -> Path:
+    """Write `ckpt` as a Hugging Face model directory (config.json, model.safetensors, tokenizer files) that
+    `transformers`' from_pretrained loads, if one of the supported classes can represent it exactly."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    cfg = ckpt.config
+    family = {"encoder-only": FAMILIES["bert"], "decoder-only": FAMILIES["gpt2"]}.get(cfg.arch, FAMILIES["marian"])
+    where = str(ckpt.path or "checkpoint")
+    if cfg.arch == "encoder-decoder" and cfg.norm_first:
+        raise CheckpointError(f"{where}: no Hugging Face class represents a pre-norm encoder-decoder exactly "
+                              "(Marian is post-norm); export it for serving with CTranslate2 instead "
+                              "(transformer export CKPT --to ct2 DIR)")
+    hf = family.hf_config(cfg, where)
+    ours = ckpt.model.state_dict()
+    tensors = {}
+    prefix = {"bert": "bert." if cfg.num_labels else "", "gpt2": "transformer.", "marian": "model."}[family.model_type]
+    for mine, theirs, how in family.names(cfg, prefix):
+        names = theirs.split("|")
+        value = ours[mine]
+        parts = value.chunk(len(names)) if how == "cat" else [value]
+        for name, part in zip(names, parts):
+            part = part.t() if how == "t" else part.reshape(1, -1) if how == "row" else part
+            tensors[name] = part.detach().contiguous().cpu()
+    if family.model_type == "marian":
+        _add_marian_aliases(tensors, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _export_tokenizers(ckpt, hf, out)
+    if family.model_type == "bert" and not cfg.num_labels:
+        _export_pooling(cfg, out)
+    write_json_atomic(out / "config.json", hf)
+    return out
+
+
+def _export_pooling(cfg, out: Path) -> None:
+    """An embedding model's pooling, as sentence-transformers describes it (modules.json, 1_Pooling/)."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if cfg.normalize_embeddings:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    pooling = {"word_embedding_dimension": cfg.d_model, "pooling_mode_cls_token": cfg.pooling == "cls",
+               "pooling_mode_mean_tokens": cfg.pooling == "mean", "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    write_json_atomic(out / "modules.json", modules)
+    write_json_atomic(out / "1_Pooling" / "config.json", pooling)
+
+
+def _add_marian_aliases(tensors: dict, cfg) -> None:
+    """transformers' Marian expects `model.shared.weight` when the embeddings are shared, and reads the
+    decoder's from the encoder's then; the tied output layer is not stored."""
+    if cfg.tie_embeddings == "all":  # copies: safetensors stores no two names for one tensor
+        tensors["model.shared.weight"] = tensors["model.encoder.embed_tokens.weight"].clone()
+        tensors["model.decoder.embed_tokens.weight"] = tensors["model.encoder.embed_tokens.weight"].clone()
+
+
+def _export_tokenizers(ckpt: Checkpoint, hf: dict, out: Path) -> None:
+    toks = ckpt.tokenizers
+    if hf["model_type"] == "marian":
+        src, tgt = toks["src"], toks["tgt"]
+        if not isinstance(src, SentencePieceTokenizer) or not isinstance(tgt, SentencePieceTokenizer):
+            raise CheckpointError(f"{ckpt.path}: a Marian export needs SentencePiece tokenizers (this model's are "
+                                  f"{type(src).__name__}); the weights alone are not a usable translator")
+        for name, tok in (("source.spm", src), ("target.spm", tgt)):
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(tok.model)
+        write_json_atomic(out / "vocab.json", src.vocab)
+        write_json_atomic(out / "tokenizer_config.json", {"tokenizer_class": "MarianTokenizer"})
+        return
+    tok = toks.get("src") or toks.get("tgt")
+    inner = getattr(tok, "tok", None)  # a tokenizers.Tokenizer (ours or an imported one)
+    if inner is None:
+        raise CheckpointError(f"{ckpt.path}: its tokenizer ({type(tok).__name__}) has no tokenizer.json form")
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tmp.write_text(inner.to_str(), encoding="utf-8")
+    write_json_atomic(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+__all__ = ["from_pretrained", "export_hf"]
