@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers must never reach for a hub: everything is on local disk
+# prepared corpora go to a directory of this test session's, not the user's cache
+os.environ.setdefault("TRANSFORMER_CACHE", tempfile.mkdtemp(prefix="transformer-test-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

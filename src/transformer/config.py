@@ -164,7 +164,10 @@ class DataConfig:
     val_tsv: Optional[str] = None
     text: Optional[str] = None
     val_fraction: float = 0.1
-    tokenizer: Literal["bpe", "bytebpe", "char"] = "bpe"
+    tokenizer: Literal["bpe", "bytebpe", "char", "sentencepiece"] = "bpe"
+    tokenizer_from: Optional[str] = None  # reuse a tokenizer: a checkpoint directory or a tokenizer file
+    tokenizer_sample_lines: int = 1_000_000  # lines of each training file the tokenizer is trained on
+    cache_dir: Optional[str] = None  # where prepared corpora go (default $TRANSFORMER_CACHE or ~/.cache/...)
     vocab_size: int = 8000
     joint_vocab: bool = True
     max_len: int = 128
@@ -179,7 +182,7 @@ class DataConfig:
         _check_literals(self)
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size",
-                     "synthetic_min_len", "synthetic_max_len"):
+                     "synthetic_min_len", "synthetic_max_len", "tokenizer_sample_lines"):
             _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "must be > 0")
 
 

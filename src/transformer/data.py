@@ -10,8 +10,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -97,6 +98,22 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
+    def train_unigram(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """SentencePiece's unigram model: the vocabulary that maximises the likelihood of the text under a
+        unigram language model of subwords, pruned from a large seed set (Kudo 2018)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>",
+                                          show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
     def train_bytes(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
         """Byte-level BPE (as GPT-2): no normalisation and no unknown tokens, so any Unicode text, whitespace
         included, decodes back exactly."""
@@ -129,11 +146,14 @@ class BPETokenizer:
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """"char": one token per character; "bpe": subwords over NFKC-normalised words (spaces kept as "▁");
-    "bytebpe": byte-level subwords, exact for any text."""
+    "bytebpe": byte-level subwords, exact for any text; "sentencepiece": SentencePiece's unigram language-model
+    subwords (as `tokenizers` implements them), spaces kept as "▁"."""
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "bytebpe":
         return BPETokenizer.train_bytes(texts, vocab_size)
+    if kind == "sentencepiece":
+        return BPETokenizer.train_unigram(texts, vocab_size)
     return BPETokenizer.train(texts, vocab_size)
 
 
@@ -162,33 +182,52 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # Reading text files
 
 
-def read_lines(path: str | Path, what: str = "data file", strip: bool = True) -> list[str]:
-    """All lines of a UTF-8 text file, stripped (so CRLF, trailing spaces and NBSP-only lines are handled;
-    `strip=False` removes only the CR of a CRLF, keeping the tabs of a TSV line). Errors name the file and, for
-    bad UTF-8, the line."""
+def iter_lines(path: str | Path, what: str = "data file", strip: bool = True) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read a block at a time (a corpus need not fit in memory), stripped (so
+    CRLF, trailing spaces and NBSP-only lines are handled; `strip=False` removes only the CR of a CRLF, keeping
+    the tabs of a TSV line); a leading BOM is dropped. Errors name the file and, for bad UTF-8, the line.
+
+    Lines end at "\n" only, as `wc -l` counts them: str.splitlines() would also split at U+2028, U+0085, form
+    feeds and more, and silently shift one side of a line-aligned pair of files against the other."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: {what} is a directory, expected a text file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read {what} ({e.strerror})") from None
+    number, rest = 0, b""
+    with f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            parts = (rest + block).split(b"\n")
+            rest = parts.pop()
+            for raw in parts:
+                number += 1
+                yield _decode_line(raw, path, number, strip)
+    if rest:  # a last line without its newline
+        yield _decode_line(rest, path, number + 1, strip)
+
+
+def _decode_line(raw: bytes, path: Path, number: int, strip: bool) -> str:
     try:
-        text = raw.decode("utf-8")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    # Lines end at "\n" only, as `wc -l` counts them: str.splitlines() would also split at U+2028, U+0085, form
-    # feeds and more, and silently shift one side of a line-aligned pair of files against the other.
-    lines = [line.strip() if strip else line.removesuffix("\r") for line in text.split("\n")]
-    if lines and not lines[-1] and text.endswith("\n"):
-        lines.pop()  # the newline that ends the last line starts no new one
+        raise DataError(f"{path}:{number}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8") from None
+    if number == 1 and line.startswith("\ufeff"):
+        line = line[1:]
+    return line.strip() if strip else line.removesuffix("\r")
+
+
+def read_lines(path: str | Path, what: str = "data file", strip: bool = True) -> list[str]:
+    """All lines of a UTF-8 text file (see `iter_lines`); an empty file is a DataError naming it."""
+    lines = list(iter_lines(path, what, strip))
     if not any(lines):
-        raise DataError(f"{path}: {what} is empty")
+        raise DataError(f"{Path(path)}: {what} is empty")
     return lines
 
 
@@ -372,13 +411,13 @@ def pair_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[i
 # Language-model data: one long token stream, random contiguous blocks
 
 
-def lm_blocks(data: Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> LMBatch:
-    """`batch_size` random windows of a 1-D token tensor (len(data) > block_size): inputs (B, T) and their
-    next tokens (B, T). Every window start 0 .. len - T - 1 is possible, the last one included."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([data[s : s + block_size] for s in starts.tolist()])
-    y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()])
-    return LMBatch(x, y, y.numel())
+def lm_blocks(data, block_size: int, batch_size: int, generator: torch.Generator) -> LMBatch:
+    """`batch_size` random windows of a 1-D token array (a tensor, or a prepared corpus's memory map;
+    len(data) > block_size): inputs (B, T) and their next tokens (B, T). Every window start 0 .. len - T - 1 is
+    possible, the last one included. Only the windows are read."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    windows = torch.stack([torch.as_tensor(np.asarray(data[s : s + block_size + 1], dtype=np.int64)) for s in starts])
+    return LMBatch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), batch_size * block_size)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import RunConfig
+from .config import RunConfig, TrainConfig
 from .data import (
     Batch,
     CharTokenizer,
@@ -36,12 +36,54 @@ from .data import (
     read_labelled,
     read_parallel,
     token_batches,
-    train_tokenizer,
 )
 from .errors import DataError
+from .prepare import plan_batches, prepare
 from .evaluate import accuracy, bleu_score, exact_match, macro_f1
 
 log = logging.getLogger("transformer")
+
+
+class EpochBatches:
+    """The batches of each epoch over examples of `lengths` (padded positions each): length-bucketed within
+    large shuffled windows (`prepare.plan_batches`), at most `max_tokens` positions and `batch_size` examples,
+    a pure function of (seed, epoch): resuming needs no state. The current epoch's are kept."""
+
+    def __init__(self, lengths: np.ndarray, train: TrainConfig) -> None:
+        self.lengths, self.train = np.asarray(lengths, dtype=np.int32), train
+        self._epoch: Optional[int] = None
+        self._batches: list[np.ndarray] = []
+
+    def of(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch != epoch:
+            t = self.train
+            self._batches = plan_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
+            self._epoch = epoch
+        return self._batches
+
+    def padding_fraction(self, epoch: int) -> float:
+        pad = total = 0
+        for idx in self.of(epoch):
+            lens = self.lengths[idx]
+            pad += int(lens.max()) * len(idx) - int(lens.sum())
+            total += int(lens.max()) * len(idx)
+        return pad / max(total, 1)
+
+
+class InMemoryPairs:
+    """Sentence pairs held in memory (the built-in task's), with `PreparedPairs`' interface."""
+
+    def __init__(self, pairs: Sequence[tuple[list[int], list[int]]]) -> None:
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def pair(self, i: int) -> tuple[list[int], list[int]]:
+        return self.pairs[i]
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray(pair_lengths(self.pairs), dtype=np.int32)
 
 
 class TranslationTask:
@@ -50,7 +92,8 @@ class TranslationTask:
     Args:
         run: the recipe (batch size in tokens, seed, label smoothing, validation settings, the model's pad id).
         src_tok, tgt_tok: the tokenizers (one object twice for a joint vocabulary).
-        train_pairs: (source ids, target ids) per training pair, without <s>/</s>.
+        pairs: the training pairs, (source ids, target ids) without <s>/</s>: a prepared corpus's memory maps
+            (`prepare.PreparedPairs`), or `InMemoryPairs`.
         val_src, val_tgt: validation sentences as text (BLEU is computed on detokenised text).
         name: "translation", or "synthetic" for the built-in task (validated by exact match).
     """
@@ -60,38 +103,29 @@ class TranslationTask:
         run: RunConfig,
         src_tok: Tokenizer,
         tgt_tok: Tokenizer,
-        train_pairs: Sequence[tuple[list[int], list[int]]],
+        pairs,
         val_src: Sequence[str],
         val_tgt: Sequence[str],
         name: str = "translation",
     ) -> None:
         self.run, self.name = run, name
         self.src_tok, self.tgt_tok = src_tok, tgt_tok
-        self.train_pairs = list(train_pairs)
-        self.lengths = pair_lengths(self.train_pairs)
+        self.pairs = pairs
+        self.batches = EpochBatches(pairs.lengths(), run.train)
         self.val_src, self.val_tgt = list(val_src), list(val_tgt)
         self.val_pairs, _ = encode_pairs(src_tok, tgt_tok, self.val_src, self.val_tgt, run.data.max_len)
         self.metric = "exact_match" if name == "synthetic" else "bleu"
-        self._epoch: Optional[int] = None
-        self._batches: list[list[int]] = []
 
     @property
     def tokenizers(self) -> dict[str, Tokenizer]:
         return {"src": self.src_tok, "tgt": self.tgt_tok}
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if self._epoch != epoch:
-            t = self.run.train
-            self._batches = token_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
-            self._epoch = epoch
-        return self._batches
-
     def num_batches(self, epoch: int) -> int:
-        return len(self._epoch_batches(epoch))
+        return len(self.batches.of(epoch))
 
     def batch(self, epoch: int, i: int) -> Batch:
         """The i-th batch of `epoch`: src (B, S), tgt_in and tgt_out (B, T), padded with the model's pad id."""
-        return self._collate([self.train_pairs[j] for j in self._epoch_batches(epoch)[i]])
+        return self._collate([self.pairs.pair(int(j)) for j in self.batches.of(epoch)[i]])
 
     def _collate(self, pairs) -> Batch:
         m = self.run.model
@@ -102,12 +136,7 @@ class TranslationTask:
         return model.loss(batch.src, batch.tgt_in, batch.tgt_out, self.run.train.label_smoothing)
 
     def padding_fraction(self, epoch: int) -> float:
-        pad = total = 0
-        for idx in self._epoch_batches(epoch):
-            n = max(self.lengths[j] for j in idx)
-            pad += sum(n - self.lengths[j] for j in idx)
-            total += n * len(idx)
-        return pad / max(total, 1)
+        return self.batches.padding_fraction(epoch)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, translate: Callable[[Sequence[str]], list[str]]) -> dict[str, Any]:
@@ -205,10 +234,8 @@ class ClassificationTask:
                  val_texts: Sequence[str], val_labels: Sequence[int]) -> None:
         self.run, self.tok, self.labels = run, tok, list(labels)
         self.train = list(train)
-        self.lengths = [len(ids) for ids, _ in self.train]
+        self.batches = EpochBatches(np.array([len(ids) for ids, _ in self.train]), run.train)
         self.val_texts, self.val_labels = list(val_texts), list(val_labels)
-        self._epoch: Optional[int] = None
-        self._batches: list[list[int]] = []
 
     @property
     def tokenizers(self) -> dict[str, Tokenizer]:
@@ -218,19 +245,12 @@ class ClassificationTask:
     def meta(self) -> dict[str, Any]:
         return {"labels": self.labels}
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if self._epoch != epoch:
-            t = self.run.train
-            self._batches = token_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
-            self._epoch = epoch
-        return self._batches
-
     def num_batches(self, epoch: int) -> int:
-        return len(self._epoch_batches(epoch))
+        return len(self.batches.of(epoch))
 
     def batch(self, epoch: int, i: int) -> ClassBatch:
         """The i-th batch of `epoch`: ids (B, S) padded with the model's pad id, labels (B,)."""
-        chosen = [self.train[j] for j in self._epoch_batches(epoch)[i]]
+        chosen = [self.train[int(j)] for j in self.batches.of(epoch)[i]]
         ids = pad_batch([t for t, _ in chosen], self.run.model.pad_id)
         return ClassBatch(ids, torch.tensor([c for _, c in chosen]), len(chosen))
 
@@ -239,12 +259,7 @@ class ClassificationTask:
         return model.loss(batch.ids, batch.labels, self.run.train.label_smoothing)
 
     def padding_fraction(self, epoch: int) -> float:
-        pad = total = 0
-        for idx in self._epoch_batches(epoch):
-            n = max(self.lengths[j] for j in idx)
-            pad += sum(n - self.lengths[j] for j in idx)
-            total += n * len(idx)
-        return pad / max(total, 1)
+        return self.batches.padding_fraction(epoch)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, translate: Any = None) -> dict[str, Any]:
@@ -306,52 +321,27 @@ def _synthetic(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> Tr
     train, val = task.split(d.synthetic_train_size, d.synthetic_val_size, seed=run.train.seed)
     tok = tokenizers["src"] if tokenizers else CharTokenizer(SyntheticTask.ALPHABET)
     pairs, _ = encode_pairs(tok, tok, [s for s, _ in train], [t for _, t in train], d.max_len)
-    return TranslationTask(run, tok, tok, pairs, [s for s, _ in val], [t for _, t in val], name="synthetic")
+    return TranslationTask(run, tok, tok, InMemoryPairs(pairs), [s for s, _ in val], [t for _, t in val],
+                           name="synthetic")
 
 
 def _translation(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:
+    """Parallel text, prepared once into memory-mapped token arrays (`prepare.py`) and batched from them."""
     d = run.data
-    src, tgt = read_parallel(d.train_src, d.train_tgt, d.train_tsv, "train")
-    if d.val_src or d.val_tgt or d.val_tsv:
-        val_src, val_tgt = read_parallel(d.val_src, d.val_tgt, d.val_tsv, "val")
-    else:
+    if not (d.val_src or d.val_tgt or d.val_tsv):
         raise DataError("data: no validation data; set data.val_src and data.val_tgt (or data.val_tsv)")
-    if tokenizers:
-        src_tok, tgt_tok = tokenizers["src"], tokenizers["tgt"]
-    elif d.joint_vocab:
-        src_tok = tgt_tok = train_tokenizer(d.tokenizer, [*src, *tgt], d.vocab_size)
-    else:
-        src_tok = train_tokenizer(d.tokenizer, src, d.vocab_size)
-        tgt_tok = train_tokenizer(d.tokenizer, tgt, d.vocab_size)
-    pairs, stats = encode_pairs(src_tok, tgt_tok, src, tgt, d.max_len)
-    log.info(
-        "training pairs: %d kept, %d blank dropped, %d longer than %d tokens dropped",
-        stats.kept, stats.blank, stats.too_long, d.max_len,
-    )
-    if not pairs:
-        raise DataError(f"{d.train_src or d.train_tsv}: no usable training pairs (all blank or too long)")
+    val_src, val_tgt = read_parallel(d.val_src, d.val_tgt, d.val_tsv, "val")
+    prepared = prepare(run, tokenizers)
+    stats = prepared.stats
+    log.info("training pairs: %d kept, %d blank dropped, %d longer than %d tokens dropped",
+             stats["kept"], stats["blank"], stats["too_long"], d.max_len)
     keep = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if s and t]
-    return TranslationTask(run, src_tok, tgt_tok, pairs, [val_src[i] for i in keep], [val_tgt[i] for i in keep])
+    toks = prepared.tokenizers
+    return TranslationTask(run, toks["src"], toks["tgt"], prepared, [val_src[i] for i in keep],
+                           [val_tgt[i] for i in keep])
 
 
 def _language_model(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> LanguageModelTask:
-    d = run.data
-    if not d.text:
-        raise DataError("data.text: a language-model task needs the path of a text file")
-    path = Path(d.text)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: text file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    text = text.replace("\r\n", "\n")
-    if not text.strip():
-        raise DataError(f"{path}: text file is empty")
-    split = int(len(text) * (1 - d.val_fraction))
-    tok = tokenizers["tgt"] if tokenizers else train_tokenizer(d.tokenizer, [text[:split]], d.vocab_size)
-    train_ids = torch.tensor(tok.encode(text[:split]), dtype=torch.long)
-    val_ids = torch.tensor(tok.encode(text[split:]), dtype=torch.long)
-    return LanguageModelTask(run, tok, train_ids, val_ids)
+    """One text file, prepared once into two memory-mapped token streams (training, validation)."""
+    prepared = prepare(run, tokenizers)
+    return LanguageModelTask(run, prepared.tokenizers["tgt"], prepared.train, prepared.val)
