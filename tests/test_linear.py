@@ -173,3 +173,21 @@ def test_importing_leaves_the_global_random_state_alone():
             "b = torch.rand(3); print(torch.equal(a, b))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_int8_weights_are_close_and_dropped_after_the_block(paths):
+    from transformer.linear import int8_weights
+
+    ours, ref, x = _eval_pair(6)
+    with torch.no_grad():
+        want = ref(x)
+        with int8_weights(ours):
+            got = ours(x)
+            assert ours._int8 is not None
+        assert ours._int8 is None
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)  # fp32 again after the block
+    # 8-bit weights (per row) and inputs (per tensor): errors of a few hundredths of a unit-scale output
+    assert (got - want).abs().max() < 0.05 * want.abs().max() and not torch.equal(got, want)
+    with int8_weights(ours):  # with gradients (training), the fp32 weights are used
+        y = ours(x.requires_grad_())
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

@@ -344,6 +344,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Prepare a recipe's training corpus (what `train` does first): tokenizer, memory-mapped token arrays."""
+    from .config import load_run_config
+    from .prepare import prepare
+
+    prepared = prepare(load_run_config(args.config, args.set))
+    result = {"directory": str(prepared.directory), **{k: v for k, v in prepared.stats.items() if k != "tokenizers"}}
+    print(json.dumps(result) if args.json else f"prepared corpus: {prepared.directory}\n"
+          + ", ".join(f"{k}={v}" for k, v in result.items() if k != "directory"))
+    return 0
+
+
 def cmd_average(args: argparse.Namespace) -> int:
     from .checkpoint import average_checkpoints
     from .rundir import step_checkpoints
@@ -434,6 +446,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Limits, serve
+
+    limits = Limits(args.max_texts, args.max_text_chars, args.max_body_bytes, args.max_beam, args.max_new_tokens)
+    serve(args.checkpoint, args.host, args.port, args.device, args.bf16, limits, args.max_batch_tokens,
+          args.max_wait_ms, args.max_batch)
+    return 0
+
+
 def cmd_attention(args: argparse.Namespace) -> int:
     from .viz import attention_maps, plot_attention
 
@@ -478,6 +499,12 @@ def _add_training_commands(sub) -> None:
     d.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     _device_option(d)
     d.set_defaults(fn=cmd_demo)
+
+    pr = sub.add_parser("prepare", help="tokenise a recipe's training corpus once, into memory-mapped arrays")
+    pr.add_argument("config", help="YAML recipe")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.set_defaults(fn=cmd_prepare)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/multi30k-en-de.yaml")
@@ -557,6 +584,26 @@ def _add_pretrained_commands(sub) -> None:
     em.set_defaults(fn=cmd_embed)
 
 
+def _add_serve_command(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a checkpoint over HTTP (JSON API, dynamic batching, a page at /)")
+    sv.add_argument("checkpoint")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--max-batch-tokens", type=_positive_int, default=4096,
+                    help="decode requests together up to this many source tokens (default 4096)")
+    sv.add_argument("--max-wait-ms", type=_nonneg_float, default=10.0,
+                    help="wait at most this long for more requests to join a batch (default 10)")
+    sv.add_argument("--max-batch", type=_positive_int, default=64, help="texts per batch (1: no batching)")
+    sv.add_argument("--max-texts", type=_positive_int, default=64, help="texts per request (default 64)")
+    sv.add_argument("--max-text-chars", type=_positive_int, default=2000, help="characters per text (default 2000)")
+    sv.add_argument("--max-body-bytes", type=_positive_int, default=1_000_000, help="request body (default 1 MB)")
+    sv.add_argument("--max-beam", type=_positive_int, default=16)
+    sv.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    sv.add_argument("--bf16", action="store_true", help="decode in bf16 (where it is native)")
+    _device_option(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+
 def _add_other_commands(sub) -> None:
     a = sub.add_parser("average", help="average the weights of a run's last checkpoints")
     a.add_argument("run_dir")
@@ -602,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_translation_commands(sub)
     _add_pretrained_commands(sub)
+    _add_serve_command(sub)
     _add_other_commands(sub)
     return p
 

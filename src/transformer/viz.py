@@ -271,6 +271,12 @@ draw();
 
 def attention_html(maps: AttentionMaps, out: str | Path) -> Path:
     """One self-contained page (no network requests) to pick kind, layer and head, and hover tokens."""
+    write_text_atomic(out, attention_page(maps))
+    return Path(out)
+
+
+def attention_page(maps: AttentionMaps) -> str:
+    """The explorer page of `attention_html`, as a string (the server shows it in its own page)."""
     titles = {"encoder": "encoder self-attention", "decoder": "decoder self-attention", "cross": "cross-attention"}
     data = {"kinds": {}}
     for kind, (weights, rows, cols) in maps.kinds().items():
@@ -281,6 +287,4 @@ def attention_html(maps: AttentionMaps, out: str | Path) -> Path:
             "weights": [[[[round(float(x), 4) for x in row] for row in head] for head in layer] for layer in weights],
         }
     # JSON inside <script>: escape "</" so a token can never close the script element
-    page = _HTML.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))
-    write_text_atomic(out, page)
-    return Path(out)
+    return _HTML.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))

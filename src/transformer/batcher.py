@@ -1,0 +1,137 @@
+"""Dynamic batching: requests that arrive together are decoded together, by one worker thread per model.
+
+Request handlers (on the server's event loop) submit `Job`s and await their futures; the worker takes the
+first waiting job, keeps collecting for at most `max_wait_ms` or until `max_batch_tokens` source tokens (or
+`max_batch` texts) are gathered, groups the jobs that can run as one call (same kind, same decoding settings),
+runs each group through the library's own functions, and hands every job exactly its own results. One worker,
+so the CPU's cores run one model call at a time (its own threads), never several fighting over them. A job
+whose client went away is dropped before it is run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("transformer")
+
+
+@dataclass
+class Job:
+    """Work for the model: `kind` ("translate", "classify", "embed", "generate", "attention"), its `texts`,
+    the `params` that must match for jobs to share a batch, and the source `tokens` it adds to a batch."""
+
+    kind: str
+    texts: list[str]
+    params: tuple = ()
+    tokens: int = 1
+    loop: Optional[asyncio.AbstractEventLoop] = None
+    future: Optional[asyncio.Future] = None
+    stream: Optional[asyncio.Queue] = None  # generate with stream: pieces of text, then None
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def deliver(self, result: Any = None, error: Optional[BaseException] = None) -> None:
+        """Hand the result (or the error) to the waiting handler, from the worker thread."""
+        if self.loop is None or self.future is None:
+            return
+
+        def settle() -> None:
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+    def emit(self, piece: Optional[str]) -> None:
+        """Stream one piece of generated text (None: the end) to the waiting handler."""
+        if self.loop is not None and self.stream is not None:
+            self.loop.call_soon_threadsafe(self.stream.put_nowait, piece)
+
+
+class Batcher:
+    """The worker thread and its queue. `run(kind, params, texts, jobs)` computes one group: it returns one
+    result per text (sliced back to the jobs here), or streams through the single job it is given."""
+
+    def __init__(self, run: Callable[[str, tuple, list[str], list[Job]], Optional[list]], max_batch_tokens: int,
+                 max_wait_ms: float, max_batch: int) -> None:
+        self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
+        self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
+        self.batches = 0  # model calls made (for /v1/model and the tests)
+        self.thread = threading.Thread(target=self._work, name="decoding-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish what is queued, then stop the worker."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._collect()
+            if jobs is None:
+                return
+            for group in self._groups(jobs):
+                self._run_group(group)
+
+    def _collect(self) -> Optional[list[Job]]:
+        """The next batch of jobs: at least one (waiting for it), more while they fit and time allows."""
+        jobs, self.held = self.held, []
+        if not jobs:
+            first = self.queue.get()
+            if first is None:
+                return None
+            jobs = [first]
+        deadline = jobs[0].arrived + self.max_wait
+        while sum(j.tokens for j in jobs) < self.max_tokens and sum(len(j.texts) for j in jobs) < self.max_batch:
+            try:
+                nxt = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self.queue.put(None)  # stop once this batch is done
+                break
+            if sum(j.tokens for j in jobs) + nxt.tokens > self.max_tokens or \
+                    sum(len(j.texts) for j in jobs) + len(nxt.texts) > self.max_batch:
+                self.held.append(nxt)
+                break
+            jobs.append(nxt)
+        return [j for j in jobs if not j.cancelled]
+
+    @staticmethod
+    def _groups(jobs: list[Job]) -> list[list[Job]]:
+        """Jobs that can be one call: the same kind and settings; generation and attention one at a time."""
+        groups: dict[tuple, list[Job]] = {}
+        for j in jobs:
+            key = (j.kind, j.params) if j.kind in ("translate", "classify", "embed") else (j.kind, id(j))
+            groups.setdefault(key, []).append(j)
+        return list(groups.values())
+
+    def _run_group(self, group: list[Job]) -> None:
+        group = [j for j in group if not j.cancelled]  # clients gone while this batch was collected
+        if not group:
+            return
+        texts = [t for j in group for t in j.texts]
+        try:
+            results = self.run(group[0].kind, group[0].params, texts, group)
+            self.batches += 1
+        except Exception as e:  # the handlers turn it into an error response; the worker goes on
+            log.exception("decoding failed")
+            for j in group:
+                j.deliver(error=e)
+                j.emit(None)
+            return
+        if results is None:  # streamed
+            return
+        start = 0
+        for j in group:
+            j.deliver(results[start : start + len(j.texts)])
+            start += len(j.texts)
