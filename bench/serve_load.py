@@ -3,9 +3,11 @@
     python -m bench.serve_load CKPT --src ../shared/data/multi30k/test2016.en [--clients 64] [--seconds 60]
 
 Runs the server three ways and prints a table: with dynamic batching, with batching off (--max-batch 1), and
-the offline figure (`translate_texts` over the same sentences, in this process, same beam). For each server
+the offline figure (`translate_texts` over the same sentences, in this process, same beam; measured before and
+after the servers, and their mean taken). For each server
 run: sentences/s, latency p50/p95/p99, errors (anything but a 200 with one translation), 5xx, and the server's
-RSS at the start and the end. Bounded in time: the clients stop after --seconds, the run after that.
+RSS: cold (loaded, no request yet), at the start (after 10 s of warm-up at the full load) and at the end, the
+largest of samples every 2 s in between, and the growth from start to end. Bounded in time: the clients stop after --seconds, the run after that.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,42 +38,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def clients(url: str, sentences: list[str], n: int, seconds: float, beam: int) -> dict:
-    import httpx
+class Connection:
+    """One keep-alive HTTP/1.1 connection, as small a client as can be: the load generator shares this machine's
+    cores with the server, so every millisecond it spends per request is taken from the server (httpx spends
+    several times this per request)."""
 
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.reader, self.writer = host, port, None, None
+
+    async def post(self, path: str, payload: dict) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(payload).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def clients(url: str, sentences: list[str], n: int, seconds: float, beam: int) -> dict:
+    host, port = url.rsplit("/", 1)[-1].split(":")
     latencies, errors, server_errors = [], 0, 0
     until = time.perf_counter() + seconds
 
-    async def one(i: int, c) -> None:
+    async def one(i: int) -> None:
         nonlocal errors, server_errors
-        k = i
+        k, conn = i, Connection(host, int(port))
         while time.perf_counter() < until:
             sentence = sentences[k % len(sentences)]
             k += n
             start = time.perf_counter()
             try:
-                r = await c.post("/v1/translate", json={"texts": [sentence], "beam": beam})
-                ok = r.status_code == 200 and len(r.json()["translations"]) == 1
-                server_errors += r.status_code >= 500
-            except Exception:  # a refused or dropped connection counts as an error
+                status, body = await asyncio.wait_for(conn.post("/v1/translate", {"texts": [sentence], "beam": beam}), 120)
+                ok = status == 200 and len(json.loads(body)["translations"]) == 1
+                server_errors += status >= 500
+            except Exception:  # a refused, dropped or timed-out connection counts as an error
                 ok = False
+                conn.close()
             if ok:
                 latencies.append(time.perf_counter() - start)
             else:
                 errors += 1
+        conn.close()
 
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i, c) for i in range(n)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     return {"sentences_per_s": round(len(latencies) / elapsed, 1), "requests": len(latencies) + errors,
             "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
             "errors": errors, "5xx": server_errors}
 
 
-def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, seconds: float, beam: int) -> dict:
+def sample_rss(pid: int, samples: list[float], seconds: float, every: float = 2.0) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        samples.append(rss_mib(pid))
+        time.sleep(every)
+
+
+def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, seconds: float, beam: int,
+               warmup: float = 10.0) -> dict:
     import httpx
 
     port = free_port()
@@ -84,10 +123,17 @@ def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, second
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        asyncio.run(clients(url, sentences[:64], 4, 2.0, beam))  # warm-up, not counted
-        start_rss = rss_mib(proc.pid)
+        cold_rss = rss_mib(proc.pid)
+        # warm-up at the full load, not counted: the first batches of each size allocate what every later batch
+        # of that size reuses (PyTorch's and the C library's allocators keep freed memory for reuse)
+        asyncio.run(clients(url, sentences, n, warmup, beam))
+        start_rss, samples = rss_mib(proc.pid), []
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, samples, seconds), daemon=True)
+        sampler.start()
         result = asyncio.run(clients(url, sentences, n, seconds, beam))
-        result.update(rss_start_mib=round(start_rss, 1), rss_end_mib=round(rss_mib(proc.pid), 1))
+        sampler.join()
+        result.update(rss_cold_mib=round(cold_rss, 1), rss_start_mib=round(start_rss, 1),
+                      rss_end_mib=round(rss_mib(proc.pid), 1), rss_max_mib=round(max(samples, default=start_rss), 1))
         result["rss_growth"] = round(result["rss_end_mib"] / result["rss_start_mib"] - 1, 3)
         proc.send_signal(signal.SIGTERM)
         result["exit_code"] = proc.wait(timeout=120)
@@ -119,12 +165,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sentences = [s.strip() for s in Path(args.src).read_text(encoding="utf-8").splitlines() if s.strip()]
     table = {"clients": args.clients, "seconds": args.seconds, "beam": args.beam}
+    # the offline figure before and after the servers (this machine's speed drifts; their mean is the reference)
+    before = offline(args.checkpoint, sentences, args.beam)
     table["batching"] = run_server(args.checkpoint, [], sentences, args.clients, args.seconds, args.beam)
     print("batching   ", table["batching"], flush=True)
     table["no_batching"] = run_server(args.checkpoint, ["--max-batch", "1"], sentences, args.clients, args.seconds,
                                       args.beam)
     print("max batch 1", table["no_batching"], flush=True)
-    table["offline"] = offline(args.checkpoint, sentences, args.beam)
+    after = offline(args.checkpoint, sentences, args.beam)
+    table["offline"] = {"sentences_per_s": round((before["sentences_per_s"] + after["sentences_per_s"]) / 2, 1),
+                        "before": before["sentences_per_s"], "after": after["sentences_per_s"]}
     print("offline    ", table["offline"], flush=True)
     b = table["batching"]["sentences_per_s"]
     table["vs_no_batching"] = round(b / table["no_batching"]["sentences_per_s"], 2)

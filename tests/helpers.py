@@ -1,5 +1,9 @@
 """Helpers the tests import (fixtures live in conftest.py)."""
 
+import os
+import shutil
+
+import pytest
 import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7
@@ -61,3 +65,20 @@ def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
     model = kind(cfg).eval()
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+# headless Chromium with nothing of its own that reaches the network
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_or_skip():
+    """Playwright's sync API and Debian's chromium, or a skip saying what is missing (a failure under CI=true,
+    where .ci/run installs it)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs Debian's chromium (.ci/run): the browser test must run there")
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    return sync_api, chromium

@@ -2,8 +2,6 @@
 4xx JSON error (never a 500), and the real server holds a short load and stops cleanly on SIGTERM."""
 
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +16,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from helpers import CHROMIUM_FLAGS, chromium_or_skip  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import translate_texts  # noqa: E402
 from transformer.serve import Limits, create_app  # noqa: E402
@@ -194,17 +193,10 @@ def test_a_short_load_and_a_clean_stop(server, ckpt):
 
 
 def test_the_page_in_a_real_browser(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI installs Debian's chromium (.ci/run): the browser test must run there")
-        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    sync_api, chromium = chromium_or_skip()
     url, _ = server
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--disable-sync"]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page()
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -1,8 +1,8 @@
-import os
 
 import pytest
 import torch
 
+from helpers import CHROMIUM_FLAGS, chromium_or_skip
 from transformer import TransformerError
 from transformer.checkpoint import load_checkpoint
 from transformer.cli import main
@@ -64,19 +64,10 @@ def test_attention_command_errors(reverse_checkpoint, tmp_path, capsys):
 def test_attention_page_in_a_real_browser(reverse_checkpoint, tmp_path):
     """The explorer page in headless Chromium: loads from file:// with no console errors and no network
     requests; choosing another head redraws; hovering a token highlights where it attends."""
-    import shutil
-
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI installs Debian's chromium (.ci/run): the browser test must run there")
-        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    sync_api, chromium = chromium_or_skip()
     assert main(["attention", str(reverse_checkpoint), "abcdef", "--html", str(tmp_path / "a.html")]) == 0
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=flags)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page()
         errors, requests = [], []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

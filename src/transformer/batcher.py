@@ -85,12 +85,16 @@ class Batcher:
     def _collect(self) -> Optional[list[Job]]:
         """The next batch of jobs: at least one (waiting for it), more while they fit and time allows."""
         jobs, self.held = self.held, []
+        free = time.perf_counter()
         if not jobs:
             first = self.queue.get()
             if first is None:
                 return None
             jobs = [first]
-        deadline = jobs[0].arrived + self.max_wait
+        # Wait at most max_wait from when the first job arrived or the worker came free, whichever is later:
+        # under load the clients just answered are sending their next requests, and a batch that waits a few
+        # milliseconds for them replaces the next, smaller one (two half batches cost nearly twice one).
+        deadline = max(jobs[0].arrived, free) + self.max_wait
         while sum(j.tokens for j in jobs) < self.max_tokens and sum(len(j.texts) for j in jobs) < self.max_batch:
             try:
                 nxt = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))

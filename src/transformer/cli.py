@@ -591,8 +591,8 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--max-batch-tokens", type=_positive_int, default=4096,
                     help="decode requests together up to this many source tokens (default 4096)")
-    sv.add_argument("--max-wait-ms", type=_nonneg_float, default=10.0,
-                    help="wait at most this long for more requests to join a batch (default 10)")
+    sv.add_argument("--max-wait-ms", type=_nonneg_float, default=25.0,
+                    help="wait at most this long for more requests to join a batch (default 25)")
     sv.add_argument("--max-batch", type=_positive_int, default=64, help="texts per batch (1: no batching)")
     sv.add_argument("--max-texts", type=_positive_int, default=64, help="texts per request (default 64)")
     sv.add_argument("--max-text-chars", type=_positive_int, default=2000, help="characters per text (default 2000)")

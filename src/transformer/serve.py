@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -105,33 +105,88 @@ class Runner:
         return ["".join(pieces)]
 
 
-def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 10.0,
+class _Service:
+    """What the route handlers share: the checkpoint, the routes it can serve, the limits and the worker."""
+
+    def __init__(self, ckpt: Checkpoint, limits: Limits, batching: dict, bf16: bool) -> None:
+        self.ckpt, self.limits, self.batching, self.bf16 = ckpt, limits, batching, bf16
+        self.kinds = _tasks(ckpt)
+        self.batcher: Optional[Batcher] = None  # started with the app's lifespan
+
+    def require(self, kind: str) -> None:
+        from fastapi import HTTPException
+
+        if kind not in self.kinds:
+            raise HTTPException(404, f"this server holds a '{self.ckpt.task}' checkpoint: /v1/{kind} is not available "
+                                     f"(available: {', '.join('/v1/' + k for k in sorted(self.kinds))})")
+
+    def check_texts(self, texts: list[str]) -> int:
+        """Refuses too many or too long texts (413); returns a cheap estimate of the tokens they add to a batch."""
+        from fastapi import HTTPException
+
+        limits = self.limits
+        if len(texts) > limits.max_texts:
+            raise HTTPException(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)")
+        for i, t in enumerate(texts):
+            if len(t) > limits.max_text_chars:
+                raise HTTPException(413, f"texts[{i}] has {len(t)} characters; the limit is {limits.max_text_chars} "
+                                         "(--max-text-chars)")
+        return sum(len(t) // 4 + 1 for t in texts)
+
+    async def run(self, request, job: Job):
+        """Queue `job` for the worker and wait for its results; a client that goes away cancels it."""
+        from fastapi import HTTPException
+
+        loop = asyncio.get_running_loop()
+        job.loop, job.future = loop, loop.create_future()
+        self.batcher.submit(job)
+        while True:  # a queued job whose client has gone is never run
+            done, _ = await asyncio.wait({job.future}, timeout=0.25)
+            if done:
+                return job.future.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise HTTPException(499, "client closed the request")
+
+    def info(self) -> dict:
+        ck, cfg = self.ckpt, self.ckpt.config
+        return {"task": ck.task, "checkpoint": str(ck.path), "arch": cfg.arch, "config": cfg.to_dict(),
+                "labels": ck.meta.get("labels"), "device": str(next(ck.model.parameters()).device),
+                "bf16": self.bf16, "routes": sorted(f"/v1/{k}" for k in self.kinds), "limits": self.limits.__dict__,
+                "batching": {**self.batching, "batches_run": self.batcher.batches if self.batcher else 0}}
+
+
+def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0,
                max_batch: int = 64, bf16: bool = False):
     """The ASGI application serving `ckpt` (FastAPI). Its batching worker starts with the app's lifespan."""
-    import contextlib
-
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi import FastAPI
 
     from . import __version__
 
-    kinds = _tasks(ckpt)
-    state: dict[str, Any] = {}
+    svc = _Service(ckpt, limits, {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms,
+                                  "max_batch": max_batch}, bf16)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(Runner(ckpt, bf16), max_batch_tokens, max_wait_ms, max_batch)
+        svc.batcher = Batcher(Runner(ckpt, bf16), max_batch_tokens, max_wait_ms, max_batch)
         yield
-        state["batcher"].close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
+        svc.batcher.close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
 
     app = FastAPI(title="transformer", version=__version__, lifespan=lifespan,
                   description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}")
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    _add_error_handlers(app)
     models = _request_models(limits)
-    # the request bodies (annotations evaluated here, so FastAPI sees the classes; no postponed annotations)
-    TranslateBody, TextsBody, AttentionBody, GenerateBody = (models[k] for k in ("translate", "texts", "attention",
-                                                                                 "generate"))
+    _add_text_routes(app, svc, models)
+    _add_generate_route(app, svc, models["generate"])
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error a JSON {"detail": ...}: malformed JSON 400, a wrong field 422 naming it, a user mistake 422."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -145,31 +200,15 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
     async def user_error(request: Request, exc: TransformerError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    def require(kind: str) -> None:
-        if kind not in kinds:
-            raise HTTPException(404, f"this server holds a '{ckpt.task}' checkpoint: /v1/{kind} is not available "
-                                     f"(available: {', '.join('/v1/' + k for k in sorted(kinds))})")
 
-    def check_texts(texts: list[str]) -> int:
-        if len(texts) > limits.max_texts:
-            raise HTTPException(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)")
-        for i, t in enumerate(texts):
-            if len(t) > limits.max_text_chars:
-                raise HTTPException(413, f"texts[{i}] has {len(t)} characters; the limit is {limits.max_text_chars} "
-                                         "(--max-text-chars)")
-        return sum(len(t) // 4 + 1 for t in texts)  # a cheap estimate of the tokens it adds to a batch
+def _add_text_routes(app, svc: _Service, models: dict) -> None:
+    """Health, model information, the page, and the routes that take texts and answer at once."""
+    from fastapi import HTTPException, Request
+    from fastapi.responses import HTMLResponse
 
-    async def run(request: Request, job: Job):
-        loop = asyncio.get_running_loop()
-        job.loop, job.future = loop, loop.create_future()
-        state["batcher"].submit(job)
-        while True:  # a client that goes away cancels its job (a queued one is never run)
-            done, _ = await asyncio.wait({job.future}, timeout=0.25)
-            if done:
-                return job.future.result()
-            if await request.is_disconnected():
-                job.cancelled = True
-                raise HTTPException(499, "client closed the request")
+    # the request bodies (annotations evaluated here, so FastAPI sees the classes; no postponed annotations)
+    TranslateBody, TextsBody, AttentionBody = models["translate"], models["texts"], models["attention"]
+    ckpt = svc.ckpt
 
     @app.get("/health")
     async def health():
@@ -177,53 +216,58 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
 
     @app.get("/v1/model")
     async def model_info():
-        cfg = ckpt.config
-        return {"task": ckpt.task, "checkpoint": str(ckpt.path), "arch": cfg.arch, "config": cfg.to_dict(),
-                "labels": ckpt.meta.get("labels"), "device": str(next(ckpt.model.parameters()).device),
-                "bf16": bf16, "routes": sorted(f"/v1/{k}" for k in kinds), "limits": limits.__dict__,
-                "batching": {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms, "max_batch": max_batch,
-                             "batches_run": state["batcher"].batches if "batcher" in state else 0}}
+        return svc.info()
 
     @app.post("/v1/translate")
     async def translate(body: TranslateBody, request: Request):
-        require("translate")
-        tokens = check_texts(body.texts)
+        svc.require("translate")
+        tokens = svc.check_texts(body.texts)
         params = (body.beam, body.length_penalty, body.max_len_a, body.max_len_b)
-        return {"translations": await run(request, Job("translate", list(body.texts), params, tokens))}
+        return {"translations": await svc.run(request, Job("translate", list(body.texts), params, tokens))}
 
     @app.post("/v1/classify")
     async def classify(body: TextsBody, request: Request):
-        require("classify")
-        probs = await run(request, Job("classify", list(body.texts), (), check_texts(body.texts)))
+        svc.require("classify")
+        probs = await svc.run(request, Job("classify", list(body.texts), (), svc.check_texts(body.texts)))
         labels = ckpt.meta.get("labels") or [str(i) for i in range(ckpt.config.num_labels)]
         return {"predictions": [{"label": labels[max(range(len(p)), key=p.__getitem__)],
                                  "probabilities": dict(zip(labels, p))} for p in probs]}
 
     @app.post("/v1/embed")
     async def embed(body: TextsBody, request: Request):
-        require("embed")
-        vectors = await run(request, Job("embed", list(body.texts), (), check_texts(body.texts)))
+        svc.require("embed")
+        vectors = await svc.run(request, Job("embed", list(body.texts), (), svc.check_texts(body.texts)))
         return {"embeddings": vectors, "dim": ckpt.config.d_model}
 
     @app.post("/v1/attention")
     async def attention(body: AttentionBody, request: Request):
-        require("attention")
-        check_texts([body.text])
+        svc.require("attention")
+        svc.check_texts([body.text])
         if not body.text.strip():
             raise HTTPException(422, "text: give some text to look at")
-        return (await run(request, Job("attention", [body.text])))[0]
+        return (await svc.run(request, Job("attention", [body.text])))[0]
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return _PAGE if "attention" in svc.kinds else _API_PAGE.replace("__TASK__", ckpt.task)
+
+
+def _add_generate_route(app, svc: _Service, GenerateBody) -> None:
+    """Generation from a language model: the whole text at once, or (stream) as server-sent events."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
 
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request):
-        require("generate")
-        check_texts([body.prompt])
+        svc.require("generate")
+        svc.check_texts([body.prompt])
         params = (body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
         job = Job("generate", [body.prompt], params)
         if not body.stream:
-            return {"text": (await run(request, job))[0]}
+            return {"text": (await svc.run(request, job))[0]}
         loop = asyncio.get_running_loop()
         job.loop, job.future, job.stream = loop, loop.create_future(), asyncio.Queue()
-        state["batcher"].submit(job)
+        svc.batcher.submit(job)
 
         async def events():
             try:
@@ -237,12 +281,6 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
                 job.cancelled = True  # the client went away mid-stream: stop generating
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return _PAGE if "attention" in kinds else _API_PAGE.replace("__TASK__", ckpt.task)
-
-    return app
 
 
 def _request_models(limits: Limits) -> dict:
@@ -315,7 +353,7 @@ class _TooLarge(Exception):
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", bf16: bool = False,
-          limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 10.0, max_batch: int = 64) -> None:
+          limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0, max_batch: int = 64) -> None:
     """Load `checkpoint` and serve it until SIGTERM or Ctrl-C (which finish the requests in flight first)."""
     try:
         import uvicorn

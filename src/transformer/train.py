@@ -192,13 +192,13 @@ class Trainer:
             base = load_checkpoint(run.model.init_from)
         tokenizers = state.checkpoint.tokenizers if state else base.tokenizers if base else None
         self.task = build_task(run, tokenizers)
-        self.run = dataclasses.replace(run, model=self._model_config(run, base))
+        self.run = dataclasses.replace(run, model=_model_config(run, self.task, base))
         self.model = build_model(self.run.model).to(self.device)
         head: frozenset[str] = frozenset()
         if state is not None:  # weights go in before any sharding
             load_weights(self.model, state.checkpoint.model.state_dict(), self.out / "last")
         elif base is not None:
-            head = frozenset(self._start_from(base))
+            head = frozenset(_start_from(self.model, base, run.model.init_from, self.dist.main))
         self.fsdp = self.run.train.fsdp
         self.step_module = data_parallel(self.model, _LossStep(self.model, self.task), self.dist, self.fsdp)
         self.optimizer = adamw(self.model, self.run.train, fused=not self.fsdp, head=head)
@@ -206,43 +206,10 @@ class Trainer:
         per_epoch = math.ceil(self.task.num_batches(0) / (t.accumulate * self.dist.world))
         self.total_steps = t.max_steps or t.max_epochs * per_epoch or None  # where "linear"/"cosine" end
         self.saver = _Saver(self.out, self.run, self.task, self.dist, self.model, self.optimizer, self.fsdp)
-        self.position = Position()
-        if state is not None:
-            self._restore(state)
+        self.position = Position() if state is None else _restore(state, self.model, self.optimizer, self.dist,
+                                                                   self.run.train.seed, self.fsdp)
         self.bad_steps = 0
         self.reached_target = False  # the validation metric reached train.stop_at
-
-    # -- set-up ---------------------------------------------------------------------------------------------
-
-    def _model_config(self, run: RunConfig, base) -> ModelConfig:
-        """The model to build: the recipe's, sized to the tokenizers; when fine-tuning, the starting
-        checkpoint's with the recipe's head (as many classes as the data has)."""
-        if base is None:
-            return sized_for(run.model, self.task.tokenizers)
-        labels = {"num_labels": len(self.task.labels)} if hasattr(self.task, "labels") else {}
-        return fine_tuned(base.config, run.model, **labels)
-
-    def _start_from(self, base) -> list[str]:
-        """Copy the starting checkpoint's weights; returns the names of the layers it did not provide."""
-        missing, unused = load_matching(self.model, base.model.state_dict())
-        if self.dist.main:
-            where = self.run.model.init_from
-            if missing:
-                log.warning("not in %s, initialised afresh: %s", where, ", ".join(missing))
-            if unused:
-                log.warning("in %s but not used by this model: %s", where, ", ".join(unused))
-        return missing
-
-    def _restore(self, state: TrainingState) -> None:
-        load_named_optimizer_state(self.model, self.optimizer, state.optimizer, self.fsdp)
-        rank = self.dist.rank
-        if f"torch.{rank}" in state.rng and state.meta.get("world", 1) == self.dist.world:
-            torch.set_rng_state(state.rng[f"torch.{rank}"])
-            if f"cuda.{rank}" in state.rng and self.device.type == "cuda":  # dropout's random numbers on the GPU
-                torch.cuda.set_rng_state(state.rng[f"cuda.{rank}"], self.device)
-        else:  # a different number of processes: reseed each rank from the step instead
-            torch.manual_seed(self.run.train.seed + 1000 * state.meta["position"]["step"] + rank)
-        self.position = Position(**state.meta["position"])
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -425,6 +392,39 @@ class Trainer:
         if self.run.train.stop_at is not None:
             self.reached_target = value <= self.run.train.stop_at if lower else value >= self.run.train.stop_at
         return better
+
+
+def _model_config(run: RunConfig, task, base) -> ModelConfig:
+    """The model to build: the recipe's, sized to the tokenizers; when fine-tuning, the starting checkpoint's
+    with the recipe's head (as many classes as the data has)."""
+    if base is None:
+        return sized_for(run.model, task.tokenizers)
+    labels = {"num_labels": len(task.labels)} if hasattr(task, "labels") else {}
+    return fine_tuned(base.config, run.model, **labels)
+
+
+def _start_from(model: nn.Module, base, where: str, main: bool) -> list[str]:
+    """Copy the starting checkpoint's weights into `model`; returns the names of the layers it did not provide."""
+    missing, unused = load_matching(model, base.model.state_dict())
+    if main:
+        if missing:
+            log.warning("not in %s, initialised afresh: %s", where, ", ".join(missing))
+        if unused:
+            log.warning("in %s but not used by this model: %s", where, ", ".join(unused))
+    return missing
+
+
+def _restore(state: TrainingState, model: nn.Module, optimizer, dist: Distributed, seed: int, fsdp: bool) -> Position:
+    """Resume: the optimizer state and each process's random state; returns the position in training."""
+    load_named_optimizer_state(model, optimizer, state.optimizer, fsdp)
+    rank = dist.rank
+    if f"torch.{rank}" in state.rng and state.meta.get("world", 1) == dist.world:
+        torch.set_rng_state(state.rng[f"torch.{rank}"])
+        if f"cuda.{rank}" in state.rng and dist.device.type == "cuda":  # dropout's random numbers on the GPU
+            torch.cuda.set_rng_state(state.rng[f"cuda.{rank}"], dist.device)
+    else:  # a different number of processes: reseed each rank from the step instead
+        torch.manual_seed(seed + 1000 * state.meta["position"]["step"] + rank)
+    return Position(**state.meta["position"])
 
 
 class _Saver:
