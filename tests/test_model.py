@@ -250,6 +250,12 @@ def test_long_input_with_sinusoidal_positions():
             assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
     assert torch.isfinite(out).all() and torch.equal(out, again)
+    # and what the encoder adds to its embeddings is that formula at every position, past 64 too
+    added = model.encoder.positions(torch.zeros(1, 3000, d))[0].double()
+    angle = torch.arange(3000, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, d, 2) / d)
+    want = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)  # sin, cos interleaved
+    # atol: the table's angles are rounded to float32, which moves sin/cos by up to ~2e-5 at position 3000
+    torch.testing.assert_close(added, want, atol=1e-4, rtol=0)
 
 
 def test_loss_on_padded_targets_equals_cross_entropy():
