@@ -564,24 +564,23 @@ def _add_pretrained_commands(sub) -> None:
     ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
                     help="ct2: store the weights in this type (default float32)")
     ex.set_defaults(fn=cmd_export)
-    cl = sub.add_parser("classify", help="label texts with a classifier checkpoint")
-    cl.add_argument("checkpoint")
-    cl.add_argument("text", nargs="*", help="texts (default: read lines from stdin)")
-    cl.add_argument("--input", help="read texts from this file, one per line")
-    cl.add_argument("--batch-size", type=_positive_int, default=64)
-    cl.add_argument("--bf16", action="store_true", help="compute in bf16 (faster where native, slightly different)")
-    cl.add_argument("--json", action="store_true", help="print one JSON object with every label's probability")
-    _device_option(cl)
-    cl.set_defaults(fn=cmd_classify)
-    em = sub.add_parser("embed", help="sentence embeddings from an encoder-only checkpoint")
-    em.add_argument("checkpoint")
-    em.add_argument("text", nargs="*", help="sentences (default: read lines from stdin)")
-    em.add_argument("--input", help="read sentences from this file, one per line")
-    em.add_argument("--batch-size", type=_positive_int, default=64)
-    em.add_argument("--bf16", action="store_true", help="compute in bf16 (faster where native, slightly different)")
-    em.add_argument("--json", action="store_true", help='print {"embeddings": [[...], ...], "dim": N}')
-    _device_option(em)
-    em.set_defaults(fn=cmd_embed)
+    _add_texts_command(sub, "classify", "label texts with a classifier checkpoint", "texts",
+                       "print one JSON object with every label's probability", cmd_classify)
+    _add_texts_command(sub, "embed", "sentence embeddings from an encoder-only checkpoint", "sentences",
+                       'print {"embeddings": [[...], ...], "dim": N}', cmd_embed)
+
+
+def _add_texts_command(sub, name: str, help: str, what: str, json_help: str, fn) -> None:
+    """`classify` and `embed`: an encoder-only checkpoint over texts from the arguments, a file or stdin."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("checkpoint")
+    c.add_argument("text", nargs="*", help=f"{what} (default: read lines from stdin)")
+    c.add_argument("--input", help=f"read {what} from this file, one per line")
+    c.add_argument("--batch-size", type=_positive_int, default=64)
+    c.add_argument("--bf16", action="store_true", help="compute in bf16 (faster where native, slightly different)")
+    c.add_argument("--json", action="store_true", help=json_help)
+    _device_option(c)
+    c.set_defaults(fn=fn)
 
 
 def _add_serve_command(sub) -> None:
