@@ -5,6 +5,7 @@ from transformer import ModelConfig, Transformer, TransformerLM, TransformerErro
 from transformer.checkpoint import load_checkpoint
 from transformer.data import pad_batch
 from transformer.generate import beam_search, filter_logits, greedy, sample, translate_texts
+from transformer.incremental import StepDecoder
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +59,13 @@ def no_eos(model):
     return model
 
 
-def test_decoding_stops_exactly_at_the_length_limit(trained):
+def test_decoding_stops_exactly_at_the_length_limit(trained, monkeypatch):
     src = encode(trained, WORDS)
     model = no_eos(trained.model)
     calls = []
-    real_decode = model.decode
-    model.decode = lambda *args, **kw: (calls.append(1), real_decode(*args, **kw))[1]
+    real_decode, real_step = model.decode, StepDecoder.step
+    model.decode = lambda *args, **kw: (calls.append(1), real_decode(*args, **kw))[1]  # the module path
+    monkeypatch.setattr(StepDecoder, "step", lambda *args, **kw: (calls.append(1), real_step(*args, **kw))[1])
     for a, b in [(0.0, 3), (0.5, 0), (1.0, 1), (1.5, 10)]:
         limits = [int(len(w) * a) + b for w in WORDS]
         for out in (beam_search(model, src, 3, max_len_a=a, max_len_b=b), greedy(model, src, a, b),

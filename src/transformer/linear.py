@@ -76,12 +76,14 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
         self._pack_depth = 0  # > 0 inside packed_weights()
+        self._pack_block: Optional[object] = None  # a token for the outermost packed_weights() block around it
         self._packed: dict[torch.dtype, Tensor] = {}
         self._int8: Optional[object] = None  # inside int8_weights(): the int8 weight, packed for fbgemm
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_pack_depth"], state["_packed"], state["_int8"] = 0, {}, None  # copies never carry packed weights
+        state["_pack_block"] = None
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,13 +123,15 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
     linears = list({id(m): m for module in modules for m in module.modules() if isinstance(m, Linear)}.values())
     for m in linears:
         m._pack_depth += 1
+        if m._pack_depth == 1:
+            m._pack_block = object()  # what was prepared from these weights stays valid until the block ends
     try:
         yield
     finally:
         for m in linears:
             m._pack_depth -= 1
             if m._pack_depth == 0:
-                m._packed = {}
+                m._packed, m._pack_block = {}, None
 
 
 @contextlib.contextmanager

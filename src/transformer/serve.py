@@ -26,6 +26,7 @@ import torch
 from .batcher import Batcher, Job
 from .checkpoint import Checkpoint
 from .errors import TransformerError
+from .linear import packed_weights
 
 log = logging.getLogger("transformer")
 
@@ -51,6 +52,10 @@ class Runner:
 
     def __init__(self, ckpt: Checkpoint, bf16: bool = False) -> None:
         self.ckpt, self.bf16 = ckpt, bf16
+        # The served weights never change: decoding prepares them (packed, transposed) once, not per batch.
+        self._prepared = contextlib.ExitStack()
+        if hasattr(ckpt.model, "decoder") and hasattr(ckpt.model, "encoder"):
+            self._prepared.enter_context(packed_weights(ckpt.model.decoder, ckpt.model.output))
 
     def __call__(self, kind: str, params: tuple, texts: list[str], jobs: list[Job]) -> Optional[list]:
         from .backend import decoding_precision

@@ -1,0 +1,326 @@
+"""The encoder-decoder's decoder, one new token per row at a time, written lean for the decoding loops.
+
+Greedy and beam search feed each active row one token per step through the decoder stack. `Decoder.forward`
+with a cache does the same work, but at decoding's sizes (tens of rows, one token each) the products are small
+and most of a step went to what surrounds them: Python work per module call, the fused attention kernel's
+set-up for a single query, separate passes for biases, activations and residual additions. `StepDecoder` reads
+the same modules once and keeps what a step needs:
+
+- each projection's weight in the form this machine multiplies fastest (`Linear`'s choices: packed for oneDNN,
+  int8 for fbgemm, or as it is), prepared once and reused by every decoding call until the weights change;
+- 1/sqrt(d_k) folded into the query projections, so attention needs no scaling pass;
+- the feed-forward activation and the residual additions fused into the products where oneDNN can (tried
+  once against the unfused result);
+- attention of the single new query as two batched matrix products over the cache, the source's padding as
+  an additive bias computed once per source;
+- self-attention keys and values in one buffer of the decoding's full length, so a step writes them with one
+  copy and never grows a buffer.
+
+It computes what `Decoder.forward` computes, up to the order of float operations (tests compare the two).
+Used on the CPU for `Transformer` models in eval mode; everything else (GPUs, decoder-only models, attention
+maps) takes the module path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backend
+from .linear import Linear, _pack_int8
+
+class _Product:
+    """y = act(x W^T + b) (+ residual) for one projection of the step, by whichever of this machine's ways of
+    multiplying was fastest at this shape (timed once per shape and mode, see `_choose`):
+
+    - "mkl": torch.addmm with the weight stored transposed, (in, out): BLAS's cheapest call (about 6 us of
+      fixed cost here);
+    - "onednn": the weight packed into oneDNN's blocked layout (about 25 us of fixed cost per call, but faster
+      products from about a million weights up), where `backend.cpu_paths()` allows it;
+    - "int8" (inside `int8_weights()`): fbgemm with int8 weights, each output row scaled to [-127, 127], the
+      input quantised on the fly. Products too small to gain from it stay in fp32.
+    Under bf16 autocast the candidates take bf16 weights, converted once."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
+        self.act_fn = _ACTIVATION_FNS[activation] if activation else None
+        self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
+        candidates = _candidates(weight, bias, mode)
+        self.kind = _choose(mode, tuple(weight.shape), bias is not None, candidates)
+        self.fn = candidates[self.kind]
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        y = self.fn(x)
+        if self.act_fn is not None:
+            y = self.act_fn(y)
+        if residual is None:
+            return y
+        return residual + y if self.promote else y.add_(residual)
+
+
+_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
+
+
+def _candidates(weight: Tensor, bias: Optional[Tensor], mode: str) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The ways this machine can multiply by `weight` in `mode` ("fp32", "bf16" or "int8")."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    paths = backend.cpu_paths()
+    wt = weight.detach().to(dtype).t().contiguous()  # (in, out)
+    b = None if bias is None else bias.detach().to(dtype)
+    out: dict[str, Callable[[Tensor], Tensor]] = {}
+    if b is None:
+        out["mkl"] = lambda x: torch.mm(x.to(dtype), wt)
+    else:
+        out["mkl"] = lambda x: torch.addmm(b, x.to(dtype), wt)
+    if paths.packed_bf16 if mode == "bf16" else paths.packed:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 32)
+        out["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b, "none", [], "")
+    if mode == "int8":
+        q = _pack_int8(weight.detach(), None if bias is None else bias.detach())
+        out["int8"] = lambda x: torch.ops.quantized.linear_dynamic(x, q)
+    return out
+
+
+# mode, weight shape, bias -> the fastest way found (timed once per process)
+_chosen: dict[tuple, str] = {}
+
+
+def _choose(mode: str, shape: tuple, has_bias: bool, candidates: dict[str, Callable[[Tensor], Tensor]]) -> str:
+    """The fastest candidate at 32 rows (decoding's typical batch), from interleaved best-of-3 timings;
+    `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one where it is a candidate."""
+    forced = os.environ.get("TRANSFORMER_STEP_PRODUCT", "").strip().lower()
+    if forced in candidates:
+        return forced
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    key = (mode, shape, has_bias, tuple(candidates))
+    if key not in _chosen:
+        x = backend._fixed(32, shape[1])
+        best = {name: float("inf") for name in candidates}
+        for name, fn in candidates.items():
+            fn(x)  # warm-up: first calls allocate and pick kernels
+        for _ in range(3):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn(x)
+                fn(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+        _chosen[key] = min(best, key=best.get)
+    return _chosen[key]
+
+
+def _mode(linear: Linear) -> str:
+    """How to decode with `linear` now: "bf16" under CPU bf16 autocast, "int8" inside int8_weights(), else
+    "fp32"."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return "bf16"
+    return "int8" if linear._int8 is not None else "fp32"
+
+
+def _scaled(linear: Linear, rows: int, scale: float) -> tuple[Tensor, Optional[Tensor]]:
+    """`linear`'s weight and bias with their first `rows` output rows multiplied by `scale`."""
+    w = linear.weight.detach().clone()
+    w[:rows] *= scale
+    b = None
+    if linear.bias is not None:
+        b = linear.bias.detach().clone()
+        b[:rows] *= scale
+    return w, b
+
+
+class _Layer:
+    """One decoder layer's products and LayerNorms, as a step needs them."""
+
+    def __init__(self, layer: nn.Module, activation: str) -> None:
+        E = layer.self_attn.d_model
+        scale = 1.0 / math.sqrt(layer.self_attn.head_dim)
+        self.norm_first = layer.norm_first
+        self.qkv = _make(layer.self_attn.qkv_proj, *_scaled(layer.self_attn.qkv_proj, E, scale))
+        self.self_out = _make(layer.self_attn.out_proj)
+        self.cross_q = _make(layer.cross_attn.q_proj, *_scaled(layer.cross_attn.q_proj, E, scale))
+        self.cross_kv = layer.cross_attn.kv_proj  # once per source: the module as it is
+        self.cross_out = _make(layer.cross_attn.out_proj)
+        self.ff1 = _make(layer.ff.linear1, activation=activation)
+        self.ff2 = _make(layer.ff.linear2)
+        self.norms = [(n.normalized_shape, n.weight, n.bias, n.eps)
+                      for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ff_norm)]
+
+
+def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+          activation: Optional[str] = None) -> _Product:
+    if weight is None:
+        weight, bias = linear.weight, linear.bias
+    return _Product(weight, bias, _mode(linear), activation)
+
+
+class StepState:
+    """What decoding a batch keeps between steps, per layer: self-attention keys and values
+    (n, H, capacity, D); the source's keys, stored transposed (n, H, D, S), and values (n, H, S, D); the
+    source's padding as a bias (n * H, 1, S) (None: no padding); the positional vectors of every position the
+    decoding can reach. The source's keys are transposed once because a query's product with them is fastest
+    that way (the growing self-attention keys are not: writing each step's key across a transposed buffer
+    cost more than it saved)."""
+
+    def __init__(self, self_kv: list[tuple[Tensor, Tensor]], cross: list[tuple[Tensor, Tensor]],
+                 bias: Optional[Tensor], heads: int, positions: Tensor, beams: int) -> None:
+        self.self_kv, self.cross, self.bias, self.heads = self_kv, cross, bias, heads
+        self.beams = beams  # rows per source sentence: each sentence's K beams share its keys/values
+        self.positions = positions  # (capacity, E): the positional vector of each step
+        self.spare: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self_kv)  # second buffers, for reorder
+        self.length = 0
+
+    def reorder(self, rows: Tensor, sentences: Optional[Tensor] = None) -> None:
+        """Keep batch rows `rows` in that order (beams that survive, sentences still decoding); `sentences`:
+        the source sentences still decoding, in order (None: all of them, each row keeping its sentence)."""
+        L = self.length
+        for i, (k, v) in enumerate(self.self_kv):
+            spare = self.spare[i]
+            if spare is None or spare[0].size(0) != rows.numel():
+                spare = (k.new_empty(rows.numel(), *k.shape[1:]), v.new_empty(rows.numel(), *v.shape[1:]))
+            # only the filled positions are copied (beam search reorders at every step)
+            torch.index_select(k[:, :, :L], 0, rows, out=spare[0][:, :, :L])
+            torch.index_select(v[:, :, :L], 0, rows, out=spare[1][:, :, :L])
+            self.spare[i], self.self_kv[i] = (k, v), spare
+        if sentences is not None:
+            self.cross = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross]
+            if self.bias is not None:
+                H = self.heads
+                self.bias = self.bias.view(-1, H, *self.bias.shape[1:]).index_select(0, sentences).flatten(0, 1)
+
+
+class StepDecoder:
+    """A `Transformer`'s decoder and output layer, prepared for decoding one token per row per step.
+
+    `start(memory, memory_mask, capacity)` makes a `StepState` for a batch; `step(tokens, state)` takes (n,)
+    newest tokens and gives (n, V) next-token logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg, dec = model.config, model.decoder
+        self.heads, self.head_dim, self.d_model = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.d_model
+        self.embedding, self.embed_scale = dec.embed.embedding.weight.detach(), dec.embed.scale
+        self.positions = dec.positions
+        self.layers = [_Layer(layer, cfg.activation) for layer in dec.layers]
+        n = dec.norm
+        self.final_norm = None if n is None else (n.normalized_shape, n.weight, n.bias, n.eps)
+        self.output = _make(model.output)
+        self.output_module = model.output  # its forward hooks (logit processors) run on each step's logits
+
+    def start(self, memory: Tensor, memory_mask: Tensor, capacity: int, beams: int = 1) -> StepState:
+        """memory (B, S, E) and its mask (B, 1, 1, S) -> the state for decoding up to `capacity` tokens in
+        `beams` rows per sentence (rows b * beams ... b * beams + beams - 1 decode sentence b)."""
+        n, S, E = memory.shape
+        H, D = self.heads, self.head_dim
+        cross = []
+        for layer in self.layers:
+            k, v = layer.cross_kv(memory).split(E, dim=-1)  # (n, S, E) each
+            cross.append((k.view(n, S, H, D).permute(0, 2, 3, 1).contiguous(),  # (n, H, D, S)
+                          v.view(n, S, H, D).transpose(1, 2).contiguous()))  # (n, H, S, D)
+        dtype = cross[0][0].dtype
+        bias = None
+        keep = memory_mask.reshape(n, S)
+        if not bool(keep.all()):
+            empty = ~keep.any(1)  # a source of padding only: attend to zeros (the module path's zero output)
+            for k, v in cross:
+                v[empty] = 0
+            keep = keep | empty[:, None]
+            bias = torch.zeros(n, S, dtype=dtype, device=memory.device).masked_fill_(~keep, float("-inf"))
+            bias = bias[:, None, None, :].expand(n, H, 1, S).reshape(n * H, 1, S)
+        rows = n * beams
+        self_kv = [(memory.new_empty(rows, H, capacity, D, dtype=dtype),
+                    memory.new_empty(rows, H, capacity, D, dtype=dtype)) for _ in self.layers]
+        table = self.positions(memory.new_zeros(1, capacity, E))[0]  # (capacity, E), as the module adds them
+        return StepState(self_kv, cross, bias, H, table, beams)
+
+    def step(self, tokens: Tensor, state: StepState) -> Tensor:
+        """(n,) newest tokens -> (n, V) logits of the tokens after them."""
+        pos, H, D, E = state.length, self.heads, self.head_dim, self.d_model
+        n = tokens.numel()
+        x = torch.add(state.positions[pos], torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
+        for layer, (sk, sv), (ck, cv) in zip(self.layers, state.self_kv, state.cross):
+            norm_self, norm_cross, norm_ff = layer.norms
+            # self-attention: this step's key and value join the cache; the query attends to all of it
+            h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
+            qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
+            sk[:, :, pos] = qkv[:, 1]
+            sv[:, :, pos] = qkv[:, 2]
+            s = torch.bmm(qkv[:, 0].reshape(n * H, 1, D), sk[:, :, : pos + 1].flatten(0, 1).transpose(1, 2))  # (nH, 1, L)
+            a = torch.bmm(torch.softmax(s, -1), sv[:, :, : pos + 1].flatten(0, 1))
+            x = layer.self_out(a.view(n, E), residual=x)
+            if not layer.norm_first:
+                x = torch.layer_norm(x, *norm_self)
+            # cross-attention to the source
+            h = torch.layer_norm(x, *norm_cross) if layer.norm_first else x
+            x = layer.cross_out(self._cross_attention(layer.cross_q(h), ck, cv, state), residual=x)
+            if not layer.norm_first:
+                x = torch.layer_norm(x, *norm_cross)
+            # feed-forward
+            h = torch.layer_norm(x, *norm_ff) if layer.norm_first else x
+            x = layer.ff2(layer.ff1(h), residual=x)
+            if not layer.norm_first:
+                x = torch.layer_norm(x, *norm_ff)
+        if self.final_norm is not None:
+            x = torch.layer_norm(x, *self.final_norm)
+        state.length += 1
+        logits = self.output(x)
+        for hook in self.output_module._forward_hooks.values():
+            logits = _or(hook(self.output_module, (x,), logits), logits)
+        return logits
+
+    def _cross_attention(self, q: Tensor, k: Tensor, v: Tensor, state: StepState) -> Tensor:
+        """(n, E) scaled queries -> (n, E) attention over the source: the K beams of a sentence query its keys
+        (B, H, D, S) and values (B, H, S, D) together, as K rows of one product per sentence and head."""
+        n, E = q.shape
+        H, D, K = self.heads, self.head_dim, state.beams
+        B = n // K
+        q = q.view(B, K, H, D).transpose(1, 2).reshape(B * H, K, D)
+        kt = k.flatten(0, 1)
+        s = torch.bmm(q, kt) if state.bias is None else torch.baddbmm(state.bias, q, kt)  # (BH, K, S)
+        a = torch.bmm(torch.softmax(s, -1), v.flatten(0, 1))  # (BH, K, D)
+        return a.view(B, H, K, D).transpose(1, 2).reshape(n, E)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Does a hook expect to see the decoder's modules run (any hook but a forward hook on the output layer)?"""
+    from torch.nn.modules import module as M
+
+    if M._global_forward_hooks or M._global_forward_pre_hooks or model.output._forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.decoder.modules())
+
+
+# The prepared decoder of each model, kept while the packed_weights() / int8_weights() blocks it was prepared in
+# last: inside them the weights must not change (in-place optimizer steps do not reliably mark a tensor changed).
+_prepared: "weakref.WeakKeyDictionary[nn.Module, tuple[list, StepDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
+    """The `StepDecoder` of an encoder-decoder `model` for decoding now, or None where the module path decodes
+    (GPU, training mode, a decoder-only model, a model with weights in another dtype). Inside a
+    `packed_weights(model)` or `int8_weights(model)` block it is prepared once and reused by every decoding call
+    of the block (the decoding functions open one per call; `translate_texts` one for all its batches)."""
+    if model.training or getattr(model.config, "arch", None) == "decoder-only" or not hasattr(model, "encoder"):
+        return None
+    weight = model.output.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or _hooked(model):
+        return None
+    linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
+    tokens = [m._pack_block if m._int8 is None else m._int8 for m in linears]
+    key = [*tokens, *(_mode(m) for m in linears), backend.cpu_paths()]
+    found = _prepared.get(model)
+    if found is not None and len(found[0]) == len(key) and all(a is b or a == b for a, b in zip(found[0], key)):
+        return found[1]
+    prepared = StepDecoder(model)
+    if all(t is not None for t in tokens):  # inside blocks that keep the weights fixed: keep it for the next call
+        _prepared[model] = (key, prepared)
+    return prepared
