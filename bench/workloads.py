@@ -33,6 +33,7 @@ from torch import nn
 from transformer import ModelConfig, Transformer, TransformerLM, backend
 from transformer.data import BOS, EOS, PAD
 from transformer.generate import beam_search, greedy
+from transformer.linear import packed_weights
 
 
 @dataclass
@@ -202,7 +203,11 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
     src, _, _ = _batch(size, batch, 24)
     m = ours(size).eval()
     suppress_eos(m.output)
-    out: dict[str, Callable[[], int]] = {}
+    # ours prepares its decoding weights once (packed, transposed), as `translate` and the server do for all
+    # their batches: every round decodes with them
+    prepared = contextlib.ExitStack()
+    prepared.enter_context(packed_weights(m.decoder, m.output))
+    out: dict[str, Callable[[], int]] = {"_prepared": prepared}
     if beam == 1:
         out["ours"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens)))
         if naive:
@@ -222,6 +227,8 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
             return int((written != PAD).sum() - (written == EOS).sum())
 
         out["HF generate"] = hf
+    out.pop("_prepared")
+    m._prepared_for_bench = prepared  # lives as long as the model the contenders use
     return {name: _under_autocast(fn) for name, fn in out.items()} if bf16 else out
 
 
@@ -398,11 +405,12 @@ class _NamedVocabulary:
 def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: bool, directory: Path) -> dict:
     """Decoding of `batch` sentences x `new_tokens` tokens by ours and by CTranslate2 on the same weights,
     float32 or int8 (ours: int8 weights with dynamic quantisation; CTranslate2: its int8 compute type), with
-    CTranslate2's intra_threads = our thread count. </s> is impossible for both (ours: its logit -1e9;
-    CTranslate2: min_decoding_length), so both write exactly new_tokens per sentence."""
-    import ctranslate2
-
+    CTranslate2's intra_threads = our thread count, in a process of its own (see ct2_worker). </s> is
+    impossible for both (ours: its logit -1e9; CTranslate2: min_decoding_length), so both write exactly
+    new_tokens per sentence."""
     from transformer.checkpoint import Checkpoint
+
+    from . import ct2_worker
     from transformer.interop.ctranslate2 import export_ct2
     from transformer.linear import int8_weights
 
@@ -412,25 +420,22 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     vocab = _NamedVocabulary(size.vocab)
     export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
                quantization="int8" if int8 else None)
-    translator = ctranslate2.Translator(str(directory), device="cpu", compute_type="int8" if int8 else "float32",
-                                        intra_threads=torch.get_num_threads(), inter_threads=1)
+    translator = ct2_worker.Translator(str(directory), "int8" if int8 else "float32", torch.get_num_threads())
     suppress_eos(m.output)
     tokens = [[vocab.token_text(i) for i in row.tolist()] for row in src]
 
-    # Like CTranslate2's model, which is converted once when loaded, ours quantises its weights once (as
-    # `translate --int8` does): every round decodes with the same int8 weights.
-    quantised = contextlib.ExitStack()  # held by run_ours: closing it (or collecting it) restores fp32 weights
-    if int8:
-        quantised.enter_context(int8_weights(m))
+    # Like CTranslate2's model, which is converted once when loaded, ours prepares its weights for decoding once
+    # (packed, transposed, or quantised to int8), as `translate` and the server do for all their batches.
+    prepared = contextlib.ExitStack()  # held by run_ours: closing it (or collecting it) drops what was prepared
+    prepared.enter_context(int8_weights(m) if int8 else packed_weights(m.decoder, m.output))
 
-    def run_ours(quantised=quantised) -> int:
+    def run_ours(prepared=prepared) -> int:
         out = greedy(m, src, max_len_a=0, max_len_b=new_tokens) if beam == 1 else \
             beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)
         return sum(map(len, out))
 
     def run_ct2() -> int:
-        out = translator.translate_batch(tokens, beam_size=beam, max_decoding_length=new_tokens,
-                                         min_decoding_length=new_tokens)
-        return sum(len(r.hypotheses[0]) for r in out)
+        return translator.translate(tokens, beam_size=beam, max_decoding_length=new_tokens,
+                                    min_decoding_length=new_tokens)
 
     return {"ours": run_ours, "CTranslate2": run_ct2}

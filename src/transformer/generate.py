@@ -95,6 +95,27 @@ def argmax(x: Tensor) -> Tensor:
     return idx
 
 
+def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(n, V) -> the k largest values of each row, (n, k) in descending order, and their indices, as
+    `x.topk(k, -1)` (equal values may come in another order). Like `argmax`, it first takes the maximum of
+    each block of 64 values, then searches only the k best blocks of each row: they hold its k largest values."""
+    n, V = x.shape
+    c = 64
+    main = V - V % c
+    if x.device.type != "cpu" or main // c < 4 * k or not x.is_contiguous():
+        return x.topk(k, -1)
+    blocks = x[:, :main].view(n, main // c, c)
+    best = blocks.amax(-1).topk(k, -1).indices  # (n, k) the blocks holding the k largest block maxima
+    found = blocks.gather(1, best[:, :, None].expand(n, k, c)).view(n, k * c)
+    if main < V:  # and the last V % c values
+        found = torch.cat([found, x[:, main:]], dim=1)
+    values, j = found.topk(k, -1)
+    idx = best.gather(1, (j // c).clamp_(max=k - 1)) * c + j % c
+    if main < V:
+        idx = torch.where(j >= k * c, j + (main - k * c), idx)
+    return values, idx
+
+
 class _Recompute:
     """Greedy steps without a cache: the whole decoder runs again over every token so far (for comparison)."""
 
@@ -211,61 +232,69 @@ def beam_search(
 
 
 def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: float) -> list[list[int]]:
-    """The search itself, over `steps` (a _SourceSteps or _PromptSteps) for sentences of `limits` (B,)."""
+    """The search itself, over `steps` (a _SourceSteps or _PromptSteps) for sentences of `limits` (B,).
+    Bookkeeping that needs no tensor (which sentences are active, their length limits) stays in Python lists,
+    so a step runs few tensor operations besides the decoder's."""
     B, dev = limits.numel(), limits.device
-    active = torch.arange(B, device=dev)  # sentence index of each active block of K rows
+    limit = limits.tolist()
+    active = list(range(B))  # sentence index of each active block of K rows
     scores = torch.full((B, K), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
     hyps = torch.full((B * K, 1), bos, dtype=torch.long, device=dev)
+    block_start = torch.arange(B, device=dev)[:, None] * K  # the first row of each sentence's block
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    for step in range(int(limits.max()) + 1):
-        n = active.numel()
-        logp = torch.log_softmax(steps.logits(hyps[:, -1:]).float(), dim=-1)
-        V = logp.size(-1)
-        logp = logp.view(n, K, V)
-        out_of_room = limits[active] <= step  # these must end now
-        if bool(out_of_room.any()):
+    for step in range(max(limit) + 1):
+        n = len(active)
+        logp = torch.log_softmax(steps.logits(hyps[:, -1:]).float(), dim=-1)  # (nK, V)
+        if min(limit[b] for b in active) <= step:  # some sentences must end now: only </s> may follow
+            must_end = torch.tensor([limit[b] <= step for b in active], device=dev).repeat_interleave(K)
             forced = torch.full_like(logp[0], float("-inf"))
-            forced[:, eos] = 0.0
-            logp = torch.where(out_of_room[:, None, None], logp + forced, logp)
-        cand = (scores[:, :, None] + logp).view(n, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (n, 2K): enough to keep K alive after </s>
-        beam_idx, tok = top_idx // V, top_idx % V
-        _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos, (step + 1) ** length_penalty)
+            forced[eos] = 0.0
+            logp = torch.where(must_end[:, None], logp + forced, logp)
+        # The 2K best continuations of a sentence are among the 2K best of each of its beams: find those per
+        # row, then the best of the K * 2K (cheaper than ranking all K * V).
+        per_row = min(2 * K, logp.size(-1))
+        row_logp, row_tok = topk_rows(logp, per_row)  # (nK, per_row)
+        cand = scores[:, :, None] + row_logp.view(n, K, per_row)
+        top_scores, top_idx = cand.view(n, K * per_row).topk(2 * K, dim=1)  # (n, 2K): enough to keep K after </s>
+        beam_idx, tok = top_idx // per_row, row_tok.view(n, K * per_row).gather(1, top_idx)
+        ended = _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos,
+                                (step + 1) ** length_penalty)
 
         # Keep the K best candidates that did not end.
-        alive_score = top_scores.masked_fill(tok == eos, float("-inf"))
-        alive_score, order = alive_score.topk(K, dim=1)  # (n, K)
-        alive_beam = beam_idx.gather(1, order)
-        alive_tok = tok.gather(1, order)
-
-        done = torch.tensor([len(finished[int(b)]) >= K for b in active.tolist()], device=dev)
-        if bool(done.all()):
+        alive_score, order = top_scores.masked_fill(tok == eos, float("-inf")).topk(K, dim=1)  # (n, K)
+        alive_beam, alive_tok = beam_idx.gather(1, order), tok.gather(1, order)
+        keep = [i for i, b in enumerate(active) if len(finished[b]) < K] if ended else None
+        if keep is not None and not keep:
             break
-        keep_sent = (~done).nonzero().squeeze(1)  # (n',)
-        rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).reshape(-1)  # which old rows continue
-        hyps = torch.cat([hyps[rows], alive_tok[keep_sent].reshape(-1, 1)], dim=1)
+        if keep is None or len(keep) == n:  # beams only swap places within their sentences
+            rows = (block_start[:n] + alive_beam).view(-1)  # which old rows continue
+            hyps = torch.cat([hyps[rows], alive_tok.view(-1, 1)], dim=1)
+            scores = alive_score
+            steps.keep(rows, None)
+            continue
+        keep_sent = torch.tensor(keep, device=dev)  # (n',)
+        rows = (keep_sent[:, None] * K + alive_beam[keep_sent]).view(-1)
+        hyps = torch.cat([hyps[rows], alive_tok[keep_sent].view(-1, 1)], dim=1)
         scores = alive_score[keep_sent]
-        sentence_rows = None  # rows stay within their sentence's block of K unless sentences ended
-        if keep_sent.numel() < n:
-            sentence_rows = (keep_sent[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
-        steps.keep(rows, sentence_rows)
-        active = active[keep_sent]
+        steps.keep(rows, (keep_sent[:, None] * K + torch.arange(K, device=dev)).view(-1))
+        active = [active[i] for i in keep]
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
-def _end_hypotheses(finished: list, hyps: Tensor, active: Tensor, top_scores: Tensor, beam_idx: Tensor,
-                    tok: Tensor, K: int, eos: int, norm: float) -> None:
+def _end_hypotheses(finished: list, hyps: Tensor, active: list[int], top_scores: Tensor, beam_idx: Tensor,
+                    tok: Tensor, K: int, eos: int, norm: float) -> bool:
     """End the hypotheses whose </s> is among the top K candidates of their sentence: each goes into its
     sentence's `finished` list (until that has K) with its score / `norm` (length ** length_penalty, the
-    length counting </s>). top_scores, beam_idx, tok: (n, 2K) candidates of the n active sentences."""
-    is_eos = (tok == eos) & torch.isfinite(top_scores)
-    is_eos[:, K:] = False
-    for i, j in is_eos.nonzero().tolist():
-        b = int(active[i])
+    length counting </s>). top_scores, beam_idx, tok: (n, 2K) candidates of the n active sentences.
+    Returns whether any hypothesis ended."""
+    found = ((tok[:, :K] == eos) & torch.isfinite(top_scores[:, :K])).nonzero().tolist()
+    for i, j in found:
+        b = active[i]
         if len(finished[b]) < K:
             row = i * K + int(beam_idx[i, j])
             finished[b].append((float(top_scores[i, j]) / norm, hyps[row, 1:].tolist()))
+    return bool(found)
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:

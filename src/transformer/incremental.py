@@ -51,9 +51,7 @@ class _Product:
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
         self.act_fn = _ACTIVATION_FNS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
-        candidates = _candidates(weight, bias, mode)
-        self.kind = _choose(mode, tuple(weight.shape), bias is not None, candidates)
-        self.fn = candidates[self.kind]
+        self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode)
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self.fn(x)
@@ -68,52 +66,60 @@ _ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu_, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
 
 
-def _candidates(weight: Tensor, bias: Optional[Tensor], mode: str) -> dict[str, Callable[[Tensor], Tensor]]:
-    """The ways this machine can multiply by `weight` in `mode` ("fp32", "bf16" or "int8")."""
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+def _kinds(mode: str) -> list[str]:
+    """The ways this machine can multiply in `mode` ("fp32", "bf16" or "int8")."""
     paths = backend.cpu_paths()
-    wt = weight.detach().to(dtype).t().contiguous()  # (in, out)
-    b = None if bias is None else bias.detach().to(dtype)
-    out: dict[str, Callable[[Tensor], Tensor]] = {}
-    if b is None:
-        out["mkl"] = lambda x: torch.mm(x.to(dtype), wt)
-    else:
-        out["mkl"] = lambda x: torch.addmm(b, x.to(dtype), wt)
+    kinds = ["mkl"]
     if paths.packed_bf16 if mode == "bf16" else paths.packed:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 32)
-        out["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b, "none", [], "")
+        kinds.append("onednn")
     if mode == "int8":
-        q = _pack_int8(weight.detach(), None if bias is None else bias.detach())
-        out["int8"] = lambda x: torch.ops.quantized.linear_dynamic(x, q)
-    return out
+        kinds.append("int8")
+    return kinds
 
 
-# mode, weight shape, bias -> the fastest way found (timed once per process)
+def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str) -> Callable[[Tensor], Tensor]:
+    """x -> x weight^T + bias, the `kind` way, its weight prepared now."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    b = None if bias is None else bias.to(dtype)
+    if kind == "int8":
+        q = _pack_int8(weight, bias)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, q)
+    if kind == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 32)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b, "none", [], "")
+    wt = weight.to(dtype).t().contiguous()  # (in, out)
+    if b is None:
+        return lambda x: torch.mm(x.to(dtype), wt)
+    return lambda x: torch.addmm(b, x.to(dtype), wt)
+
+
+# mode, weight shape, bias -> the fastest kind found (timed once per process)
 _chosen: dict[tuple, str] = {}
 
 
-def _choose(mode: str, shape: tuple, has_bias: bool, candidates: dict[str, Callable[[Tensor], Tensor]]) -> str:
-    """The fastest candidate at 32 rows (decoding's typical batch), from interleaved best-of-3 timings;
-    `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one where it is a candidate."""
+def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-3 timings at 32 rows
+    (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one
+    where it is available."""
+    kinds = _kinds(mode)
     forced = os.environ.get("TRANSFORMER_STEP_PRODUCT", "").strip().lower()
-    if forced in candidates:
-        return forced
-    if len(candidates) == 1:
-        return next(iter(candidates))
-    key = (mode, shape, has_bias, tuple(candidates))
-    if key not in _chosen:
-        x = backend._fixed(32, shape[1])
-        best = {name: float("inf") for name in candidates}
-        for name, fn in candidates.items():
-            fn(x)  # warm-up: first calls allocate and pick kernels
-        for _ in range(3):
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn(x)
-                fn(x)
-                best[name] = min(best[name], time.perf_counter() - start)
-        _chosen[key] = min(best, key=best.get)
-    return _chosen[key]
+    key = (mode, tuple(weight.shape), bias is not None, tuple(kinds))
+    kind = forced if forced in kinds else _chosen.get(key, kinds[0] if len(kinds) == 1 else None)
+    if kind is not None:
+        return kind, _build(kind, weight, bias, mode)
+    fns = {k: _build(k, weight, bias, mode) for k in kinds}
+    x = backend._fixed(32, weight.size(1))
+    best = {k: float("inf") for k in kinds}
+    for fn in fns.values():
+        fn(x)  # warm-up: first calls allocate and pick kernels
+    for _ in range(3):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn(x)
+            fn(x)
+            best[k] = min(best[k], time.perf_counter() - start)
+    _chosen[key] = kind = min(best, key=best.get)
+    return kind, fns[kind]
 
 
 def _mode(linear: Linear) -> str:
@@ -161,33 +167,32 @@ def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 
 class StepState:
-    """What decoding a batch keeps between steps, per layer: self-attention keys and values
-    (n, H, capacity, D); the source's keys, stored transposed (n, H, D, S), and values (n, H, S, D); the
+    """What decoding a batch keeps between steps, per layer: self-attention keys and values in one buffer
+    (2, n, H, capacity, D); the source's keys, stored transposed (n, H, D, S), and values (n, H, S, D); the
     source's padding as a bias (n * H, 1, S) (None: no padding); the positional vectors of every position the
     decoding can reach. The source's keys are transposed once because a query's product with them is fastest
     that way (the growing self-attention keys are not: writing each step's key across a transposed buffer
     cost more than it saved)."""
 
-    def __init__(self, self_kv: list[tuple[Tensor, Tensor]], cross: list[tuple[Tensor, Tensor]],
+    def __init__(self, self_kv: list[Tensor], cross: list[tuple[Tensor, Tensor]],
                  bias: Optional[Tensor], heads: int, positions: Tensor, beams: int) -> None:
         self.self_kv, self.cross, self.bias, self.heads = self_kv, cross, bias, heads
         self.beams = beams  # rows per source sentence: each sentence's K beams share its keys/values
         self.positions = positions  # (capacity, E): the positional vector of each step
-        self.spare: list[Optional[tuple[Tensor, Tensor]]] = [None] * len(self_kv)  # second buffers, for reorder
+        self.spare: list[Optional[Tensor]] = [None] * len(self_kv)  # second buffers, for reorder
         self.length = 0
 
     def reorder(self, rows: Tensor, sentences: Optional[Tensor] = None) -> None:
         """Keep batch rows `rows` in that order (beams that survive, sentences still decoding); `sentences`:
         the source sentences still decoding, in order (None: all of them, each row keeping its sentence)."""
         L = self.length
-        for i, (k, v) in enumerate(self.self_kv):
+        for i, kv in enumerate(self.self_kv):
             spare = self.spare[i]
-            if spare is None or spare[0].size(0) != rows.numel():
-                spare = (k.new_empty(rows.numel(), *k.shape[1:]), v.new_empty(rows.numel(), *v.shape[1:]))
+            if spare is None or spare.size(1) != rows.numel():
+                spare = kv.new_empty(2, rows.numel(), *kv.shape[2:])
             # only the filled positions are copied (beam search reorders at every step)
-            torch.index_select(k[:, :, :L], 0, rows, out=spare[0][:, :, :L])
-            torch.index_select(v[:, :, :L], 0, rows, out=spare[1][:, :, :L])
-            self.spare[i], self.self_kv[i] = (k, v), spare
+            torch.index_select(kv[:, :, :, :L], 1, rows, out=spare[:, :, :, :L])
+            self.spare[i], self.self_kv[i] = kv, spare
         if sentences is not None:
             self.cross = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross]
             if self.bias is not None:
@@ -233,8 +238,7 @@ class StepDecoder:
             bias = torch.zeros(n, S, dtype=dtype, device=memory.device).masked_fill_(~keep, float("-inf"))
             bias = bias[:, None, None, :].expand(n, H, 1, S).reshape(n * H, 1, S)
         rows = n * beams
-        self_kv = [(memory.new_empty(rows, H, capacity, D, dtype=dtype),
-                    memory.new_empty(rows, H, capacity, D, dtype=dtype)) for _ in self.layers]
+        self_kv = [memory.new_empty(2, rows, H, capacity, D, dtype=dtype) for _ in self.layers]
         table = self.positions(memory.new_zeros(1, capacity, E))[0]  # (capacity, E), as the module adds them
         return StepState(self_kv, cross, bias, H, table, beams)
 
@@ -243,15 +247,15 @@ class StepDecoder:
         pos, H, D, E = state.length, self.heads, self.head_dim, self.d_model
         n = tokens.numel()
         x = torch.add(state.positions[pos], torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
-        for layer, (sk, sv), (ck, cv) in zip(self.layers, state.self_kv, state.cross):
+        for layer, kv, (ck, cv) in zip(self.layers, state.self_kv, state.cross):
             norm_self, norm_cross, norm_ff = layer.norms
             # self-attention: this step's key and value join the cache; the query attends to all of it
             h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
             qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
-            sk[:, :, pos] = qkv[:, 1]
-            sv[:, :, pos] = qkv[:, 2]
-            s = torch.bmm(qkv[:, 0].reshape(n * H, 1, D), sk[:, :, : pos + 1].flatten(0, 1).transpose(1, 2))  # (nH, 1, L)
-            a = torch.bmm(torch.softmax(s, -1), sv[:, :, : pos + 1].flatten(0, 1))
+            kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
+            k, v = kv[0, :, :, : pos + 1].flatten(0, 1), kv[1, :, :, : pos + 1].flatten(0, 1)  # (nH, L, D)
+            s = torch.bmm(qkv[:, 0].reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
+            a = torch.bmm(torch.softmax(s, -1), v)
             x = layer.self_out(a.view(n, E), residual=x)
             if not layer.norm_first:
                 x = torch.layer_norm(x, *norm_self)
@@ -301,7 +305,7 @@ def _hooked(model: nn.Module) -> bool:
 
 # The prepared decoder of each model, kept while the packed_weights() / int8_weights() blocks it was prepared in
 # last: inside them the weights must not change (in-place optimizer steps do not reliably mark a tensor changed).
-_prepared: "weakref.WeakKeyDictionary[nn.Module, tuple[list, StepDecoder]]" = weakref.WeakKeyDictionary()
+_prepared: "weakref.WeakKeyDictionary[nn.Module, tuple[list, tuple, StepDecoder]]" = weakref.WeakKeyDictionary()
 
 
 def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
@@ -316,11 +320,11 @@ def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
         return None
     linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
     tokens = [m._pack_block if m._int8 is None else m._int8 for m in linears]
-    key = [*tokens, *(_mode(m) for m in linears), backend.cpu_paths()]
+    how = ([_mode(m) for m in linears], backend.cpu_paths())
     found = _prepared.get(model)
-    if found is not None and len(found[0]) == len(key) and all(a is b or a == b for a, b in zip(found[0], key)):
-        return found[1]
+    if found is not None and found[1] == how and all(a is b for a, b in zip(found[0], tokens)):
+        return found[2]
     prepared = StepDecoder(model)
     if all(t is not None for t in tokens):  # inside blocks that keep the weights fixed: keep it for the next call
-        _prepared[model] = (key, prepared)
+        _prepared[model] = (tokens, how, prepared)
     return prepared
