@@ -52,6 +52,9 @@ class _Product:
         self.act_fn = _ACTIVATION_FNS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
         self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode)
+        if activation == "relu" and self.kind == "int8":  # fbgemm applies ReLU inside the product
+            self.fn, self.act_fn = _build("int8", weight.detach(), None if bias is None else bias.detach(), mode,
+                                          relu=True), None
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self.fn(x)
@@ -77,13 +80,15 @@ def _kinds(mode: str) -> list[str]:
     return kinds
 
 
-def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str) -> Callable[[Tensor], Tensor]:
-    """x -> x weight^T + bias, the `kind` way, its weight prepared now."""
+def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
+           relu: bool = False) -> Callable[[Tensor], Tensor]:
+    """x -> x weight^T + bias (then ReLU if `relu`, int8 only), the `kind` way, its weight prepared now."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     b = None if bias is None else bias.to(dtype)
     if kind == "int8":
         q = _pack_int8(weight, bias)
-        return lambda x: torch.ops.quantized.linear_dynamic(x, q)
+        op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
+        return lambda x: op(x, q)
     if kind == "onednn":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 32)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b, "none", [], "")

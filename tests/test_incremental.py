@@ -1,0 +1,170 @@
+"""The lean decoding step (`StepDecoder`) against the module path it stands in for, and its preparation's
+lifetime."""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import fp32_atol, model_depth
+
+from transformer import ModelConfig, Transformer
+from transformer import incremental as I
+from transformer.generate import argmax, beam_search, greedy, topk_rows
+from transformer.linear import int8_weights, packed_weights
+
+CONFIGS = {
+    "paper": dict(),  # post-norm, ReLU, sinusoidal positions, all embeddings tied
+    "pre-norm gelu": dict(norm_first=True, activation="gelu", final_norm=True),
+    "marian-like": dict(activation="silu", positional="sinusoidal_halves", output_bias=True),
+    "learned untied": dict(positional="learned", max_positions=64, tie_embeddings="none", activation="gelu_tanh"),
+}
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(src_vocab_size=300, tgt_vocab_size=300, d_model=64, n_heads=4, n_encoder_layers=2,
+                      n_decoder_layers=2, d_ff=128, dropout=0.0, **kw)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # random LayerNorms and biases, so that a swapped or missing one shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.2)
+    return model
+
+
+def padded_source(B=4, S=9):
+    src = torch.randint(4, 300, (B, S), generator=torch.Generator().manual_seed(1))
+    src[1, 5:] = 0
+    src[3, :] = 0  # a source of padding only: the module path attends to nothing and gives zeros
+    return src
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("beams", [1, 3])
+def test_steps_give_the_module_paths_logits_through_reorders(name, beams):
+    """Step by step, with beams swapping places and a sentence leaving, the lean step's logits are the module
+    path's (fp32: the same sums in another order)."""
+    model = make_model(**CONFIGS[name])
+    src = padded_source()
+    B, steps = src.size(0), 8
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        memory, mask = model.encode(src)
+        fast = I.step_decoder(model)
+        state = fast.start(memory, mask, steps, beams=beams)
+        mem, msk = memory.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
+        cache = model.decoder.new_cache(steps)
+        sentences = torch.arange(B)
+        for t in range(steps):
+            tokens = torch.randint(4, 300, (sentences.numel() * beams,), generator=g)
+            ours = fast.step(tokens, state)
+            ref = model.decode(tokens[:, None], mem, msk, cache)[:, -1]
+            torch.testing.assert_close(ours, ref, rtol=0, atol=fp32_atol(ref, model_depth(model.config)))
+            n = sentences.numel()
+            if t == 4:  # sentence 0 ends: its rows leave
+                keep = torch.arange(1, n)
+                rows = (keep[:, None] * beams + torch.randperm(beams, generator=g)).view(-1)
+                state.reorder(rows, keep)
+                cache.reorder(rows)
+                mem, msk, sentences = mem[rows], msk[rows], sentences[keep]
+            else:  # beams swap places within their sentence
+                rows = (torch.arange(n)[:, None] * beams + torch.randint(0, beams, (n, beams), generator=g)).view(-1)
+                state.reorder(rows)
+                cache.reorder(rows, cross=False)
+
+
+def test_decoding_picks_the_same_tokens_as_the_module_path(monkeypatch):
+    model = make_model(3)
+    src = padded_source()[:3]
+    fast = (greedy(model, src, max_len_b=12), beam_search(model, src, 4, max_len_b=12))
+    monkeypatch.setattr("transformer.generate.step_decoder", lambda model: None)
+    assert fast == (greedy(model, src, max_len_b=12), beam_search(model, src, 4, max_len_b=12))
+
+
+def test_every_way_of_multiplying_gives_the_product():
+    """Each kind the step may choose (BLAS, packed oneDNN where this CPU has it, int8) computes x W^T + b."""
+    w, b = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(5, 64)
+    ref = F.linear(x, w, b)
+    kinds = I._kinds("int8")
+    assert "mkl" in kinds and "int8" in kinds
+    for kind in kinds:
+        out = I._build(kind, w, b, "int8")(x)
+        # int8: each weight rounded to 1/254 of its row's largest, the input to 1/255 of its range
+        tol = 0.05 * float(ref.abs().max()) if kind == "int8" else fp32_atol(ref, 1)
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol, msg=kind)
+
+
+def test_bf16_autocast_steps_match_the_module_path():
+    model = make_model(4, norm_first=True)
+    src = padded_source()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        memory, mask = model.encode(src)
+        fast = I.step_decoder(model)
+        state, cache = fast.start(memory, mask, 6), model.decoder.new_cache(6)
+        for t in range(6):
+            tokens = torch.full((src.size(0),), 5 + t)
+            ours, ref = fast.step(tokens, state).float(), model.decode(tokens[:, None], memory, mask, cache)[:, -1].float()
+            # bf16 keeps 8 bits of mantissa: products rounded in another order differ by a few units of 2^-8
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0.05 * float(ref.abs().max()))
+
+
+def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
+    """Outside a packed_weights()/int8_weights() block every decoding call prepares the weights afresh (an
+    optimizer may have changed them without a trace); inside one they are prepared once."""
+    model = make_model(5)
+    src = padded_source()[:2]
+    assert I.step_decoder(model) is not I.step_decoder(model)
+    with packed_weights(model.decoder, model.output):
+        first = I.step_decoder(model)
+        assert I.step_decoder(model) is first
+        greedy(model, src, max_len_b=3)
+        assert I.step_decoder(model) is first
+    assert I.step_decoder(model) is not first
+    before = greedy(model, src, max_len_b=6)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)  # fused: in place, versions untouched
+    model.train()
+    model.loss(src, src, src).backward()
+    opt.step()
+    model.eval()
+    assert greedy(model, src, max_len_b=6) != before
+    with int8_weights(model):
+        q = I.step_decoder(model)
+        assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8"}
+
+
+def test_output_hooks_run_and_other_hooks_take_the_module_path():
+    model = make_model(6)
+    src = padded_source()[:3]
+    banned = greedy(model, src, max_len_b=8)[0][0]
+    handle = model.output.register_forward_hook(lambda m, i, logits: logits.index_fill(-1, torch.tensor([banned]), -1e9))
+    assert I.step_decoder(model) is not None
+    assert all(banned not in out for out in greedy(model, src, max_len_b=8))
+    handle.remove()
+    seen = []
+    model.decoder.layers[0].register_forward_hook(lambda m, i, o: seen.append(1))
+    assert I.step_decoder(model) is None  # a hook inside the decoder expects its modules to run
+    greedy(model, src, max_len_b=4)
+    assert seen
+
+
+def test_not_used_where_the_module_path_decodes():
+    model = make_model(7)
+    model.train()
+    assert I.step_decoder(model) is None
+    model.eval().double()
+    assert I.step_decoder(model) is None
+
+
+@pytest.mark.parametrize("V", [8000, 8003, 300, 256])
+def test_blockwise_argmax_and_topk_equal_torchs(V):
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(7, V, generator=g)
+    x[0, 100:110] = 50.0  # ties: the first of equal maxima wins, as in torch.argmax
+    x[1, -1] = 60.0  # the maximum in the last, partial block
+    assert torch.equal(argmax(x), x.argmax(-1))
+    values, idx = topk_rows(x[1:], 10)
+    ref_values, ref_idx = x[1:].topk(10, -1)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+    assert torch.equal(x[1:].gather(1, idx), values)  # indices of those values (tied ones in any order)
+    assert all(len(set(row)) == 10 for row in idx.tolist())
