@@ -54,23 +54,26 @@ def greedy(
     limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
     steps = _SourceSteps(model, src, 1, int(limits.max()) + 1) if use_cache else _Recompute(model, src)
     with steps.packed():
-        active = torch.arange(B, device=src.device)  # original index of each row still decoding
+        limit = limits.tolist()
+        active = list(range(B))  # original index of each row still decoding
         last = torch.full((B, 1), bos, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
-        for step in range(int(limits.max())):  # step: tokens each active row has written so far
+        for step in range(max(limit)):  # step: tokens each active row has written so far
             nxt = argmax(steps.logits(last))
-            nxt = torch.where(limits[active] <= step, torch.full_like(nxt, eos), nxt)  # no room at all: stop
-            for row, tok in zip(active.tolist(), nxt.tolist()):
-                if tok != eos:
-                    out[row].append(tok)
-            done = (nxt == eos) | (limits[active] <= step + 1)  # ended, or as long as it may be
-            if bool(done.all()):
+            keep = []
+            for i, (row, tok) in enumerate(zip(active, nxt.tolist())):
+                if limit[row] <= step or tok == eos:  # ended (no room at all: ended before writing)
+                    continue
+                out[row].append(tok)
+                if limit[row] > step + 1:  # room for more
+                    keep.append(i)
+            if not keep:
                 break
             last = nxt[:, None]
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                active, last = active[keep], last[keep]
-                steps.keep(keep, keep)
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, device=src.device)
+                active, last = [active[i] for i in keep], last[rows]
+                steps.keep(rows, rows)
         return out
 
 

@@ -103,7 +103,7 @@ _chosen: dict[tuple, str] = {}
 
 
 def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str) -> tuple[str, Callable[[Tensor], Tensor]]:
-    """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-3 timings at 32 rows
+    """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-5 timings at 32 rows
     (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one
     where it is available."""
     kinds = _kinds(mode)
@@ -117,7 +117,7 @@ def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str) -> tuple[str, Ca
     best = {k: float("inf") for k in kinds}
     for fn in fns.values():
         fn(x)  # warm-up: first calls allocate and pick kernels
-    for _ in range(3):
+    for _ in range(5):
         for k, fn in fns.items():
             start = time.perf_counter()
             fn(x)
