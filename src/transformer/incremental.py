@@ -91,8 +91,13 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
         return lambda x: op(x, q)
     if kind == "onednn":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 32)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b, "none", [], "")
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        if dtype == torch.float32:
+            return lambda x: linear(x, packed, b, "none", [], "")
+        return lambda x: linear(x.to(dtype), packed, b, "none", [], "")
     wt = weight.to(dtype).t().contiguous()  # (in, out)
+    if dtype == torch.float32:  # the step's activations are fp32 already
+        return (lambda x: torch.mm(x, wt)) if b is None else (lambda x: torch.addmm(b, x, wt))
     if b is None:
         return lambda x: torch.mm(x.to(dtype), wt)
     return lambda x: torch.addmm(b, x.to(dtype), wt)
@@ -173,15 +178,16 @@ def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 class StepState:
     """What decoding a batch keeps between steps, per layer: self-attention keys and values in one buffer
-    (2, n, H, capacity, D); the source's keys, stored transposed (n, H, D, S), and values (n, H, S, D); the
-    source's padding as a bias (n * H, 1, S) (None: no padding); the positional vectors of every position the
-    decoding can reach. The source's keys are transposed once because a query's product with them is fastest
-    that way (the growing self-attention keys are not: writing each step's key across a transposed buffer
-    cost more than it saved)."""
+    (2, n, H, capacity, D) (and the same viewed as (2, n * H, capacity, D)); the source's keys, stored
+    transposed (B * H, D, S), and values (B * H, S, D); the source's padding as a bias (B * H, 1, S) (None: no
+    padding); the positional vectors of every position the decoding can reach. The source's keys are
+    transposed once because a query's product with them is fastest that way (the growing self-attention keys
+    are not: writing each step's key across a transposed buffer cost more than it saved)."""
 
     def __init__(self, self_kv: list[Tensor], cross: list[tuple[Tensor, Tensor]],
                  bias: Optional[Tensor], heads: int, positions: Tensor, beams: int) -> None:
         self.self_kv, self.cross, self.bias, self.heads = self_kv, cross, bias, heads
+        self.flat = [kv.flatten(1, 2) for kv in self_kv]  # (2, n * H, capacity, D) views
         self.beams = beams  # rows per source sentence: each sentence's K beams share its keys/values
         self.positions = positions  # (capacity, E): the positional vector of each step
         self.spare: list[Optional[Tensor]] = [None] * len(self_kv)  # second buffers, for reorder
@@ -197,12 +203,17 @@ class StepState:
                 spare = kv.new_empty(2, rows.numel(), *kv.shape[2:])
             # only the filled positions are copied (beam search reorders at every step)
             torch.index_select(kv[:, :, :, :L], 1, rows, out=spare[:, :, :, :L])
-            self.spare[i], self.self_kv[i] = kv, spare
+            self.spare[i], self.self_kv[i], self.flat[i] = kv, spare, spare.flatten(1, 2)
         if sentences is not None:
-            self.cross = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in self.cross]
+            H = self.heads
+            self.cross = [(_rows_of(k, sentences, H), _rows_of(v, sentences, H)) for k, v in self.cross]
             if self.bias is not None:
-                H = self.heads
-                self.bias = self.bias.view(-1, H, *self.bias.shape[1:]).index_select(0, sentences).flatten(0, 1)
+                self.bias = _rows_of(self.bias, sentences, H)
+
+
+def _rows_of(x: Tensor, sentences: Tensor, heads: int) -> Tensor:
+    """The rows of sentences `sentences` of x (B * heads, ...)."""
+    return x.view(-1, heads, *x.shape[1:]).index_select(0, sentences).flatten(0, 1)
 
 
 class StepDecoder:
@@ -230,15 +241,15 @@ class StepDecoder:
         cross = []
         for layer in self.layers:
             k, v = layer.cross_kv(memory).split(E, dim=-1)  # (n, S, E) each
-            cross.append((k.view(n, S, H, D).permute(0, 2, 3, 1).contiguous(),  # (n, H, D, S)
-                          v.view(n, S, H, D).transpose(1, 2).contiguous()))  # (n, H, S, D)
+            cross.append((k.view(n, S, H, D).permute(0, 2, 3, 1).reshape(n * H, D, S),  # copies, once
+                          v.view(n, S, H, D).transpose(1, 2).reshape(n * H, S, D)))
         dtype = cross[0][0].dtype
         bias = None
         keep = memory_mask.reshape(n, S)
         if not bool(keep.all()):
             empty = ~keep.any(1)  # a source of padding only: attend to zeros (the module path's zero output)
             for k, v in cross:
-                v[empty] = 0
+                v.view(n, H, S, D)[empty] = 0
             keep = keep | empty[:, None]
             bias = torch.zeros(n, S, dtype=dtype, device=memory.device).masked_fill_(~keep, float("-inf"))
             bias = bias[:, None, None, :].expand(n, H, 1, S).reshape(n * H, 1, S)
@@ -252,13 +263,13 @@ class StepDecoder:
         pos, H, D, E = state.length, self.heads, self.head_dim, self.d_model
         n = tokens.numel()
         x = torch.add(state.positions[pos], torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
-        for layer, kv, (ck, cv) in zip(self.layers, state.self_kv, state.cross):
+        for layer, kv, flat, (ck, cv) in zip(self.layers, state.self_kv, state.flat, state.cross):
             norm_self, norm_cross, norm_ff = layer.norms
             # self-attention: this step's key and value join the cache; the query attends to all of it
             h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
             qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
             kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
-            k, v = kv[0, :, :, : pos + 1].flatten(0, 1), kv[1, :, :, : pos + 1].flatten(0, 1)  # (nH, L, D)
+            k, v = flat[:, :, : pos + 1].unbind(0)  # (nH, L, D)
             s = torch.bmm(qkv[:, 0].reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
             a = torch.bmm(torch.softmax(s, -1), v)
             x = layer.self_out(a.view(n, E), residual=x)
@@ -284,14 +295,13 @@ class StepDecoder:
 
     def _cross_attention(self, q: Tensor, k: Tensor, v: Tensor, state: StepState) -> Tensor:
         """(n, E) scaled queries -> (n, E) attention over the source: the K beams of a sentence query its keys
-        (B, H, D, S) and values (B, H, S, D) together, as K rows of one product per sentence and head."""
+        (B * H, D, S) and values (B * H, S, D) together, as K rows of one product per sentence and head."""
         n, E = q.shape
         H, D, K = self.heads, self.head_dim, state.beams
         B = n // K
         q = q.view(B, K, H, D).transpose(1, 2).reshape(B * H, K, D)
-        kt = k.flatten(0, 1)
-        s = torch.bmm(q, kt) if state.bias is None else torch.baddbmm(state.bias, q, kt)  # (BH, K, S)
-        a = torch.bmm(torch.softmax(s, -1), v.flatten(0, 1))  # (BH, K, D)
+        s = torch.bmm(q, k) if state.bias is None else torch.baddbmm(state.bias, q, k)  # (BH, K, S)
+        a = torch.bmm(torch.softmax(s, -1), v)  # (BH, K, D)
         return a.view(B, H, K, D).transpose(1, 2).reshape(n, E)
 
 
