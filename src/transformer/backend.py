@@ -278,6 +278,17 @@ def _decide() -> CpuPaths:
 
 
 @functools.cache
+def onednn_usable(dtype: torch.dtype = torch.float32) -> bool:
+    """Can oneDNN's packed linear run here in `dtype` with F.linear's result (and is oneDNN not turned off by
+    TRANSFORMER_ONEDNN=0)? For callers that time it themselves per shape, as the decoding step does."""
+    if os.environ.get("TRANSFORMER_ONEDNN", "auto").strip().lower() in ("0", "off", "false"):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    return _works(dtype)
+
+
+@functools.cache
 def int8_works() -> bool:
     """Can this build run an int8 linear (fbgemm's dynamic quantisation), giving F.linear's result within
     8-bit rounding? Tried once."""

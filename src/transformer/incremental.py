@@ -43,7 +43,7 @@ class _Product:
     - "mkl": torch.addmm with the weight stored transposed, (in, out): BLAS's cheapest call (about 6 us of
       fixed cost here);
     - "onednn": the weight packed into oneDNN's blocked layout (about 25 us of fixed cost per call, but faster
-      products from about a million weights up), where `backend.cpu_paths()` allows it;
+      products from about a million weights up), where it works on this CPU;
     - "int8" (inside `int8_weights()`): fbgemm with int8 weights, each output row scaled to [-127, 127], the
       input quantised on the fly. Products too small to gain from it stay in fp32.
     Under bf16 autocast the candidates take bf16 weights, converted once."""
@@ -70,10 +70,11 @@ _ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def _kinds(mode: str) -> list[str]:
-    """The ways this machine can multiply in `mode` ("fp32", "bf16" or "int8")."""
-    paths = backend.cpu_paths()
+    """The ways this machine can multiply in `mode` ("fp32", "bf16" or "int8"). oneDNN's packed layout is a
+    candidate wherever it works, even where `backend.cpu_paths()` found it slower at its one test shape: the
+    step times it at each of its own shapes (on the AVX2 kind it wins the largest ones by a few percent)."""
     kinds = ["mkl"]
-    if paths.packed_bf16 if mode == "bf16" else paths.packed:
+    if backend.onednn_usable(torch.bfloat16 if mode == "bf16" else torch.float32):
         kinds.append("onednn")
     if mode == "int8":
         kinds.append("int8")
@@ -299,10 +300,10 @@ class StepDecoder:
         n, E = q.shape
         H, D, K = self.heads, self.head_dim, state.beams
         B = n // K
-        q = q.view(B, K, H, D).transpose(1, 2).reshape(B * H, K, D)
+        q = q.view(n * H, 1, D) if K == 1 else q.view(B, K, H, D).transpose(1, 2).reshape(B * H, K, D)
         s = torch.bmm(q, k) if state.bias is None else torch.baddbmm(state.bias, q, k)  # (BH, K, S)
         a = torch.bmm(torch.softmax(s, -1), v)  # (BH, K, D)
-        return a.view(B, H, K, D).transpose(1, 2).reshape(n, E)
+        return a.view(n, E) if K == 1 else a.view(B, H, K, D).transpose(1, 2).reshape(n, E)
 
 
 def _or(value, default):
