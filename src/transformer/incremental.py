@@ -263,15 +263,16 @@ class StepDecoder:
         """(n,) newest tokens -> (n, V) logits of the tokens after them."""
         pos, H, D, E = state.length, self.heads, self.head_dim, self.d_model
         n = tokens.numel()
-        x = torch.add(state.positions[pos], torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
+        x = torch.add(state.positions.select(0, pos), torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
         for layer, kv, flat, (ck, cv) in zip(self.layers, state.self_kv, state.flat, state.cross):
             norm_self, norm_cross, norm_ff = layer.norms
             # self-attention: this step's key and value join the cache; the query attends to all of it
             h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
             qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
-            kv[:, :, :, pos] = qkv[:, 1:].transpose(0, 1)
-            k, v = flat[:, :, : pos + 1].unbind(0)  # (nH, L, D)
-            s = torch.bmm(qkv[:, 0].reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
+            # (explicit select/narrow: indexing with slices costs more Python time than the copy itself)
+            kv.select(3, pos).copy_(qkv.narrow(1, 1, 2).transpose(0, 1))
+            k, v = flat.narrow(2, 0, pos + 1).unbind(0)  # (nH, L, D)
+            s = torch.bmm(qkv.select(1, 0).reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
             a = torch.bmm(torch.softmax(s, -1), v)
             x = layer.self_out(a.view(n, E), residual=x)
             if not layer.norm_first:
