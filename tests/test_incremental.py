@@ -121,6 +121,7 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
         assert I.step_decoder(model) is first
         greedy(model, src, max_len_b=3)
         assert I.step_decoder(model) is first
+    assert model.output._step_cache is None  # what was prepared is released with the block
     assert I.step_decoder(model) is not first
     before = greedy(model, src, max_len_b=6)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)  # fused: in place, versions untouched
@@ -132,6 +133,7 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
     with int8_weights(model):
         q = I.step_decoder(model)
         assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8"}
+    assert model.output._step_cache is None
 
 
 def test_output_hooks_run_and_other_hooks_take_the_module_path():

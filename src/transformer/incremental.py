@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -320,11 +319,6 @@ def _hooked(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.decoder.modules())
 
 
-# The prepared decoder of each model, kept while the packed_weights() / int8_weights() blocks it was prepared in
-# last: inside them the weights must not change (in-place optimizer steps do not reliably mark a tensor changed).
-_prepared: "weakref.WeakKeyDictionary[nn.Module, tuple[list, tuple, StepDecoder]]" = weakref.WeakKeyDictionary()
-
-
 def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
     """The `StepDecoder` of an encoder-decoder `model` for decoding now, or None where the module path decodes
     (GPU, training mode, a decoder-only model, a model with weights in another dtype). Inside a
@@ -338,10 +332,13 @@ def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
     linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
     tokens = [m._pack_block if m._int8 is None else m._int8 for m in linears]
     how = ([_mode(m) for m in linears], backend.cpu_paths())
-    found = _prepared.get(model)
+    found = getattr(model.output, "_step_cache", None)
     if found is not None and found[1] == how and all(a is b for a, b in zip(found[0], tokens)):
         return found[2]
     prepared = StepDecoder(model)
-    if all(t is not None for t in tokens):  # inside blocks that keep the weights fixed: keep it for the next call
-        _prepared[model] = (tokens, how, prepared)
+    # Inside packed_weights()/int8_weights() blocks the weights must not change: keep what was prepared for the
+    # next call, on the output layer, until the block ends (it clears it). Outside them, nothing is kept: an
+    # optimizer's in-place step (the fused AdamW's) changes weights without bumping their version counters.
+    if all(t is not None for t in tokens):
+        model.output._step_cache = (tokens, how, prepared)
     return prepared

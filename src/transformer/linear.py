@@ -77,13 +77,14 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self._pack_depth = 0  # > 0 inside packed_weights()
         self._pack_block: Optional[object] = None  # a token for the outermost packed_weights() block around it
+        self._step_cache: Optional[tuple] = None  # on a model's output layer: its prepared decoding step (incremental.py)
         self._packed: dict[torch.dtype, Tensor] = {}
         self._int8: Optional[object] = None  # inside int8_weights(): the int8 weight, packed for fbgemm
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_pack_depth"], state["_packed"], state["_int8"] = 0, {}, None  # copies never carry packed weights
-        state["_pack_block"] = None
+        state["_pack_block"], state["_step_cache"] = None, None
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,7 +132,7 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
         for m in linears:
             m._pack_depth -= 1
             if m._pack_depth == 0:
-                m._packed, m._pack_block = {}, None
+                m._packed, m._pack_block, m._step_cache = {}, None, None
 
 
 @contextlib.contextmanager
@@ -150,7 +151,7 @@ def int8_weights(*modules: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m in linears:
-            m._int8 = None
+            m._int8, m._step_cache = None, None
 
 
 def _pack_int8(weight: Tensor, bias: Optional[Tensor]):
