@@ -205,9 +205,9 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
     suppress_eos(m.output)
     # ours prepares its decoding weights once (packed, transposed), as `translate` and the server do for all
     # their batches: every round decodes with them
-    prepared = contextlib.ExitStack()
+    m._prepared_for_bench = prepared = contextlib.ExitStack()  # lives as long as the model
     prepared.enter_context(packed_weights(m.decoder, m.output))
-    out: dict[str, Callable[[], int]] = {"_prepared": prepared}
+    out: dict[str, Callable[[], int]] = {}
     if beam == 1:
         out["ours"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens)))
         if naive:
@@ -227,8 +227,6 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
             return int((written != PAD).sum() - (written == EOS).sum())
 
         out["HF generate"] = hf
-    out.pop("_prepared")
-    m._prepared_for_bench = prepared  # lives as long as the model the contenders use
     return {name: _under_autocast(fn) for name, fn in out.items()} if bf16 else out
 
 

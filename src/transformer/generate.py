@@ -77,6 +77,12 @@ def greedy(
         return out
 
 
+def _blocks(x: Tensor, c: int = 64) -> tuple[int, Tensor]:
+    """(n, V) -> (the V - V % c values in whole blocks, those values as (n, V // c, c) blocks)."""
+    main = x.size(1) - x.size(1) % c
+    return main, x[:, :main].view(x.size(0), main // c, c)
+
+
 def argmax(x: Tensor) -> Tensor:
     """(n, V) -> (n,) the index of each row's largest value (the first of equal ones), as `x.argmax(-1)`.
 
@@ -84,15 +90,13 @@ def argmax(x: Tensor) -> Tensor:
     decoding step); the maximum of each block of 64 values is a vectorised reduction, after which only the
     first block holding the row's maximum is searched."""
     n, V = x.shape
-    c = 64
-    if x.device.type != "cpu" or V < 4 * c or not x.is_contiguous():
+    if x.device.type != "cpu" or V < 256 or not x.is_contiguous():
         return x.argmax(-1)
-    main = V - V % c
-    blocks = x[:, :main].view(n, main // c, c)
+    main, blocks = _blocks(x)
     block_max = blocks.amax(-1)  # (n, blocks)
     best = block_max.argmax(-1)  # (n,) the first block holding the maximum
-    idx = best * c + blocks[torch.arange(n, device=x.device), best].argmax(-1)
-    if main < V:  # the last V % c values
+    idx = best * blocks.size(2) + blocks[torch.arange(n, device=x.device), best].argmax(-1)
+    if main < V:  # the last V % 64 values
         tail_max, tail_idx = x[:, main:].max(-1)
         idx = torch.where(tail_max > block_max.gather(1, best[:, None]).squeeze(1), main + tail_idx, idx)
     return idx
@@ -103,11 +107,10 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     `x.topk(k, -1)` (equal values may come in another order). Like `argmax`, it first takes the maximum of
     each block of 64 values, then searches only the k best blocks of each row: they hold its k largest values."""
     n, V = x.shape
-    c = 64
-    main = V - V % c
-    if x.device.type != "cpu" or main // c < 4 * k or not x.is_contiguous():
+    if x.device.type != "cpu" or V // 64 < 4 * k or not x.is_contiguous():
         return x.topk(k, -1)
-    blocks = x[:, :main].view(n, main // c, c)
+    main, blocks = _blocks(x)
+    c = blocks.size(2)
     best = blocks.amax(-1).topk(k, -1).indices  # (n, k) the blocks holding the k largest block maxima
     found = blocks.gather(1, best[:, :, None].expand(n, k, c)).view(n, k * c)
     if main < V:  # and the last V % c values

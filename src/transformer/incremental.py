@@ -50,10 +50,10 @@ class _Product:
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
         self.act_fn = _ACTIVATION_FNS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
-        self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode)
-        if activation == "relu" and self.kind == "int8":  # fbgemm applies ReLU inside the product
-            self.fn, self.act_fn = _build("int8", weight.detach(), None if bias is None else bias.detach(), mode,
-                                          relu=True), None
+        relu = activation == "relu"
+        self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode, relu)
+        if relu and self.kind == "int8":  # fbgemm applied the ReLU inside the product
+            self.act_fn = None
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self.fn(x)
@@ -107,7 +107,8 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
 _chosen: dict[tuple, str] = {}
 
 
-def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str) -> tuple[str, Callable[[Tensor], Tensor]]:
+def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str,
+             relu: bool = False) -> tuple[str, Callable[[Tensor], Tensor]]:
     """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-5 timings at 32 rows
     (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one
     where it is available."""
@@ -116,8 +117,8 @@ def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str) -> tuple[str, Ca
     key = (mode, tuple(weight.shape), bias is not None, tuple(kinds))
     kind = forced if forced in kinds else _chosen.get(key, kinds[0] if len(kinds) == 1 else None)
     if kind is not None:
-        return kind, _build(kind, weight, bias, mode)
-    fns = {k: _build(k, weight, bias, mode) for k in kinds}
+        return kind, _build(kind, weight, bias, mode, relu)
+    fns = {k: _build(k, weight, bias, mode, relu) for k in kinds}
     x = backend._fixed(32, weight.size(1))
     best = {k: float("inf") for k in kinds}
     for fn in fns.values():
