@@ -7,10 +7,15 @@ tokens in batches of 64, beam 5 and greedy, each precision timed after a warm-up
 import copy
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
 from transformer import ModelConfig, Transformer
 from transformer.generate import beam_search, greedy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/gpu_decode.py` finds bench
 
 
 def sources(device: torch.device) -> list[torch.Tensor]:
@@ -47,5 +52,41 @@ def main() -> None:
             print(f"{name:7s} {label:22s}: {time.perf_counter() - start:6.2f} s for 512 sentences", flush=True)
 
 
+def race_hf() -> None:
+    """Ours against HF generate at the base size on the GPU (work checked equal by the harness)."""
+    from bench import workloads as W
+    from bench.harness import compare, ratio
+
+    if not W.have_hf():
+        print("HF race skipped: transformers is not installed")
+        return
+    for beam, batch in ((1, 32), (5, 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            src = W._batch(W.BASE, batch, 24)[0].cuda()
+            m = W.ours(W.BASE).eval().to("cuda", dtype)
+            h = W.marian(W.BASE).eval().to("cuda", dtype)
+            W.suppress_eos(m.output)
+            W.suppress_eos(h.lm_head)
+
+            def run_ours() -> int:
+                out = (greedy(m, src, max_len_a=0, max_len_b=64) if beam == 1 else
+                       beam_search(m, src, beam, max_len_a=0, max_len_b=64))
+                return sum(map(len, out))
+
+            def run_hf() -> int:
+                with torch.no_grad():
+                    seqs = h.generate(input_ids=src, attention_mask=src != W.PAD, max_new_tokens=64,
+                                      num_beams=beam, do_sample=False, early_stopping=False)[:, 1:]
+                return int((seqs != W.PAD).sum() - (seqs == W.EOS).sum())
+
+            res = compare({"ours": run_ours, "HF generate": run_hf}, rounds=5, warmup=1)
+            med, iqr = ratio(res, "ours", "HF generate")
+            name = "greedy" if beam == 1 else "beam 5"
+            print(f"base {name:7s} {str(dtype)[6:]:9s}: ours {res['ours']['median_s']:.3f} s, HF generate "
+                  f"{res['HF generate']['median_s']:.3f} s, HF/ours {med:.2f}x ±{iqr:.2f}", flush=True)
+
+
 if __name__ == "__main__":
     main()
+    race_hf()
