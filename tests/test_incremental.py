@@ -133,6 +133,8 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
     with int8_weights(model):
         q = I.step_decoder(model)
         assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8"}
+        greedy(model, src, max_len_b=3)  # its own packed_weights() block ends inside the int8 one
+        assert I.step_decoder(model) is q
     assert model.output._step_cache is None
 
 

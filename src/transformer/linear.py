@@ -132,7 +132,9 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
         for m in linears:
             m._pack_depth -= 1
             if m._pack_depth == 0:
-                m._packed, m._pack_block, m._step_cache = {}, None, None
+                m._packed, m._pack_block = {}, None
+                if m._int8 is None:  # a step prepared inside int8_weights() lives as long as that block
+                    m._step_cache = None
 
 
 @contextlib.contextmanager
