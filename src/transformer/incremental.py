@@ -14,7 +14,8 @@ the same modules once and keeps what a step needs:
 - attention of the single new query as two batched matrix products over the cache, the source's padding as
   an additive bias computed once per source;
 - self-attention keys and values in one buffer of the decoding's full length, so a step writes them with one
-  copy and never grows a buffer.
+  copy and never grows a buffer; beam search does not move it when beams swap places (each row's history is
+  found through an index of which beam's slot holds it at each position).
 
 It computes what `Decoder.forward` computes, up to the order of float operations (tests compare the two).
 Used on the CPU for `Transformer` models in eval mode; everything else (GPUs, decoder-only models, attention
@@ -179,33 +180,57 @@ def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 class StepState:
     """What decoding a batch keeps between steps, per layer: self-attention keys and values in one buffer
-    (2, n, H, capacity, D) (and the same viewed as (2, n * H, capacity, D)); the source's keys, stored
-    transposed (B * H, D, S), and values (B * H, S, D); the source's padding as a bias (B * H, 1, S) (None: no
-    padding); the positional vectors of every position the decoding can reach. The source's keys are
-    transposed once because a query's product with them is fastest that way (the growing self-attention keys
-    are not: writing each step's key across a transposed buffer cost more than it saved)."""
+    (2, B, H, capacity, K, D), the K beams of each of B sentences side by side at each position (and the same
+    viewed as (2, B * H, capacity * K, D)); the source's keys, stored transposed (B * H, D, S), and values
+    (B * H, S, D); the source's padding as a bias (B * H, 1, S) (None: no padding); the positional vector of
+    every position the decoding can reach. The source's keys are transposed once because a query's product with
+    them is fastest that way (the growing self-attention keys are not: writing each step's key across a
+    transposed buffer cost more than it saved).
+
+    Beam search never moves the self-attention cache when beams swap places (that copy was a fifth of a beam
+    step): each row writes its step's key and value into its own slot, and `ancestry` (n, capacity) records,
+    for each row and position, which of its sentence's K slots holds its history there."""
 
     def __init__(self, self_kv: list[Tensor], cross: list[tuple[Tensor, Tensor]],
                  bias: Optional[Tensor], heads: int, positions: Tensor, beams: int) -> None:
         self.self_kv, self.cross, self.bias, self.heads = self_kv, cross, bias, heads
-        self.flat = [kv.flatten(1, 2) for kv in self_kv]  # (2, n * H, capacity, D) views
+        self.flat = [kv.flatten(3, 4).flatten(1, 2) for kv in self_kv]  # (2, B * H, capacity * K, D) views
         self.beams = beams  # rows per source sentence: each sentence's K beams share its keys/values
         self.positions = positions  # (capacity, E): the positional vector of each step
-        self.spare: list[Optional[Tensor]] = [None] * len(self_kv)  # second buffers, for reorder
+        self.spare: list[Optional[Tensor]] = [None] * len(self_kv)  # second buffers, for sentences leaving
         self.length = 0
+        B, capacity = self_kv[0].size(1), self_kv[0].size(3)
+        self.ancestry = None if beams == 1 else positions.new_zeros(B * beams, capacity, dtype=torch.long)
+        self.index: Optional[Tensor] = None  # this step's (B * H, K, L) cache positions of each row's history
+
+    def next_index(self) -> None:
+        """Before a step: each row writes its own slot at the new position; find where each row's history is in
+        its sentence's flattened cache (position t, slot k: t * K + k), for every head."""
+        if self.ancestry is None:
+            return
+        n, K, L = self.ancestry.size(0), self.beams, self.length + 1
+        self.ancestry[:, self.length] = torch.arange(K).repeat(n // K)
+        index = self.ancestry[:, :L] + torch.arange(0, L * K, K)
+        self.index = index.view(n // K, 1, K, L).expand(-1, self.heads, -1, -1).reshape(-1, K, L)
 
     def reorder(self, rows: Tensor, sentences: Optional[Tensor] = None) -> None:
         """Keep batch rows `rows` in that order (beams that survive, sentences still decoding); `sentences`:
         the source sentences still decoding, in order (None: all of them, each row keeping its sentence)."""
+        if self.ancestry is not None:  # rows take over their parents' histories; the cache stays where it is
+            self.ancestry = self.ancestry.index_select(0, rows)
+        elif sentences is None:
+            sentences = rows  # one row per sentence
+        if sentences is None:
+            return
         L = self.length
         for i, kv in enumerate(self.self_kv):
             spare = self.spare[i]
-            if spare is None or spare.size(1) != rows.numel():
-                spare = kv.new_empty(2, rows.numel(), *kv.shape[2:])
-            # only the filled positions are copied (beam search reorders at every step)
-            torch.index_select(kv[:, :, :, :L], 1, rows, out=spare[:, :, :, :L])
-            self.spare[i], self.self_kv[i], self.flat[i] = kv, spare, spare.flatten(1, 2)
-        if sentences is not None:
+            if spare is None or spare.size(1) != sentences.numel():
+                spare = kv.new_empty(2, sentences.numel(), *kv.shape[2:])
+            # only the filled positions are copied
+            torch.index_select(kv[:, :, :, :L], 1, sentences, out=spare[:, :, :, :L])
+            self.spare[i], self.self_kv[i], self.flat[i] = kv, spare, spare.flatten(3, 4).flatten(1, 2)
+        if sentences is not rows:
             H = self.heads
             self.cross = [(_rows_of(k, sentences, H), _rows_of(v, sentences, H)) for k, v in self.cross]
             if self.bias is not None:
@@ -254,15 +279,15 @@ class StepDecoder:
             keep = keep | empty[:, None]
             bias = torch.zeros(n, S, dtype=dtype, device=memory.device).masked_fill_(~keep, float("-inf"))
             bias = bias[:, None, None, :].expand(n, H, 1, S).reshape(n * H, 1, S)
-        rows = n * beams
-        self_kv = [memory.new_empty(2, rows, H, capacity, D, dtype=dtype) for _ in self.layers]
+        self_kv = [memory.new_empty(2, n, H, capacity, beams, D, dtype=dtype) for _ in self.layers]
         table = self.positions(memory.new_zeros(1, capacity, E))[0]  # (capacity, E), as the module adds them
         return StepState(self_kv, cross, bias, H, table, beams)
 
     def step(self, tokens: Tensor, state: StepState) -> Tensor:
         """(n,) newest tokens -> (n, V) logits of the tokens after them."""
-        pos, H, D, E = state.length, self.heads, self.head_dim, self.d_model
+        pos, H, D, E, K = state.length, self.heads, self.head_dim, self.d_model, state.beams
         n = tokens.numel()
+        state.next_index()
         x = torch.add(state.positions.select(0, pos), torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
         for layer, kv, flat, (ck, cv) in zip(self.layers, state.self_kv, state.flat, state.cross):
             norm_self, norm_cross, norm_ff = layer.norms
@@ -270,11 +295,8 @@ class StepDecoder:
             h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
             qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
             # (explicit select/narrow: indexing with slices costs more Python time than the copy itself)
-            kv.select(3, pos).copy_(qkv.narrow(1, 1, 2).transpose(0, 1))
-            k, v = flat.narrow(2, 0, pos + 1).unbind(0)  # (nH, L, D)
-            s = torch.bmm(qkv.select(1, 0).reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
-            a = torch.bmm(torch.softmax(s, -1), v)
-            x = layer.self_out(a.view(n, E), residual=x)
+            kv.select(3, pos).copy_(qkv.narrow(1, 1, 2).view(-1, K, 2, H, D).permute(2, 0, 3, 1, 4))
+            x = layer.self_out(self._self_attention(qkv.select(1, 0), flat, state), residual=x)
             if not layer.norm_first:
                 x = torch.layer_norm(x, *norm_self)
             # cross-attention to the source
@@ -294,6 +316,24 @@ class StepDecoder:
         for hook in self.output_module._forward_hooks.values():
             logits = _or(hook(self.output_module, (x,), logits), logits)
         return logits
+
+    def _self_attention(self, q: Tensor, flat: Tensor, state: StepState) -> Tensor:
+        """(n, H, D) scaled queries -> (n, E) attention over each row's history in the cache `flat`
+        (2, B * H, capacity * K, D). With K beams, a sentence's K queries meet all K slots' keys in one product
+        (the same bytes read as K products with one slot each), each row keeps the scores of its own history
+        (`state.index`), and its weights, spread back over the K slots, meet the values the same way."""
+        n, H, D, K = q.size(0), self.heads, self.head_dim, state.beams
+        L = state.length + 1
+        k, v = flat.narrow(2, 0, L * K).unbind(0)  # (BH, L * K, D)
+        if K == 1:
+            s = torch.bmm(q.reshape(n * H, 1, D), k.transpose(1, 2))  # (nH, 1, L)
+            return torch.bmm(torch.softmax(s, -1), v).view(n, H * D)
+        B = n // K
+        q = q.reshape(B, K, H, D).transpose(1, 2).reshape(B * H, K, D)
+        s = torch.bmm(q, k.transpose(1, 2)).gather(2, state.index)  # (BH, K, L)
+        p = torch.softmax(s, -1)
+        weights = p.new_zeros(B * H, K, L * K).scatter_(2, state.index, p)
+        return torch.bmm(weights, v).view(B, H, K, D).transpose(1, 2).reshape(n, H * D)
 
     def _cross_attention(self, q: Tensor, k: Tensor, v: Tensor, state: StepState) -> Tensor:
         """(n, E) scaled queries -> (n, E) attention over the source: the K beams of a sentence query its keys
