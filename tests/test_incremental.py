@@ -95,15 +95,17 @@ def test_every_way_of_multiplying_gives_the_product():
         torch.testing.assert_close(out, ref, rtol=0, atol=tol, msg=kind)
 
 
-def test_bf16_autocast_steps_match_the_module_path():
+@pytest.mark.parametrize("beams", [1, 3])
+def test_bf16_autocast_steps_match_the_module_path(beams):
     model = make_model(4, norm_first=True)
     src = padded_source()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         memory, mask = model.encode(src)
         fast = I.step_decoder(model)
-        state, cache = fast.start(memory, mask, 6), model.decoder.new_cache(6)
+        state, cache = fast.start(memory, mask, 6, beams=beams), model.decoder.new_cache(6)
+        memory, mask = memory.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
         for t in range(6):
-            tokens = torch.full((src.size(0),), 5 + t)
+            tokens = torch.arange(memory.size(0)) % 7 + 5 + t  # beams of a sentence differ
             ours = fast.step(tokens, state).float()
             ref = model.decode(tokens[:, None], memory, mask, cache)[:, -1].float()
             # bf16 keeps 8 bits of mantissa: products rounded in another order differ by a few units of 2^-8
