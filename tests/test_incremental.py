@@ -9,7 +9,7 @@ from helpers import fp32_atol, model_depth
 
 from transformer import ModelConfig, Transformer
 from transformer import incremental as I
-from transformer.generate import argmax, beam_search, greedy, topk_rows
+from transformer.generate import argmax, beam_search, greedy, topk_beams
 from transformer.linear import int8_weights, packed_weights
 
 CONFIGS = {
@@ -171,8 +171,14 @@ def test_blockwise_argmax_and_topk_equal_torchs(V):
     x[0, 100:110] = 50.0  # ties: the first of equal maxima wins, as in torch.argmax
     x[1, -1] = 60.0  # the maximum in the last, partial block
     assert torch.equal(argmax(x), x.argmax(-1))
-    values, idx = topk_rows(x[1:], 10)
-    ref_values, ref_idx = x[1:].topk(10, -1)
-    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
-    assert torch.equal(x[1:].gather(1, idx), values)  # indices of those values (tied ones in any order)
-    assert all(len(set(row)) == 10 for row in idx.tolist())
+    for K in (1, 3):  # sentences of K beams, each beam's score added to its row
+        rows = x[1:]
+        offset = torch.randn(6 // K, K, generator=g) * 3
+        if K > 1:
+            offset[0, 1:] = float("-inf")  # the first step: only the first beam may expand
+        values, beam, tok = topk_beams(rows, offset, 10)
+        sums = (offset[:, :, None] + rows.view(-1, K, V)).view(-1, K * V)
+        ref_values, _ = sums.topk(10, -1)
+        torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+        assert torch.equal(sums.gather(1, beam * V + tok), values)  # the beams and tokens of those values
+        assert all(len(set(r)) == 10 for r in (beam * V + tok).tolist())  # tied ones in any order, each once

@@ -102,24 +102,43 @@ def argmax(x: Tensor) -> Tensor:
     return idx
 
 
-def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(n, V) -> the k largest values of each row, (n, k) in descending order, and their indices, as
-    `x.topk(k, -1)` (equal values may come in another order). Like `argmax`, it first takes the maximum of
-    each block of 64 values, then searches only the k best blocks of each row: they hold its k largest values."""
-    n, V = x.shape
-    if x.device.type != "cpu" or V // 64 < 4 * k or not x.is_contiguous():
-        return x.topk(k, -1)
-    main, blocks = _blocks(x)
-    c = blocks.size(2)
-    best = blocks.amax(-1).topk(k, -1).indices  # (n, k) the blocks holding the k largest block maxima
-    found = blocks.gather(1, best[:, :, None].expand(n, k, c)).view(n, k * c)
-    if main < V:  # and the last V % c values
-        found = torch.cat([found, x[:, main:]], dim=1)
+def topk_beams(x: Tensor, offset: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k best continuations of each sentence over all its beams.
+
+    Args:
+        x: (n * K, V) each beam's log-probabilities (rows i * K ... i * K + K - 1: sentence i's K beams).
+        offset: (n, K) each beam's score so far, added to its row.
+        k: continuations to keep per sentence.
+    Returns:
+        (n, k) the k largest offset[i, b] + x[i * K + b, v] over b and v, in descending order, and each one's
+        beam b and token v: a topk over the K * V sums (equal values may come in another order).
+
+    Like `argmax`, it first takes the maximum of each block of 64 values, adds its beam's score, then searches
+    only the k best blocks of the sentence (over all its beams): they hold its k best sums. That is a few small
+    operations on n rows, where a topk per beam and another over their K x k winners took 0.3-0.5 ms a step."""
+    n, K = offset.shape
+    V = x.size(1)
+    if x.device.type != "cpu" or V // 64 < 4 * k:
+        values, idx = (offset[:, :, None] + x.view(n, K, V)).view(n, K * V).topk(k, -1)
+        return values, idx // V, idx % V
+    main, blocks = _blocks(x)  # (nK, nb, c)
+    nb, c = blocks.shape[1:]
+    block_max = (blocks.amax(-1).view(n, K, nb) + offset[:, :, None]).view(n, K * nb)
+    best = block_max.topk(k, -1).indices  # (n, k) the blocks, over all K beams, with the k best maxima
+    beam = best // nb
+    found = blocks[torch.arange(n, device=x.device)[:, None] * K + beam, best % nb]  # (n, k, c)
+    found = (found + offset.gather(1, beam)[:, :, None]).view(n, k * c)
+    if main < V:  # and the last V % c values of each beam
+        found = torch.cat([found, (x[:, main:].view(n, K, V - main) + offset[:, :, None]).view(n, -1)], dim=1)
     values, j = found.topk(k, -1)
-    idx = best.gather(1, (j // c).clamp_(max=k - 1)) * c + j % c
+    block = best.gather(1, (j // c).clamp_(max=k - 1))
+    beam, tok = block // nb, block % nb * c + j % c
     if main < V:
-        idx = torch.where(j >= k * c, j + (main - k * c), idx)
-    return values, idx
+        t = (j - k * c).clamp_(min=0)  # a value from the tail: beam t // (V - main), token main + t % (V - main)
+        in_tail = j >= k * c
+        beam = torch.where(in_tail, t // (V - main), beam)
+        tok = torch.where(in_tail, main + t % (V - main), tok)
+    return values, beam, tok
 
 
 class _Recompute:
@@ -257,13 +276,8 @@ def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: flo
             forced = torch.full_like(logp[0], float("-inf"))
             forced[eos] = 0.0
             logp = torch.where(must_end[:, None], logp + forced, logp)
-        # The 2K best continuations of a sentence are among the 2K best of each of its beams: find those per
-        # row, then the best of the K * 2K (cheaper than ranking all K * V).
-        per_row = min(2 * K, logp.size(-1))
-        row_logp, row_tok = topk_rows(logp, per_row)  # (nK, per_row)
-        cand = scores[:, :, None] + row_logp.view(n, K, per_row)
-        top_scores, top_idx = cand.view(n, K * per_row).topk(2 * K, dim=1)  # (n, 2K): enough to keep K after </s>
-        beam_idx, tok = top_idx // per_row, row_tok.view(n, K * per_row).gather(1, top_idx)
+        # the 2K best continuations of each sentence over its K beams (enough to keep K after </s>)
+        top_scores, beam_idx, tok = topk_beams(logp.contiguous(), scores, 2 * K)  # (n, 2K) each
         ended = _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos,
                                 (step + 1) ** length_penalty)
 
