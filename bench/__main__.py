@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown workload {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
     rounds, warmup = (2, 1) if args.smoke else (args.rounds, 2)
+    tuned = backend.tune_allocator()  # as the CLI does: every contender in this process runs with it
     hf = W.have_hf()
     small, base = (W.TINY, W.TINY) if args.smoke else (W.SMALL, W.BASE)
     # bf16 only where the CPU does bf16 arithmetic: elsewhere it is emulated, and every contender's bf16 step
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     bf16_modes = (False, True) if backend.native_bf16_cpu() else (False,)
     print(f"# bench {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"cpu: {cpu_name()} ({backend.cpu_description()})  HF transformers: "
-          f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {backend.cpu_paths().describe()}")
+          f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {backend.cpu_paths().describe()}"
+          f"\n# allocator keeps freed memory (backend.tune_allocator): {'yes' if tuned else 'no'}")
     if len(bf16_modes) == 1:
         print("# bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be emulated")
     table = Table()

@@ -86,3 +86,35 @@ def test_the_machine_is_described():
     assert "bf16" in text
     paths = backend.cpu_paths()
     assert paths.describe().startswith("oneDNN for ")
+
+
+_MMAPPED_AFTER_16MB = """
+import ctypes
+from transformer import backend
+print(backend.tune_allocator())
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblkhd
+libc.malloc(16 << 20)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
+    """After tune_allocator() a 16 MB block comes from the heap (reusable), not from a fresh mmap; with
+    TRANSFORMER_MALLOC=0 or the user's own MALLOC_* settings it is left alone."""
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TRANSFORMER_MALLOC"}
+        out = subprocess.run([sys.executable, "-c", _MMAPPED_AFTER_16MB], env={**base, **env},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert run() == ("True", 0)
+    applied, mmapped = run(TRANSFORMER_MALLOC="0")
+    assert applied == "False" and mmapped >= 16 << 20  # glibc's default: a fresh mapping
+    assert run(MALLOC_ARENA_MAX="2")[0] == "False"

@@ -662,7 +662,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(quiet=getattr(args, "json", False))
+    from . import backend
     from .train import TrainingInterrupted
+
+    backend.tune_allocator()  # this process is ours: keep freed memory for reuse (decoding allocates every step)
 
     try:
         return args.fn(args)
