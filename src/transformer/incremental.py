@@ -285,7 +285,7 @@ class StepDecoder:
 
     def step(self, tokens: Tensor, state: StepState) -> Tensor:
         """(n,) newest tokens -> (n, V) logits of the tokens after them."""
-        pos, H, D, E, K = state.length, self.heads, self.head_dim, self.d_model, state.beams
+        pos, H, D, K = state.length, self.heads, self.head_dim, state.beams
         n = tokens.numel()
         state.next_index()
         x = torch.add(state.positions.select(0, pos), torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
