@@ -4,31 +4,22 @@ Loaded into our process, CTranslate2's OpenMP calls resolve to the OpenMP runtim
 worker thread adds a second thread team to it; the runtime then throttles the spin-waiting of every team, so our
 decoding's threads slept between operations and it ran about 30% slower after CTranslate2 had run once in the
 process (5,500 voluntary context switches per decoding instead of none). Users do not run the two in one process,
-so the race does not either. This module imports neither torch nor the package. The worker keeps freed memory
-for reuse as our process does (`transformer.backend.tune_allocator`, which the bench calls), with the same
-glibc settings, so that neither side gains from the allocator alone.
+so the race does not either. This module imports neither torch nor the package. The worker applies the glibc
+allocator settings our process runs with (`backend.ALLOCATOR_SETTINGS`, passed in), so that neither side gains
+from the allocator alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import platform
 from multiprocessing.connection import Connection
 
 
-def _tune_allocator() -> None:
-    """The settings of `transformer.backend.tune_allocator` (mmap threshold 32 MB, trim threshold 1 GB, top
-    pad 64 MB), applied without importing the package (which imports torch)."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        mallopt = ctypes.CDLL(None).mallopt
-        for param, value in ((-3, 32 << 20), (-1, 1 << 30), (-2, 64 << 20)):
-            mallopt(param, value)
-
-
-def _serve(conn: Connection, directory: str, compute_type: str, threads: int, tuned: bool) -> None:
-    if tuned:
-        _tune_allocator()
+def _serve(conn: Connection, directory: str, compute_type: str, threads: int,
+           mallopt: tuple[tuple[int, int], ...]) -> None:
+    for param, value in mallopt:  # the allocator settings of our process (empty: glibc's defaults)
+        ctypes.CDLL(None).mallopt(param, value)
     import ctranslate2
 
     translator = ctranslate2.Translator(directory, device="cpu", compute_type=compute_type,
@@ -47,10 +38,11 @@ class Translator:
     """A CTranslate2 Translator in a child process: `translate(tokens, **options)` returns the number of tokens
     written (the best hypothesis of each sentence)."""
 
-    def __init__(self, directory: str, compute_type: str, threads: int, tuned: bool = False) -> None:
+    def __init__(self, directory: str, compute_type: str, threads: int,
+                 mallopt: tuple[tuple[int, int], ...] = ()) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, directory, compute_type, threads, tuned), daemon=True)
+        self._process = ctx.Process(target=_serve, args=(child, directory, compute_type, threads, mallopt), daemon=True)
         self._process.start()
         if not self._conn.poll(120) or self._conn.recv() != "ready":
             raise RuntimeError("the CTranslate2 process did not start")

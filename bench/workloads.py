@@ -418,8 +418,9 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     vocab = _NamedVocabulary(size.vocab)
     export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
                quantization="int8" if int8 else None)
+    mallopt = backend.ALLOCATOR_SETTINGS if backend.tune_allocator() else ()  # its allocator set as ours
     translator = ct2_worker.Translator(str(directory), "int8" if int8 else "float32", torch.get_num_threads(),
-                                       tuned=bool(backend._allocator_tuned))  # the allocator as ours
+                                       mallopt)
     suppress_eos(m.output)
     tokens = [[vocab.token_text(i) for i in row.tolist()] for row in src]
 

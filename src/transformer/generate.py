@@ -118,8 +118,8 @@ def topk_beams(x: Tensor, offset: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     operations on n rows, where a topk per beam and another over their K x k winners took 0.3-0.5 ms a step."""
     n, K = offset.shape
     V = x.size(1)
-    if x.device.type != "cpu" or V // 64 < 4 * k:
-        values, idx = (offset[:, :, None] + x.view(n, K, V)).view(n, K * V).topk(k, -1)
+    if x.device.type != "cpu" or V // 64 < 4 * k or not x.is_contiguous():
+        values, idx = (offset[:, :, None] + x.reshape(n, K, V)).view(n, K * V).topk(k, -1)
         return values, idx // V, idx % V
     main, blocks = _blocks(x)  # (nK, nb, c)
     nb, c = blocks.shape[1:]
@@ -277,7 +277,7 @@ def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: flo
             forced[eos] = 0.0
             logp = torch.where(must_end[:, None], logp + forced, logp)
         # the 2K best continuations of each sentence over its K beams (enough to keep K after </s>)
-        top_scores, beam_idx, tok = topk_beams(logp.contiguous(), scores, 2 * K)  # (n, 2K) each
+        top_scores, beam_idx, tok = topk_beams(logp, scores, 2 * K)  # (n, 2K) each
         ended = _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos,
                                 (step + 1) ** length_penalty)
 
