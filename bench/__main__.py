@@ -4,7 +4,8 @@ Runs each workload's contenders interleaved in this one process and prints a tab
 (peer time / our time: above 1 means we are faster, with the interquartile range of the per-round ratios),
 then writes the same figures as JSON. Every contender must do the same work in every round (the same target
 tokens, the same number of decoded tokens), or the run fails.
-Workloads: train-small, train-base (fp32 and bf16 each), greedy (fp32 and bf16), beam, lm, mfu, memory.
+Workloads: train-small, train-base (fp32 and bf16 each), greedy (fp32 and bf16), beam, ct2 (against CTranslate2),
+int8 (the int8 products of a decoding step: our VNNI kernel against fbgemm), lm, mfu, memory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformer import backend
 from . import workloads as W
 from .harness import compare, ratio
 
-ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "lm", "mfu", "memory"]
+ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "int8", "lm", "mfu", "memory"]
 
 # Targets from the issues: (workload row, peer) -> minimum ratio
 TARGETS = {
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
                             res = compare(W.ct2_contenders(size, n, sentences, beam, int8, Path(d) / "ct2"), rounds, warmup)
                         kind = "greedy" if beam == 1 else "beam5"
                         table.add(f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}", res, sentences * n, "tokens/s")
+    if "int8" in chosen:
+        _int8_products(table, small, base, args.smoke, rounds, warmup)
     if "lm" in chosen:
         block, lm_batch = (16, 2) if args.smoke else (64, 12)
         res = compare(W.lm_contenders(hf, block=block, batch=lm_batch), rounds, warmup)
@@ -155,6 +158,20 @@ def main(argv=None) -> int:
     missed = [r for r in table.rows if r.get("met") is False]
     print(f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}")
     return 0
+
+
+def _int8_products(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int) -> None:
+    """Each int8 product of a decoding step (greedy's 32 rows at the base size, beam 5's 40 at the small one):
+    our VNNI kernel against fbgemm, where the kernel runs (int8.py)."""
+    from transformer import int8
+
+    if not int8.available():
+        print("# int8 rows skipped: the VNNI kernel does not run here (int8.py says why), so int8 is fbgemm's")
+        return
+    for size, rows in ((base, 32), (small, 40)):
+        for M, K, N in W.int8_product_shapes(size, 2 if smoke else rows):
+            res = compare(W.int8_product_contenders(M, K, N, 1e6 if smoke else 64e6), rounds, warmup)
+            table.add(f"int8 {M}x{K}x{N}", res, M * K * N * res["ours"]["work"][0] / 1e9, "GMAC/s")
 
 
 def _mfu(size: W.Size, bf16: bool, batch: int, length: int, rounds: int, warmup: int) -> dict:

@@ -439,3 +439,40 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
                                     min_decoding_length=new_tokens)
 
     return {"ours": run_ours, "CTranslate2": run_ct2}
+
+
+def int8_product_shapes(size: Size, rows: int) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of each distinct product of a decoding step of `size` (vocabulary included)."""
+    E, F_ = size.d_model, size.d_ff
+    return [(rows, E, 3 * E), (rows, E, E), (rows, E, F_), (rows, F_, E), (rows, E, size.vocab)]
+
+
+def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e6) -> dict:
+    """One int8 product of `rows` rows by a (n, k) weight: ours (the VNNI kernel, int8.py) against PyTorch's
+    int8 linear (fbgemm) on the same weights. Each call takes the next of enough distinct weights to fill
+    `bytes_cycled` in int8, as a decoding step meets each weight once, after all the others: what a product
+    costs when its weight is not already in the core's own caches."""
+    import warnings
+
+    from transformer import int8
+    from transformer.linear import _pack_int8
+
+    g = torch.Generator().manual_seed(0)
+    count = max(4, int(bytes_cycled // (n * k)))
+    weights = [torch.randn(n, k, generator=g) * 0.05 for _ in range(count)]
+    x = torch.randn(rows, k, generator=g)
+    ours_w = [int8.pack(w) for w in weights]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fbgemm_w = [_pack_int8(w, None) for w in weights]
+    del weights
+    calls = 4 * count
+
+    def cycle(fn, packed):
+        def run() -> int:
+            for i in range(calls):
+                fn(x, packed[i % count])
+            return calls
+        return run
+
+    return {"ours": cycle(int8.linear, ours_w), "fbgemm": cycle(torch.ops.quantized.linear_dynamic, fbgemm_w)}

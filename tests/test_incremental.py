@@ -82,7 +82,8 @@ def test_decoding_picks_the_same_tokens_as_the_module_path(monkeypatch):
 
 
 def test_every_way_of_multiplying_gives_the_product():
-    """Each kind the step may choose (BLAS, packed oneDNN where this CPU has it, int8) computes x W^T + b."""
+    """Each kind the step may choose (BLAS, packed oneDNN where this CPU has it, int8 by fbgemm or by the VNNI
+    kernel where this CPU has it) computes x W^T + b."""
     w, b = torch.randn(96, 64), torch.randn(96)
     x = torch.randn(5, 64)
     ref = F.linear(x, w, b)
@@ -91,7 +92,7 @@ def test_every_way_of_multiplying_gives_the_product():
     for kind in kinds:
         out = I._build(kind, w, b, "int8")(x)
         # int8: each weight rounded to 1/254 of its row's largest, the input to 1/255 of its range
-        tol = 0.05 * float(ref.abs().max()) if kind == "int8" else fp32_atol(ref, 1)
+        tol = 0.05 * float(ref.abs().max()) if kind in ("int8", "vnni") else fp32_atol(ref, 1)
         torch.testing.assert_close(out, ref, rtol=0, atol=tol, msg=kind)
 
 
@@ -134,7 +135,7 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
     assert greedy(model, src, max_len_b=6) != before
     with int8_weights(model):
         q = I.step_decoder(model)
-        assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8"}
+        assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8", "vnni"}
         greedy(model, src, max_len_b=3)  # its own packed_weights() block ends inside the int8 one
         assert I.step_decoder(model) is q
     assert model.output._step_cache is None

@@ -186,7 +186,7 @@ def test_int8_weights_are_close_and_dropped_after_the_block(paths):
             assert ours._int8 is not None
         assert ours._int8 is None
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)  # fp32 again after the block
-    # 8-bit weights (per row) and inputs (per tensor): errors of a few hundredths of a unit-scale output
+    # 8-bit weights (per row) and inputs (per row or per tensor): errors of a few hundredths of a unit-scale output
     assert (got - want).abs().max() < 0.05 * want.abs().max() and not torch.equal(got, want)
     with int8_weights(ours):  # with gradients (training), the fp32 weights are used
         y = ours(x.requires_grad_())

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backend
+from . import backend, int8
 from .linear import Linear, _pack_int8
 
 class _Product:
@@ -46,6 +46,8 @@ class _Product:
       products from about a million weights up), where it works on this CPU;
     - "int8" (inside `int8_weights()`): fbgemm with int8 weights, each output row scaled to [-127, 127], the
       input quantised on the fly. Products too small to gain from it stay in fp32.
+    - "vnni" (inside `int8_weights()`, where `int8.available()`): the same int8 weights through this package's
+      AVX-512 VNNI kernel, which also adds the ReLU and the residual as it writes the result.
     Under bf16 autocast the candidates take bf16 weights, converted once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
@@ -53,10 +55,12 @@ class _Product:
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
         relu = activation == "relu"
         self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode, relu)
-        if relu and self.kind == "int8":  # fbgemm applied the ReLU inside the product
+        if relu and self.kind in ("int8", "vnni"):  # applied inside the product
             self.act_fn = None
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.kind == "vnni":
+            return self.fn(x, residual)
         y = self.fn(x)
         if self.act_fn is not None:
             y = self.act_fn(y)
@@ -78,14 +82,20 @@ def _kinds(mode: str) -> list[str]:
         kinds.append("onednn")
     if mode == "int8":
         kinds.append("int8")
+        if int8.available():
+            kinds.append("vnni")
     return kinds
 
 
 def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
            relu: bool = False) -> Callable[[Tensor], Tensor]:
-    """x -> x weight^T + bias (then ReLU if `relu`, int8 only), the `kind` way, its weight prepared now."""
+    """x -> x weight^T + bias (then ReLU if `relu`, int8 only), the `kind` way, its weight prepared now.
+    "vnni" takes (x, residual) and adds the residual too."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     b = None if bias is None else bias.to(dtype)
+    if kind == "vnni":
+        packed = int8.pack(weight, bias)
+        return lambda x, residual=None: int8.linear(x, packed, relu, residual)
     if kind == "int8":
         q = _pack_int8(weight, bias)
         op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
@@ -111,8 +121,8 @@ _chosen: dict[tuple, str] = {}
 def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str,
              relu: bool = False) -> tuple[str, Callable[[Tensor], Tensor]]:
     """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-5 timings at 32 rows
-    (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8` forces one
-    where it is available."""
+    (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8|vnni` forces
+    one where it is available."""
     kinds = _kinds(mode)
     forced = os.environ.get("TRANSFORMER_STEP_PRODUCT", "").strip().lower()
     key = (mode, tuple(weight.shape), bias is not None, tuple(kinds))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import backend
+from . import backend, int8
 from .errors import TransformerError
 
 
@@ -79,7 +79,7 @@ class Linear(nn.Linear):
         self._pack_block: Optional[object] = None  # a token for the outermost packed_weights() block around it
         self._step_cache: Optional[tuple] = None  # on a model's output layer: its prepared decoding step (incremental.py)
         self._packed: dict[torch.dtype, Tensor] = {}
-        self._int8: Optional[object] = None  # inside int8_weights(): the int8 weight, packed for fbgemm
+        self._int8: Optional[object] = None  # inside int8_weights(): the int8 weight, packed for int8.py or fbgemm
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -92,6 +92,8 @@ class Linear(nn.Linear):
         if not _plain_cpu_fp32(x, w):
             return F.linear(x, w, b)
         if self._int8 is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            if isinstance(self._int8, int8.Int8Weight):
+                return int8.linear(x, self._int8)
             return torch.ops.quantized.linear_dynamic(x, self._int8)
         paths = backend.cpu_paths()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
@@ -141,15 +143,18 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
 def int8_weights(*modules: nn.Module) -> Iterator[None]:
     """Within the block, the `Linear`s in `modules` multiply (without gradients, on CPU, in fp32) by int8
     weights: each output row's weights scaled to [-127, 127] (per-channel), the input quantised on the fly
-    (dynamic quantisation, fbgemm). Decoding reads every weight at every step, so a quarter of the bytes makes
-    it faster; results differ from fp32 by the rounding of weights to 8 bits. Not nestable."""
-    if not backend.int8_works():
-        raise TransformerError("int8 decoding needs PyTorch's quantized CPU kernels (fbgemm), which this build or "
-                               "CPU lacks; decode in fp32 or bf16")
+    (dynamic quantisation: this package's VNNI kernel where `int8.available()`, else fbgemm). Decoding reads
+    every weight at every step, so a quarter of the bytes makes it faster; results differ from fp32 by the
+    rounding of weights and inputs to 8 bits. Not nestable."""
+    vnni = int8.available()
+    if not vnni and not backend.int8_works():
+        raise TransformerError("int8 decoding needs PyTorch's quantized CPU kernels (fbgemm) or a CPU with "
+                               "AVX-512 VNNI and a C compiler, which this machine lacks; decode in fp32 or bf16")
     linears = list({id(m): m for module in modules for m in module.modules() if isinstance(m, Linear)}.values())
     try:
         for m in linears:
-            m._int8 = _pack_int8(m.weight.detach(), None if m.bias is None else m.bias.detach())
+            w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+            m._int8 = int8.pack(w, b) if vnni else _pack_int8(w, b)
         yield
     finally:
         for m in linears:

@@ -1,0 +1,137 @@
+"""The int8 VNNI kernel (int8.py, int8_vnni.c): the exact int8 computation, within quantisation's bound of fp32,
+every tail of every size, and a fallback that holds where it cannot run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer import int8
+from transformer.linear import int8_weights
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+needs_kernel = pytest.mark.skipif(not int8.available(), reason="the int8 VNNI kernel needs Linux on x86-64 with "
+                                  "AVX-512 VNNI (PyTorch dispatching AVX-512) and a C compiler; this machine lacks one")
+
+# (rows, inputs, outputs): a step's shapes, and sizes off every multiple the kernel works in (4 rows per register
+# block, 4 inputs per VNNI product, 16 outputs per vector, 64 per tile)
+SHAPES = [(1, 3, 1), (5, 37, 70), (4, 64, 64), (13, 100, 130), (32, 512, 512), (40, 256, 1000), (7, 2048, 17)]
+
+
+def _data(M, K, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g) * 3, torch.randn(N, K, generator=g) * 0.05, torch.randn(N, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, True)])
+def test_kernel_equals_the_exact_int8_computation(shape, relu, residual):
+    x, w, b = _data(*shape)
+    packed = int8.pack(w, b)
+    res = torch.randn(shape[0], shape[2]) if residual else None
+    got, want = int8.linear(x, packed, relu, res), int8.reference(x, packed, relu, res)
+    # the integer sums are exact in both; what differs is the rounding of the few fp32 operations after them
+    # (int32 -> fp32, two scales, bias, residual): a few units of fp32 rounding at the output's scale
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * FP32_EPS * float(want.abs().max()))
+
+
+def test_kernel_is_chosen_wherever_the_cpu_and_a_compiler_allow_it():
+    """A kernel that failed its self-test would fall back silently (and skip the tests above): here it must not."""
+    import shutil
+
+    if os.environ.get("TRANSFORMER_VNNI", "auto") in ("0", "off", "false") or not int8._cpu_supports():
+        pytest.skip("this CPU (or PyTorch's dispatch, or TRANSFORMER_VNNI=0) rules the kernel out")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler to build the kernel")
+    assert int8.available()
+
+
+def test_packed_weights_are_each_row_rounded_to_8_bits():
+    _, w, b = _data(1, 37, 70)
+    packed = int8.pack(w, b)
+    q = packed.packed.permute(0, 2, 3, 1, 4).reshape(packed.comp.numel(), -1)  # back to (Np, Kp)
+    scale = packed.scale[:70, None]
+    assert q[70:].eq(0).all() and q[:, 37:].eq(0).all()  # the padding adds nothing
+    assert bool(((q[:70, :37] * scale - w).abs() <= scale / 2 + 1e-7).all())  # round to nearest step
+    assert q[:70, :37].abs().amax(1).eq(127).all()  # each row's largest weight is +-127
+    torch.testing.assert_close(packed.comp[:70], q[:70].sum(1, dtype=torch.int32) * -128, rtol=0, atol=0)
+    torch.testing.assert_close(packed.bias[:70], b, rtol=0, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_is_within_quantisation_error_of_fp32(shape):
+    """|y - x W^T| is bounded elementwise by the rounding of x and W to 8 bits: each x[m, k] moves by at most
+    half its row's step sx[m], each W[n, k] by half its row's step sw[n]."""
+    x, w, b = _data(*shape, seed=1)
+    got, want = int8.linear(x, int8.pack(w, b)), F.linear(x, w, b)
+    sx = x.abs().amax(1, keepdim=True) / 127  # (M, 1)
+    sw = w.abs().amax(1) / 127  # (N,)
+    K = x.size(1)
+    bound = (sx / 2) * w.abs().sum(1) + x.abs().sum(1, keepdim=True) * (sw / 2) + K * (sx / 2) * (sw / 2)
+    slack = 8 * FP32_EPS * float(want.abs().max())  # fp32 rounding of the two results
+    assert bool(((got - want).abs() <= bound + slack).all())
+
+
+@needs_kernel
+def test_kernel_takes_any_leading_shape_and_strides():
+    x, w, b = _data(6, 40, 24)
+    packed = int8.pack(w, None)
+    x3 = x.view(2, 3, 40)
+    assert int8.linear(x3, packed).shape == (2, 3, 24)
+    torch.testing.assert_close(int8.linear(x3, packed).view(6, 24), int8.linear(x, packed))
+    wide = torch.randn(6, 80)
+    strided = wide[:, ::2]  # every other column: copied to contiguous rows first
+    torch.testing.assert_close(int8.linear(strided, packed), int8.linear(strided.contiguous(), packed))
+    rows = wide[:, :40]  # a row stride of 80: read in place
+    torch.testing.assert_close(int8.linear(rows, packed), int8.linear(rows.contiguous(), packed))
+    assert int8.linear(torch.randn(0, 40), packed).shape == (0, 24)
+    zeros = int8.linear(torch.zeros(3, 40), int8.pack(w, b))  # a row of zeros: scale 0, output = bias
+    torch.testing.assert_close(zeros, b.expand(3, 24))
+    with pytest.raises(ValueError, match="expected fp32 CPU input"):
+        int8.linear(torch.randn(6, 41), packed)
+
+
+@needs_kernel
+def test_int8_weights_use_the_kernel_in_the_modules():
+    from transformer.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80).eval()
+    x = torch.randn(5, 48)
+    with torch.no_grad(), int8_weights(layer):
+        assert isinstance(layer._int8, int8.Int8Weight)
+        torch.testing.assert_close(layer(x), int8.linear(x, layer._int8), rtol=0, atol=0)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_turned_off_it_falls_back_to_fbgemm(tmp_path):
+    code = ("import torch; from transformer import int8; from transformer.linear import Linear, int8_weights; "
+            "l = Linear(8, 4).eval(); "
+            "with_block = int8_weights(l); with_block.__enter__(); "
+            "print(int8.available(), type(l._int8).__name__)")
+    out = _python(code, TRANSFORMER_VNNI="0", TRANSFORMER_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "False" and out.stdout.split()[1] != "Int8Weight"
+    assert not (tmp_path / "kernels").exists()  # nothing compiled
+
+
+@needs_kernel
+def test_the_library_is_built_once_into_the_cache(tmp_path):
+    code = "from transformer import int8; print(int8.available())"
+    first = _python(code, TRANSFORMER_CACHE=str(tmp_path))
+    assert first.stdout.strip() == "True", first.stderr[-2000:]
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # the renamed library only: no temporary left
+    stamp = built[0].stat().st_mtime_ns
+    again = _python(code, TRANSFORMER_CACHE=str(tmp_path))
+    assert again.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
