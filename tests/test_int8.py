@@ -1,4 +1,4 @@
-"""The int8 VNNI kernel (int8.py, int8_vnni.c): the exact int8 computation, within quantisation's bound of fp32,
+"""The int8 kernel (int8.py, int8_kernel.c): the exact int8 computation, within quantisation's bound of fp32,
 every tail of every size, and a fallback that holds where it cannot run."""
 
 import os
@@ -54,12 +54,14 @@ def test_kernel_is_chosen_wherever_the_cpu_and_a_compiler_allow_it():
 def test_packed_weights_are_each_row_rounded_to_8_bits():
     _, w, b = _data(1, 37, 70)
     packed = int8.pack(w, b)
-    q = packed.packed.permute(0, 2, 3, 1, 4).reshape(packed.comp.numel(), -1)  # back to (Np, Kp)
+    q = int8.unpack(packed)  # (70, 37)
     scale = packed.scale[:70, None]
-    assert q[70:].eq(0).all() and q[:, 37:].eq(0).all()  # the padding adds nothing
-    assert bool(((q[:70, :37] * scale - w).abs() <= scale / 2 + 1e-7).all())  # round to nearest step
-    assert q[:70, :37].abs().amax(1).eq(127).all()  # each row's largest weight is +-127
-    torch.testing.assert_close(packed.comp[:70], q[:70].sum(1, dtype=torch.int32) * -128, rtol=0, atol=0)
+    assert q.shape == (70, 37) and packed.packed.shape == (2, 1, 4, 16, 16, 4)  # padded to 128 x 64
+    assert packed.packed.abs().sum() == q.abs().sum()  # the padding is zeros: it adds nothing
+    assert bool(((q * scale - w).abs() <= scale / 2 + 1e-7).all())  # round to nearest step
+    assert q.abs().amax(1).eq(127).all()  # each row's largest weight is +-127
+    torch.testing.assert_close(packed.comp[:70], q.sum(1, dtype=torch.int32) * -128, rtol=0, atol=0)
+    assert packed.comp[70:].eq(0).all()
     torch.testing.assert_close(packed.bias[:70], b, rtol=0, atol=0)
 
 
@@ -76,6 +78,31 @@ def test_kernel_is_within_quantisation_error_of_fp32(shape):
     bound = (sx / 2) * w.abs().sum(1) + x.abs().sum(1, keepdim=True) * (sw / 2) + K * (sx / 2) * (sw / 2)
     slack = 8 * FP32_EPS * float(want.abs().max())  # fp32 rounding of the two results
     assert bool(((got - want).abs() <= bound + slack).all())
+
+
+def test_amx_is_used_wherever_the_cpu_and_linux_allow_it():
+    """A kernel whose AMX path failed its self-test falls back to VNNI alone: here it must not."""
+    import platform
+
+    release = tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit())
+    if not int8.available() or not int8._amx_wanted():
+        pytest.skip("no AMX-INT8 on this CPU (or the kernel is off, or TRANSFORMER_AMX=0)")
+    if release < (5, 16):
+        pytest.skip("Linux before 5.16 does not grant AMX's tile state")
+    assert int8.uses_amx()
+
+
+@pytest.mark.skipif(not int8.uses_amx(), reason="AMX: this CPU lacks it, or Linux did not grant its tile state")
+@pytest.mark.parametrize("shape", [(16, 64, 64), (32, 512, 512), (40, 256, 1000), (33, 100, 130)])
+def test_amx_and_vnni_give_the_same_result(shape):
+    """From 16 rows the kernel multiplies with AMX: the same integer sums and the same float operations after
+    them as VNNI, so the same bits."""
+    x, w, b = _data(*shape)
+    packed, res = int8.pack(w, b), torch.randn(shape[0], shape[2])
+    amx = int8.linear(x, packed, True, res)
+    with int8.amx_off():
+        vnni = int8.linear(x, packed, True, res)
+    assert torch.equal(amx, vnni)
 
 
 @needs_kernel
@@ -95,6 +122,10 @@ def test_kernel_takes_any_leading_shape_and_strides():
     torch.testing.assert_close(zeros, b.expand(3, 24))
     with pytest.raises(ValueError, match="expected fp32 CPU input"):
         int8.linear(torch.randn(6, 41), packed)
+    with pytest.raises(ValueError, match="expected fp32 CPU input"):
+        int8.linear(x.double(), packed)
+    with pytest.raises(ValueError, match="residual of shape"):
+        int8.linear(x, packed, residual=torch.randn(5, 24))
 
 
 @needs_kernel
@@ -135,3 +166,12 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     again = _python(code, TRANSFORMER_CACHE=str(tmp_path))
     assert again.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@needs_kernel
+def test_another_librarys_openmp_does_not_turn_it_off():
+    """CTranslate2 brings an OpenMP runtime of its own: the kernel still finds PyTorch's and links that one."""
+    pytest.importorskip("ctranslate2")
+    out = _python("import ctranslate2, torch; from transformer import int8; "
+                  "print(len(int8._openmp_runtimes()), int8.available())")
+    assert out.stdout.split() == ["2", "True"], out.stderr[-2000:]

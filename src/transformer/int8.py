@@ -1,23 +1,27 @@
-"""int8 products for decoding on CPUs with AVX-512 VNNI: a small C kernel (`int8_vnni.c`), compiled on first use.
+"""int8 products for decoding on AVX-512 CPUs: a small C kernel (`int8_kernel.c`), compiled on first use.
 
 Decoding multiplies a few rows by every weight at every step, so in int8 it is bound by how fast a product of a
-few rows is. PyTorch's int8 linear (fbgemm's dynamic quantisation) spends most of such a product on fixed costs;
-the kernel here quantises the rows and multiplies them in one pass, 1.3-2x faster than fbgemm at decoding's
-shapes on an AVX-512 Xeon (`python -m bench.int8_products`). Weights are quantised as fbgemm's are (each output
+few rows is. PyTorch's int8 linear (fbgemm's dynamic quantisation) spends much of such a product on fixed
+costs and multiplies with VNNI at best. The kernel quantises the rows and multiplies them in one pass, with AVX-512
+VNNI, and from 16 rows with AMX where the CPU has it: 1.4-2.4x faster than fbgemm per product at decoding's
+shapes on an AVX-512 Xeon with AMX (`python -m bench int8`). Weights are quantised as fbgemm's are (each output
 row scaled to [-127, 127]); inputs get a scale per row instead of fbgemm's one per tensor.
 
 The kernel is used only where all of these hold, and fbgemm (or fp32) is used otherwise:
 - Linux on x86-64, with PyTorch dispatching AVX-512 kernels and the CPU reporting AVX-512 VNNI and BW (so the
-  kernel never meets a CPU without its instructions; `ATEN_CPU_CAPABILITY=avx2` turns it off too);
+  kernel never meets a CPU without its instructions; `ATEN_CPU_CAPABILITY=avx2` turns it off too); AMX only
+  where the CPU reports AMX-INT8 and Linux grants its tile state (`TRANSFORMER_AMX=0` keeps to VNNI);
 - a C compiler (`$CC`, else `cc`) that builds it; the library is cached under `$TRANSFORMER_CACHE` (default
   `~/.cache/transformer`), keyed by the source, the compiler and the OpenMP runtime;
-- the OpenMP runtime PyTorch loaded can be linked, so the kernel shares PyTorch's threads (and its thread count);
-- its result on a fixed input equals the exact int8 computation (`reference`);
+- PyTorch's OpenMP runtime can be found among those loaded and linked, so the kernel shares PyTorch's threads
+  (and its thread count);
+- its result on fixed inputs equals the exact int8 computation (`reference`), with AMX and without;
 - `TRANSFORMER_VNNI` is not 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,26 +33,28 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int8_vnni.c")
+_SOURCE = Path(__file__).with_name("int8_kernel.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC"]
-_TILE = 64  # output columns per tile of the packed weight (int8_vnni.c's NV * 16)
+_TILE = 64  # outputs per tile and inputs per chunk of the packed weight (int8_kernel.c)
 
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """A weight (out_features, in_features) packed for the kernel, with its bias. Padded sizes: Np = out_features
-    rounded up to a multiple of 64, Kp = in_features rounded up to a multiple of 4.
+    """A weight (out_features, in_features) packed for the kernel, with its bias. Padded sizes: Np and Kp,
+    out_features and in_features rounded up to multiples of 64.
 
-    packed: (Np / 64, Kp / 4, 4, 16, 4) int8: tile, 4 inputs, 16-column vector, column, input.
+    packed: (Np / 64, Kp / 64, 4, 16, 16, 4) int8: 64 outputs, 64 inputs, 16 outputs, 4 inputs, output, input
+        (each [i, j, v] an AMX tile of 1 KB; `unpack` undoes it).
     comp: (Np,) int32, -128 times each row's sum: undoes the +128 shift of the quantised input.
-    scale: (Np,) fp32, each row's scale (its largest magnitude / 127). bias: (Np,) fp32 or None."""
+    scale: (Np,) fp32, each row's scale (its largest magnitude / 127). bias: (Np,) fp32 or None.
+    struct: the same for the C side (int8_kernel.c's int8_weight), pointing into the tensors above."""
 
     packed: Tensor
     comp: Tensor
@@ -56,6 +62,17 @@ class Int8Weight:
     bias: Optional[Tensor]
     out_features: int
     in_features: int
+    struct: "_WeightStruct"
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.struct)
+
+
+class _WeightStruct(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("comp", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("K", ctypes.c_int64), ("Kp", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("Np", ctypes.c_int64)]
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,7 +86,7 @@ def pack(weight: Tensor, bias: Optional[Tensor] = None) -> Int8Weight:
     """Quantise and lay out `weight` (N, K) and `bias` (N,) for `linear`."""
     N, K = weight.shape
     q, scale = quantize_weight(weight)
-    Np, Kp = -(-N // _TILE) * _TILE, -(-K // 4) * 4
+    Np, Kp = -(-N // _TILE) * _TILE, -(-K // _TILE) * _TILE
     padded = torch.zeros(Np, Kp, dtype=torch.int8)
     padded[:N, :K] = q
     comp = torch.zeros(Np, dtype=torch.int32)
@@ -80,8 +97,17 @@ def pack(weight: Tensor, bias: Optional[Tensor] = None) -> Int8Weight:
     if bias is not None:
         b = torch.zeros(Np)
         b[:N] = bias.detach().float()
-    packed = padded.view(Np // _TILE, 4, 16, Kp // 4, 4).permute(0, 3, 1, 2, 4).contiguous()
-    return Int8Weight(packed, comp, scales, b, N, K)
+    # (tile, vector, output, chunk, group, input) -> (tile, chunk, vector, group, output, input)
+    packed = padded.view(Np // 64, 4, 16, Kp // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).contiguous()
+    struct = _WeightStruct(packed.data_ptr(), comp.data_ptr(), scales.data_ptr(), None if b is None else b.data_ptr(),
+                           K, Kp, N, Np)
+    return Int8Weight(packed, comp, scales, b, N, K, struct)
+
+
+def unpack(w: Int8Weight) -> Tensor:
+    """The int8 values of a packed weight, (out_features, in_features)."""
+    Np, Kp = w.comp.numel(), w.packed.size(1) * 64
+    return w.packed.permute(0, 2, 4, 1, 3, 5).reshape(Np, Kp)[:w.out_features, :w.in_features]
 
 
 def linear(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
@@ -102,29 +128,28 @@ def linear(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tens
 
 def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False,
           residual: Optional[Tensor] = None) -> Tensor:
-    lead, K, N = x.shape[:-1], w.in_features, w.out_features
-    if x.size(-1) != K or x.dtype != torch.float32 or x.device.type != "cpu":
+    K, N = w.in_features, w.out_features
+    # the C side trusts these: a wrong dtype, device or size would have it read or write out of bounds
+    if x.dtype is not torch.float32 or not x.is_cpu or x.size(-1) != K:
         raise ValueError(f"int8.linear: expected fp32 CPU input (..., {K}), got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     M = x2.size(0)
     y = torch.empty(M, N)
-    if M == 0:
-        return y.view(*lead, N)
     r = None
     if residual is not None:
-        r = residual.reshape(M, N)
-        if r.stride(1) != 1 or r.dtype != torch.float32:
-            r = r.float().contiguous()
-    status = lib.int8_linear(
-        x2.data_ptr(), x2.stride(0), M, K, w.packed.size(1) * 4, w.packed.data_ptr(), w.comp.data_ptr(),
-        w.scale.data_ptr(), None if w.bias is None else w.bias.data_ptr(), N, w.comp.numel(),
-        y.data_ptr(), N, None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), int(relu))
-    if status != 0:
+        r = residual if residual.dim() == 2 else residual.reshape(-1, residual.size(-1))
+        if r.dtype is not torch.float32 or not r.is_cpu or r.stride(1) != 1:
+            r = r.to("cpu", torch.float32).contiguous()
+        if r.shape != y.shape:
+            raise ValueError(f"int8.linear: residual of shape {tuple(residual.shape)} for an output of "
+                             f"{(*x.shape[:-1], N)}")
+    if M and lib.int8_linear(w.address, x2.data_ptr(), x2.stride(0), M, y.data_ptr(), N,
+                             None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), relu):
         raise MemoryError("int8.linear: out of memory for the quantised input")
-    return y.view(*lead, N)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def reference(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
@@ -135,7 +160,7 @@ def reference(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[T
     amax = x2.abs().amax(1)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # fp32, as the kernel computes it
     xq = torch.round(x2 * inv[:, None])
-    wq = w.packed.permute(0, 2, 3, 1, 4).reshape(w.comp.numel(), -1)[:N, :K]
+    wq = unpack(w)
     acc = (xq.double() @ wq.double().t()).float()
     y = acc * ((amax / 127.0)[:, None] * w.scale[:N])
     if w.bias is not None:
@@ -157,22 +182,35 @@ def _cpu_supports() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # PyTorch's own check (CPU and OS), or the user's cap
         return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
+        return frozenset()
 
 
 def _openmp_runtimes() -> list[str]:
-    """The OpenMP runtimes loaded in this process (PyTorch's), from /proc/self/maps."""
+    """The OpenMP runtimes loaded in this process, from /proc/self/maps."""
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "/" in line}
     except OSError:
         return []
     return sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5")))
+
+
+def _torch_openmp(runtimes: list[str]) -> Optional[str]:
+    """PyTorch's OpenMP runtime among those loaded: the one shipped inside the torch package, or the only one.
+    (Other libraries may bring their own, CTranslate2 for one; the kernel must share PyTorch's threads.)"""
+    inside = [p for p in runtimes if p.startswith(os.path.dirname(torch.__file__) + os.sep)]
+    if len(inside) == 1:
+        return inside[0]
+    return runtimes[0] if len(runtimes) == 1 else None
 
 
 def _cache_dir() -> Path:
@@ -186,7 +224,7 @@ def _compile(cc: str, omp: str, target: Path) -> None:
     against PyTorch's own OpenMP runtime by path, so that loading it adds no second one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = os.path.join(tmp, "int8_vnni.o"), os.path.join(tmp, "int8_vnni.so")
+        obj, lib = os.path.join(tmp, "int8_kernel.o"), os.path.join(tmp, "int8_kernel.so")
         subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, timeout=120)
         subprocess.run([cc, "-shared", obj, "-o", lib, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
                        check=True, capture_output=True, timeout=120)
@@ -199,15 +237,16 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     runtimes = _openmp_runtimes()
-    if not cc or len(runtimes) != 1:
-        log.debug("int8 VNNI kernel: no C compiler (%s) or not one OpenMP runtime loaded (%s)", cc, runtimes)
+    omp = _torch_openmp(runtimes)
+    if not cc or omp is None:
+        log.debug("int8 VNNI kernel: no C compiler (%s) or no OpenMP runtime of PyTorch's among %s", cc, runtimes)
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), runtimes[0]]).encode())
-        target = _cache_dir() / f"int8_vnni-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), omp]).encode())
+        target = _cache_dir() / f"int8_kernel-{key.hexdigest()[:16]}.so"
         if not target.exists():
-            _compile(cc, runtimes[0], target)
+            _compile(cc, omp, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("int8 VNNI kernel unavailable: %s", e)
@@ -218,17 +257,59 @@ def _library() -> Optional[ctypes.CDLL]:
     f = lib.int8_linear
     f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_int]
+    f.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_bool]
+    lib.int8_init.restype, lib.int8_init.argtypes = ctypes.c_int, [ctypes.c_int]
+    if _set_amx(lib, True) and _self_test(lib):
+        return lib
+    _set_amx(lib, False)  # AMX off (or failed its test): VNNI alone
     return lib if _self_test(lib) else None
+
+
+def _amx_wanted() -> bool:
+    """AMX where the CPU has it, unless TRANSFORMER_AMX=0 (the kernel then multiplies with VNNI only)."""
+    if os.environ.get("TRANSFORMER_AMX", "auto").strip().lower() in ("0", "off", "false"):
+        return False
+    return {"amx_tile", "amx_int8"} <= _cpu_flags()
+
+
+def _set_amx(lib: ctypes.CDLL, on: bool) -> bool:
+    global _amx
+    _amx = bool(lib.int8_init(int(on and _amx_wanted())))  # Linux must grant the tile state, once per process
+    return _amx
+
+
+_amx = False
+
+
+def uses_amx() -> bool:
+    """Does the kernel multiply 16 rows and more with AMX here?"""
+    return available() and _amx
+
+
+@contextlib.contextmanager
+def amx_off() -> Iterator[None]:
+    """Within the block the kernel multiplies with VNNI only (tests compare the two)."""
+    lib = _library()
+    was = _amx
+    if lib is not None:
+        _set_amx(lib, False)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            _set_amx(lib, was)
 
 
 def _self_test(lib: ctypes.CDLL) -> bool:
     """Does the built kernel give the exact int8 computation on a fixed input (odd sizes: every tail)?"""
     g = torch.Generator().manual_seed(0)
-    x, weight, bias = torch.randn(7, 37, generator=g), torch.randn(70, 37, generator=g), torch.randn(70, generator=g)
+    weight, bias = torch.randn(70, 137, generator=g), torch.randn(70, generator=g)
     w = pack(weight, bias)
-    out = _call(lib, x, w, relu=True, residual=torch.ones(7, 70))
-    ok = bool(torch.allclose(out, reference(x, w, relu=True, residual=torch.ones(7, 70)), rtol=1e-5, atol=1e-5))
+    ok = True
+    for rows in (7, 37):  # VNNI; from 16 rows AMX, where it is on
+        x, res = torch.randn(rows, 137, generator=g), torch.randn(rows, 70, generator=g)
+        out = _call(lib, x, w, relu=True, residual=res)
+        ok = ok and bool(torch.allclose(out, reference(x, w, relu=True, residual=res), rtol=1e-5, atol=1e-5))
     if not ok:
         log.debug("int8 VNNI kernel failed its self-test; not used")
     return ok
