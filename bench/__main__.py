@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     print(f"# bench {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"cpu: {cpu_name()} ({backend.cpu_description()})  HF transformers: "
           f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {backend.cpu_paths().describe()}"
-          f"\n# allocator keeps freed memory (backend.tune_allocator): {'yes' if tuned else 'no'}")
+          f"\n# allocator keeps freed memory (backend.tune_allocator): {'yes' if tuned else 'no'}"
+          f"\n# int8 products (--int8): {_int8_kind()}")
     if len(bf16_modes) == 1:
         print("# bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be emulated")
     table = Table()
@@ -152,12 +153,21 @@ def main(argv=None) -> int:
             table.put(_memory(base, bf16, hf, batch, length))
     meta = {"date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": cpu_name(), "cpu_kind": backend.cpu_description(), "cpu_paths": backend.cpu_paths().describe(),
-            "python": sys.version.split()[0], "hf": hf, "smoke": args.smoke, "rounds": rounds}
+            "python": sys.version.split()[0], "hf": hf, "smoke": args.smoke, "rounds": rounds,
+            "int8_products": _int8_kind()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": table.rows}, indent=1))
     missed = [r for r in table.rows if r.get("met") is False]
     print(f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}")
     return 0
+
+
+def _int8_kind() -> str:
+    from transformer import int8
+
+    if not int8.available():
+        return "PyTorch's fbgemm (this package's kernel does not run here)"
+    return "this package's kernel, AVX-512 VNNI" + (" and AMX" if int8.uses_amx() else "")
 
 
 def _int8_products(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int) -> None:

@@ -175,3 +175,11 @@ def test_another_librarys_openmp_does_not_turn_it_off():
     out = _python("import ctranslate2, torch; from transformer import int8; "
                   "print(len(int8._openmp_runtimes()), int8.available())")
     assert out.stdout.split() == ["2", "True"], out.stderr[-2000:]
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")  # the cache's parent is a file: nothing can be written under it
+    out = _python("from transformer import int8; print(int8.available())", TRANSFORMER_CACHE=str(blocked / "c"))
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

@@ -231,6 +231,25 @@ def _compile(cc: str, omp: str, target: Path) -> None:
         os.replace(lib, target)
 
 
+def _load(cc: str, omp: str) -> ctypes.CDLL:
+    """The built library, from the cache (built there first if need be); where the cache cannot be written or
+    holds a broken file, from a directory of this user's under the system's temporary directory."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), omp]).encode())
+    name = f"int8_kernel-{key.hexdigest()[:16]}.so"
+    fallback = Path(tempfile.gettempdir()) / f"transformer-{os.getuid()}" / "kernels"
+    for directory in (_cache_dir(), fallback):
+        try:
+            if not (directory / name).exists():
+                _compile(cc, omp, directory / name)
+            return ctypes.CDLL(str(directory / name))
+        except OSError as e:
+            if directory == fallback:
+                raise
+            log.debug("int8 kernel: cache %s unusable (%s); trying %s", directory, e, fallback)
+    raise AssertionError("unreachable")
+
+
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     if os.environ.get("TRANSFORMER_VNNI", "auto").strip().lower() in ("0", "off", "false") or not _cpu_supports():
@@ -242,12 +261,7 @@ def _library() -> Optional[ctypes.CDLL]:
         log.debug("int8 VNNI kernel: no C compiler (%s) or no OpenMP runtime of PyTorch's among %s", cc, runtimes)
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), omp]).encode())
-        target = _cache_dir() / f"int8_kernel-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            _compile(cc, omp, target)
-        lib = ctypes.CDLL(str(target))
+        lib = _load(cc, omp)
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("int8 VNNI kernel unavailable: %s", e)
         return None
