@@ -191,3 +191,16 @@ def test_int8_weights_are_close_and_dropped_after_the_block(paths):
     with int8_weights(ours):  # with gradients (training), the fp32 weights are used
         y = ours(x.requires_grad_())
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_is_refused_by_name_where_nothing_runs_it(monkeypatch):
+    from transformer import TransformerError, backend, int8
+    from transformer.linear import int8_weights
+
+    monkeypatch.setattr(int8, "available", lambda: False)
+    monkeypatch.setattr(backend, "int8_works", lambda: False)
+    ours, _ = _pair()
+    with pytest.raises(TransformerError, match="fbgemm.*AVX-512 VNNI"):
+        with int8_weights(ours):
+            pass
+    assert ours._int8 is None
