@@ -96,6 +96,25 @@ def test_every_way_of_multiplying_gives_the_product():
         torch.testing.assert_close(out, ref, rtol=0, atol=tol, msg=kind)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_every_product_of_the_step_applies_its_activation_and_residual(monkeypatch, activation):
+    """What a step's product computes, act(x W^T + b) + residual, whichever way of multiplying it takes (each
+    forced in turn: which one the timing picks differs between machines)."""
+    w, b = torch.randn(96, 64) * 0.2, torch.randn(96)
+    x, residual = torch.randn(20, 64), torch.randn(20, 96)
+    act = I._ACTIVATION_FNS[activation] if activation else (lambda t: t)
+    want = act(F.linear(x, w, b)) + residual
+    for kind in I._kinds("int8"):
+        monkeypatch.setenv("TRANSFORMER_STEP_PRODUCT", kind)
+        product = I._Product(w, b, "int8", activation)
+        assert product.kind == kind
+        got = product(x, residual=residual.clone())
+        # int8: each weight rounded to 1/254 of its row's largest, the input to 1/255 of its range
+        tol = 0.05 * float(want.abs().max()) if kind in ("int8", "vnni") else fp32_atol(want, 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=tol, msg=kind)
+        torch.testing.assert_close(product(x), act(F.linear(x, w, b)), rtol=0, atol=tol, msg=kind)
+
+
 @pytest.mark.parametrize("beams", [1, 3])
 def test_bf16_autocast_steps_match_the_module_path(beams):
     model = make_model(4, norm_first=True)

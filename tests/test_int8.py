@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer import int8
+from transformer import backend, int8
 from transformer.linear import int8_weights
 
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -80,16 +80,13 @@ def test_kernel_is_within_quantisation_error_of_fp32(shape):
     assert bool(((got - want).abs() <= bound + slack).all())
 
 
-def test_amx_is_used_wherever_the_cpu_and_linux_allow_it():
+def test_amx_is_used_wherever_the_cpu_linux_and_the_compiler_allow_it():
     """A kernel whose AMX path failed its self-test falls back to VNNI alone: here it must not."""
-    import platform
-
-    release = tuple(int(p) for p in platform.release().split(".")[:2] if p.isdigit())
     if not int8.available() or not int8._amx_wanted():
         pytest.skip("no AMX-INT8 on this CPU (or the kernel is off, or TRANSFORMER_AMX=0)")
-    if release < (5, 16):
-        pytest.skip("Linux before 5.16 does not grant AMX's tile state")
-    assert int8.uses_amx()
+    if int8.amx_state in ("refused by Linux", "not in this build (the compiler lacks it)"):
+        pytest.skip(f"AMX is {int8.amx_state}")
+    assert int8.amx_state == "on" and int8.uses_amx()
 
 
 @pytest.mark.skipif(not int8.uses_amx(), reason="AMX: this CPU lacks it, or Linux did not grant its tile state")
@@ -129,6 +126,40 @@ def test_kernel_takes_any_leading_shape_and_strides():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [3, 20])  # VNNI; AMX where it is on
+def test_a_row_with_nan_or_inf_gives_non_finite_outputs_as_fp32_would(rows):
+    x, w, b = _data(rows, 100, 70)
+    x[1, 37], x[2, 99] = float("nan"), float("inf")
+    y = int8.linear(x, int8.pack(w, b))
+    assert y[1].isnan().all() and not y[2].isfinite().any()
+    assert y[0].isfinite().all() and y[3:].isfinite().all()
+    torch.testing.assert_close(y[0], int8.linear(x[:1], int8.pack(w, b))[0], rtol=0, atol=0)
+
+
+@needs_kernel
+def test_a_weight_whose_storage_moves_is_still_read_where_it_is():
+    x, w, b = _data(5, 64, 96)
+    packed = int8.pack(w, b)
+    before = int8.linear(x, packed)
+    for t in (packed.packed, packed.comp, packed.scale, packed.bias):
+        t.share_memory_()  # moves each tensor to new (shared) memory and frees the old
+    torch.testing.assert_close(int8.linear(x, packed), before, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_a_call_from_another_thread_gives_the_same_result():
+    import threading
+
+    x, w, b = _data(32, 256, 300)
+    packed = int8.pack(w, b)
+    want, got = int8.linear(x, packed), []
+    thread = threading.Thread(target=lambda: got.append(int8.linear(x, packed)))
+    thread.start()
+    thread.join()
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+
+
+@needs_kernel
 def test_int8_weights_use_the_kernel_in_the_modules():
     from transformer.linear import Linear
 
@@ -145,6 +176,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.skipif(not backend.int8_works(), reason="this PyTorch build or CPU has no fbgemm to fall back to")
 def test_turned_off_it_falls_back_to_fbgemm(tmp_path):
     code = ("import torch; from transformer import int8; from transformer.linear import Linear, int8_weights; "
             "l = Linear(8, 4).eval(); "
@@ -178,8 +210,14 @@ def test_another_librarys_openmp_does_not_turn_it_off():
 
 
 @needs_kernel
-def test_an_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")  # the cache's parent is a file: nothing can be written under it
-    out = _python("from transformer import int8; print(int8.available())", TRANSFORMER_CACHE=str(blocked / "c"))
+    env = dict(TRANSFORMER_CACHE=str(blocked / "c"), TMPDIR=str(tmp_path))
+    code = "from transformer import int8; print(int8.available())"
+    out = _python(code, **env)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+    private = tmp_path / f"transformer-{os.getuid()}"
+    assert len(list((private / "kernels").iterdir())) == 1 and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)  # open to every user: someone else could have planted a library in it
+    assert _python(code, **env).stdout.strip() == "False"

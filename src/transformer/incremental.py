@@ -59,7 +59,7 @@ class _Product:
             self.act_fn = None
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if self.kind == "vnni":
+        if self.kind == "vnni" and self.act_fn is None:  # the kernel adds the residual (after its ReLU, if any)
             return self.fn(x, residual)
         y = self.fn(x)
         if self.act_fn is not None:

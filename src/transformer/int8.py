@@ -41,7 +41,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("int8_kernel.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC"]
+# -ffp-contract=off: the float operations after the integer sums exactly as written, in every copy of them (the
+# AMX and VNNI paths give the same bits)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-ffp-contract=off", "-fopenmp",
+          "-fPIC"]
 _TILE = 64  # outputs per tile and inputs per chunk of the packed weight (int8_kernel.c)
 
 
@@ -146,8 +149,12 @@ def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False,
         if r.shape != y.shape:
             raise ValueError(f"int8.linear: residual of shape {tuple(residual.shape)} for an output of "
                              f"{(*x.shape[:-1], N)}")
+    st = w.struct  # the tensors' addresses now (share_memory_() and the like move storage)
+    st.w, st.comp, st.scale = w.packed.data_ptr(), w.comp.data_ptr(), w.scale.data_ptr()
+    st.bias = None if w.bias is None else w.bias.data_ptr()
     if M and lib.int8_linear(w.address, x2.data_ptr(), x2.stride(0), M, y.data_ptr(), N,
-                             None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), relu):
+                             None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), relu,
+                             torch.get_num_threads()):
         raise MemoryError("int8.linear: out of memory for the quantised input")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
@@ -207,7 +214,8 @@ def _openmp_runtimes() -> list[str]:
 def _torch_openmp(runtimes: list[str]) -> Optional[str]:
     """PyTorch's OpenMP runtime among those loaded: the one shipped inside the torch package, or the only one.
     (Other libraries may bring their own, CTranslate2 for one; the kernel must share PyTorch's threads.)"""
-    inside = [p for p in runtimes if p.startswith(os.path.dirname(torch.__file__) + os.sep)]
+    home = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep  # /proc/self/maps names real paths
+    inside = [p for p in runtimes if os.path.realpath(p).startswith(home)]
     if len(inside) == 1:
         return inside[0]
     return runtimes[0] if len(runtimes) == 1 else None
@@ -225,7 +233,11 @@ def _compile(cc: str, omp: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = os.path.join(tmp, "int8_kernel.o"), os.path.join(tmp, "int8_kernel.so")
-        subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, timeout=120)
+        try:
+            subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:  # a compiler without AMX's intrinsics (GCC < 11): VNNI alone
+            subprocess.run([cc, *_FLAGS, "-DINT8_NO_AMX", "-c", str(_SOURCE), "-o", obj], check=True,
+                           capture_output=True, timeout=120)
         subprocess.run([cc, "-shared", obj, "-o", lib, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
                        check=True, capture_output=True, timeout=120)
         os.replace(lib, target)
@@ -240,6 +252,8 @@ def _load(cc: str, omp: str) -> ctypes.CDLL:
     fallback = Path(tempfile.gettempdir()) / f"transformer-{os.getuid()}" / "kernels"
     for directory in (_cache_dir(), fallback):
         try:
+            if directory == fallback:
+                _private(directory.parent)  # a shared directory: only a directory of ours, closed to others
             if not (directory / name).exists():
                 _compile(cc, omp, directory / name)
             return ctypes.CDLL(str(directory / name))
@@ -248,6 +262,17 @@ def _load(cc: str, omp: str) -> ctypes.CDLL:
                 raise
             log.debug("int8 kernel: cache %s unusable (%s); trying %s", directory, e, fallback)
     raise AssertionError("unreachable")
+
+
+def _private(directory: Path) -> None:
+    """Make `directory` (0700) or check that it is this user's own and closed to others: under a shared
+    temporary directory another user could otherwise plant the library that gets loaded."""
+    import stat
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{directory} is not a private directory of this user's")
 
 
 @functools.cache
@@ -262,20 +287,22 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     try:
         lib = _load(cc, omp)
-    except (OSError, subprocess.SubprocessError) as e:
+        f, init = lib.int8_linear, lib.int8_init
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: a library of another build
         log.debug("int8 VNNI kernel unavailable: %s", e)
         return None
     if _openmp_runtimes() != runtimes:  # it brought its own OpenMP: two thread pools would fight over the cores
         log.debug("int8 VNNI kernel: loading it added an OpenMP runtime; not used")
         return None
-    f = lib.int8_linear
-    f.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_bool]
-    lib.int8_init.restype, lib.int8_init.argtypes = ctypes.c_int, [ctypes.c_int]
-    if _set_amx(lib, True) and _self_test(lib):
-        return lib
-    _set_amx(lib, False)  # AMX off (or failed its test): VNNI alone
+    f.restype, f.argtypes = ctypes.c_int, [ptr, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_bool, ctypes.c_int]
+    init.restype, init.argtypes = ctypes.c_int, [ctypes.c_int]
+    global amx_state
+    if _set_amx(lib, True):
+        if _self_test(lib):
+            return lib
+        amx_state = "failed its self-test"
+    _set_amx(lib, False)  # VNNI alone
     return lib if _self_test(lib) else None
 
 
@@ -287,12 +314,17 @@ def _amx_wanted() -> bool:
 
 
 def _set_amx(lib: ctypes.CDLL, on: bool) -> bool:
-    global _amx
-    _amx = bool(lib.int8_init(int(on and _amx_wanted())))  # Linux must grant the tile state, once per process
+    global _amx, amx_state
+    status = lib.int8_init(int(on and _amx_wanted()))  # Linux must grant the tile state, once per process
+    _amx = status == 1
+    if on:
+        amx_state = {1: "on", 0: "not on this CPU (or TRANSFORMER_AMX=0)", -1: "refused by Linux",
+                     -2: "not in this build (the compiler lacks it)"}[status]
     return _amx
 
 
 _amx = False
+amx_state = "not tried"  # why the kernel does or does not use AMX here (tests, bench)
 
 
 def uses_amx() -> bool:

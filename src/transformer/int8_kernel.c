@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -34,27 +35,44 @@ typedef struct {
 
 static int amx_on = 0;
 
-/* Asks Linux for the AMX tile state (once per process); returns whether AMX will be used. */
+/* Asks Linux for the AMX tile state (granted once per process); returns whether AMX will be used: 1, or 0 when
+   not wanted, -1 when Linux refused, -2 when this build has no AMX (a compiler without it: -DINT8_NO_AMX). */
 int int8_init(int want_amx) {
-    amx_on = want_amx && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return amx_on;
+    amx_on = 0;
+    if (!want_amx) return 0;
+#ifdef INT8_NO_AMX
+    return -2;
+#else
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) return -1;
+    amx_on = 1;
+    return 1;
+#endif
 }
 
 /* Quantise each row of x (M x K floats, row stride ldx) to u8 = round(x * 127 / absmax) + 128, K padded to Kp
    with 128; sx[m] = absmax / 127. */
-static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint8_t *xq, float *sx) {
-    #pragma omp parallel for if (M * K >= 65536) schedule(static)  /* a step's few rows: not worth waking threads */
+static void quantize_rows(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint8_t *xq, float *sx,
+                          int threads) {
+    /* a step's few rows are not worth waking threads for */
+    #pragma omp parallel for if (M * K >= 65536) num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * ldx;
         __m512 amax = _mm512_setzero_ps();
+        __mmask16 nan = 0;  /* max drops NaNs: they are tracked apart, and a row with one gives NaNs, as fp32 would */
         int64_t k = 0;
-        for (; k + 16 <= K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_loadu_ps(row + k);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        }
         if (k < K) {
             __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + k)));
+            __m512 v = _mm512_maskz_loadu_ps(tail, row + k);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
         }
-        float a = _mm512_reduce_max_ps(amax);
-        float inv = a > 0.f ? 127.f / a : 0.f;
+        float a = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax);
+        float inv = a > 0.f ? 127.f / a : 0.f;  /* 0 for a row of zeros, and for NaN or inf: the scale carries them */
         sx[m] = a / 127.f;
         __m512 vinv = _mm512_set1_ps(inv);
         __m512i shift = _mm512_set1_epi32(128);
@@ -102,7 +120,7 @@ typedef struct {
    by register: gcc spills an array of accumulators. */
 #define MR 4
 #define ACC(r) __m512i a##r##0 = z, a##r##1 = z, a##r##2 = z, a##r##3 = z;
-#define DOT(r) { __m512i xb = _mm512_set1_epi32(*(const int32_t *)(xq + (r) * Kp + 4 * k4)); \
+#define DOT(r) { int32_t x4; memcpy(&x4, xq + (r) * Kp + 4 * k4, 4); __m512i xb = _mm512_set1_epi32(x4); \
     a##r##0 = _mm512_dpbusd_epi32(a##r##0, xb, w0); a##r##1 = _mm512_dpbusd_epi32(a##r##1, xb, w1); \
     a##r##2 = _mm512_dpbusd_epi32(a##r##2, xb, w2); a##r##3 = _mm512_dpbusd_epi32(a##r##3, xb, w3); }
 #define OUT(r) if (m + (r) < j->M) { \
@@ -143,6 +161,7 @@ static void vnni_tile(const job *j, int64_t t, int64_t tiles) {
     }
 }
 
+#ifndef INT8_NO_AMX
 /* AMX over tile t, rows in pairs of 16-row blocks (the input padded to whole pairs): tiles 0-3 sum
    (rows block a, b) x (vectors v, v + 1), 4-5 hold the rows, 6-7 the weights. */
 __attribute__((target("amx-tile,amx-int8")))
@@ -186,8 +205,8 @@ typedef struct {
 } tile_config;
 
 __attribute__((target("amx-tile,amx-int8")))
-static void amx_product(const job *j, int64_t tiles) {
-    #pragma omp parallel
+static void amx_product(const job *j, int64_t tiles, int threads) {
+    #pragma omp parallel num_threads(threads)
     {
         tile_config cfg = {0};
         cfg.palette = 1;
@@ -203,24 +222,30 @@ static void amx_product(const job *j, int64_t tiles) {
     }
 }
 
+#endif
+
 /* y (M x N, row stride ldy) = relu?(x W^T + bias) + res (x: M x K, row stride ldx; res: row stride ldr, or
-   NULL). Returns 0, or -1 when out of memory. */
+   NULL), on `threads` threads (PyTorch's count: a thread of the caller's own would otherwise take OpenMP's
+   default). Returns 0, or -1 when out of memory. */
 int int8_linear(const int8_weight *w, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
-                const float *res, int64_t ldr, _Bool relu) {
+                const float *res, int64_t ldr, _Bool relu, int threads) {
     int amx = amx_on && M >= 16;
     int64_t Mp = amx ? (M + 31) / 32 * 32 : (M + MR - 1) / MR * MR;  /* whole blocks; padding rows not stored */
     uint8_t *xq = (uint8_t *)malloc((size_t)(Mp * w->Kp));
     float *sx = (float *)malloc((size_t)Mp * sizeof(float));
     if (!xq || !sx) { free(xq); free(sx); return -1; }
-    quantize_rows(x, ldx, M, w->K, w->Kp, xq, sx);
+    quantize_rows(x, ldx, M, w->K, w->Kp, xq, sx, threads);
     for (int64_t i = M * w->Kp; i < Mp * w->Kp; i++) xq[i] = 128;
     for (int64_t m = M; m < Mp; m++) sx[m] = 0.f;
     job j = {w, xq, sx, y, res, M, ldy, ldr, relu};
     int64_t tiles = w->Np / 64;
+#ifndef INT8_NO_AMX
     if (amx) {
-        amx_product(&j, tiles);
-    } else {
-        #pragma omp parallel for schedule(static)
+        amx_product(&j, tiles, threads);
+    } else
+#endif
+    {
+        #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t t = 0; t < tiles; t++) vnni_tile(&j, t, tiles);
     }
     free(xq);
