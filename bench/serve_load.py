@@ -1,6 +1,6 @@
 """Load test of `transformer serve`: concurrent clients over loopback, each sending one sentence per request.
 
-    python -m bench.serve_load CKPT --src ../shared/data/multi30k/test2016.en [--clients 64] [--seconds 60]
+    python -m bench.serve_load CKPT --src ../shared/data/multi30k/test2016.en [--clients 64] [--seconds 60] [--int8]
 
 Runs the server three ways and prints a table: with dynamic batching, with batching off (--max-batch 1), and
 the offline figure (`translate_texts` over the same sentences, in this process, same beam; measured before and
@@ -143,14 +143,18 @@ def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, second
             proc.kill()
 
 
-def offline(ckpt: str, sentences: list[str], beam: int) -> dict:
+def offline(ckpt: str, sentences: list[str], beam: int, int8: bool = False) -> dict:
+    import contextlib
+
     from transformer.checkpoint import load_checkpoint
     from transformer.generate import translate_texts
+    from transformer.linear import int8_weights
 
     c = load_checkpoint(ckpt)
-    translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], beam_size=beam)  # warm-up
-    start = time.perf_counter()
-    translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, beam_size=beam, batch_size=64)
+    with int8_weights(c.model) if int8 else contextlib.nullcontext():
+        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], beam_size=beam)  # warm-up
+        start = time.perf_counter()
+        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, beam_size=beam, batch_size=64)
     return {"sentences_per_s": round(len(sentences) / (time.perf_counter() - start), 1)}
 
 
@@ -161,18 +165,20 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--int8", action="store_true", help="servers and the offline figure decode in int8")
     p.add_argument("--json", default="bench/serve_load.json")
     args = p.parse_args(argv)
+    extra = ["--int8"] if args.int8 else []
     sentences = [s.strip() for s in Path(args.src).read_text(encoding="utf-8").splitlines() if s.strip()]
-    table = {"clients": args.clients, "seconds": args.seconds, "beam": args.beam}
+    table = {"clients": args.clients, "seconds": args.seconds, "beam": args.beam, "int8": args.int8}
     # the offline figure before and after the servers (this machine's speed drifts; their mean is the reference)
-    before = offline(args.checkpoint, sentences, args.beam)
-    table["batching"] = run_server(args.checkpoint, [], sentences, args.clients, args.seconds, args.beam)
+    before = offline(args.checkpoint, sentences, args.beam, args.int8)
+    table["batching"] = run_server(args.checkpoint, extra, sentences, args.clients, args.seconds, args.beam)
     print("batching   ", table["batching"], flush=True)
-    table["no_batching"] = run_server(args.checkpoint, ["--max-batch", "1"], sentences, args.clients, args.seconds,
-                                      args.beam)
+    table["no_batching"] = run_server(args.checkpoint, ["--max-batch", "1", *extra], sentences, args.clients,
+                                      args.seconds, args.beam)
     print("max batch 1", table["no_batching"], flush=True)
-    after = offline(args.checkpoint, sentences, args.beam)
+    after = offline(args.checkpoint, sentences, args.beam, args.int8)
     table["offline"] = {"sentences_per_s": round((before["sentences_per_s"] + after["sentences_per_s"]) / 2, 1),
                         "before": before["sentences_per_s"], "after": after["sentences_per_s"]}
     print("offline    ", table["offline"], flush=True)

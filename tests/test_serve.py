@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install 'transformer[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install httpx")
@@ -46,6 +47,23 @@ def test_translations_are_the_librarys(client, ckpt):
     assert info["task"] == "synthetic" and "/v1/translate" in info["routes"]
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/docs").status_code == 200 and "/v1/translate" in client.get("/openapi.json").text
+
+
+def test_int8_serving_answers_as_the_library_decodes_in_int8(reverse_checkpoint):
+    from transformer import TransformerError
+    from transformer.linear import int8_weights
+
+    served, ref = load_checkpoint(reverse_checkpoint), load_checkpoint(reverse_checkpoint)  # two copies: one each
+    with TestClient(create_app(served, int8=True)) as c:
+        r = c.post("/v1/translate", json={"texts": WORDS, "beam": 2})
+        assert c.get("/v1/model").json()["int8"] is True
+        assert served.model.output._int8 is not None  # int8 weights while the app runs
+    assert served.model.output._int8 is None  # and its own weights again after
+    with torch.inference_mode(), int8_weights(ref.model):
+        want = translate_texts(ref.model, ref.src_tokenizer, ref.tgt_tokenizer, WORDS, beam_size=2)
+    assert r.status_code == 200 and r.json()["translations"] == want
+    with pytest.raises(TransformerError, match="choose one of --bf16 and --int8"):
+        create_app(served, int8=True, bf16=True)
 
 
 def test_requests_that_arrive_together_are_decoded_together(client, ckpt):

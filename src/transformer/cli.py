@@ -451,7 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = Limits(args.max_texts, args.max_text_chars, args.max_body_bytes, args.max_beam, args.max_new_tokens)
     serve(args.checkpoint, args.host, args.port, args.device, args.bf16, limits, args.max_batch_tokens,
-          args.max_wait_ms, args.max_batch)
+          args.max_wait_ms, args.max_batch, args.int8)
     return 0
 
 
@@ -599,6 +599,8 @@ def _add_serve_command(sub) -> None:
     sv.add_argument("--max-beam", type=_positive_int, default=16)
     sv.add_argument("--max-new-tokens", type=_positive_int, default=512)
     sv.add_argument("--bf16", action="store_true", help="decode in bf16 (where it is native)")
+    sv.add_argument("--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly "
+                    "different results)")
     _device_option(sv)
     sv.set_defaults(fn=cmd_serve)
 

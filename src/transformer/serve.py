@@ -26,7 +26,7 @@ import torch
 from .batcher import Batcher, Job
 from .checkpoint import Checkpoint
 from .errors import TransformerError
-from .linear import packed_weights
+from .linear import int8_weights, packed_weights
 
 log = logging.getLogger("transformer")
 
@@ -50,12 +50,18 @@ def _tasks(ckpt: Checkpoint) -> set[str]:
 class Runner:
     """Runs one batch of one kind with the model: what the worker thread calls."""
 
-    def __init__(self, ckpt: Checkpoint, bf16: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, bf16: bool = False, int8: bool = False) -> None:
         self.ckpt, self.bf16 = ckpt, bf16
-        # The served weights never change: decoding prepares them (packed, transposed) once, not per batch.
+        # The served weights never change: decoding prepares them (packed, transposed, int8) once, not per batch.
         self._prepared = contextlib.ExitStack()
-        if hasattr(ckpt.model, "decoder") and hasattr(ckpt.model, "encoder"):
+        if int8:
+            self._prepared.enter_context(int8_weights(ckpt.model))
+        elif hasattr(ckpt.model, "decoder") and hasattr(ckpt.model, "encoder"):
             self._prepared.enter_context(packed_weights(ckpt.model.decoder, ckpt.model.output))
+
+    def close(self) -> None:
+        """Drop what was prepared: the model multiplies by its own weights again."""
+        self._prepared.close()
 
     def __call__(self, kind: str, params: tuple, texts: list[str], jobs: list[Job]) -> Optional[list]:
         from .backend import decoding_precision
@@ -113,8 +119,8 @@ class Runner:
 class _Service:
     """What the route handlers share: the checkpoint, the routes it can serve, the limits and the worker."""
 
-    def __init__(self, ckpt: Checkpoint, limits: Limits, batching: dict, bf16: bool) -> None:
-        self.ckpt, self.limits, self.batching, self.bf16 = ckpt, limits, batching, bf16
+    def __init__(self, ckpt: Checkpoint, limits: Limits, batching: dict, bf16: bool, int8: bool = False) -> None:
+        self.ckpt, self.limits, self.batching, self.bf16, self.int8 = ckpt, limits, batching, bf16, int8
         self.kinds = _tasks(ckpt)
         self.batcher: Optional[Batcher] = None  # started with the app's lifespan
 
@@ -157,25 +163,32 @@ class _Service:
         ck, cfg = self.ckpt, self.ckpt.config
         return {"task": ck.task, "checkpoint": str(ck.path), "arch": cfg.arch, "config": cfg.to_dict(),
                 "labels": ck.meta.get("labels"), "device": str(next(ck.model.parameters()).device),
-                "bf16": self.bf16, "routes": sorted(f"/v1/{k}" for k in self.kinds), "limits": self.limits.__dict__,
+                "bf16": self.bf16, "int8": self.int8, "routes": sorted(f"/v1/{k}" for k in self.kinds), "limits": self.limits.__dict__,
                 "batching": {**self.batching, "batches_run": self.batcher.batches if self.batcher else 0}}
 
 
 def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0,
-               max_batch: int = 64, bf16: bool = False):
-    """The ASGI application serving `ckpt` (FastAPI). Its batching worker starts with the app's lifespan."""
+               max_batch: int = 64, bf16: bool = False, int8: bool = False):
+    """The ASGI application serving `ckpt` (FastAPI). Its batching worker starts with the app's lifespan; with
+    `int8`, the model multiplies by int8 weights (CPU) while the app runs."""
     from fastapi import FastAPI
 
     from . import __version__
 
+    if int8 and bf16:
+        raise TransformerError("choose one of --bf16 and --int8")
+    if int8 and next(ckpt.model.parameters()).device.type != "cpu":
+        raise TransformerError("--int8 decodes on the CPU (use --device cpu); on a GPU use --bf16")
     svc = _Service(ckpt, limits, {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms,
-                                  "max_batch": max_batch}, bf16)
+                                  "max_batch": max_batch}, bf16, int8)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        svc.batcher = Batcher(Runner(ckpt, bf16), max_batch_tokens, max_wait_ms, max_batch)
+        runner = Runner(ckpt, bf16, int8)
+        svc.batcher = Batcher(runner, max_batch_tokens, max_wait_ms, max_batch)
         yield
         svc.batcher.close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
+        runner.close()
 
     app = FastAPI(title="transformer", version=__version__, lifespan=lifespan,
                   description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}")
@@ -358,7 +371,8 @@ class _TooLarge(Exception):
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", bf16: bool = False,
-          limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0, max_batch: int = 64) -> None:
+          limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0, max_batch: int = 64,
+          int8: bool = False) -> None:
     """Load `checkpoint` and serve it until SIGTERM or Ctrl-C (which finish the requests in flight first)."""
     try:
         import uvicorn
@@ -368,7 +382,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
     from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, device=resolve_device(device))
-    app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16)
+    app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16, int8)
     log.info("serving %s (%s) on http://%s:%d  (pid %d)", checkpoint, ckpt.task, host, port, os.getpid())
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
     server.run()
