@@ -455,7 +455,6 @@ def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e
     import warnings
 
     from transformer import int8
-    from transformer.linear import _pack_int8
 
     g = torch.Generator().manual_seed(0)
     count = max(4, int(bytes_cycled // (n * k)))
@@ -464,7 +463,7 @@ def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e
     ours_w = [int8.pack(w) for w in weights]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        fbgemm_w = [_pack_int8(w, None) for w in weights]
+        fbgemm_w = [int8.pack_fbgemm(w, None) for w in weights]
     del weights
     calls = 4 * count
 

@@ -293,10 +293,10 @@ def int8_works() -> bool:
     """Can this build run an int8 linear (fbgemm's dynamic quantisation), giving F.linear's result within
     8-bit rounding? Tried once."""
     try:
-        from .linear import _pack_int8
+        from .int8 import pack_fbgemm
 
         x, w = _fixed(3, 8), _fixed(5, 8).cos()
-        out = torch.ops.quantized.linear_dynamic(x, _pack_int8(w, None))
+        out = torch.ops.quantized.linear_dynamic(x, pack_fbgemm(w, None))
         return bool(torch.allclose(out, F.linear(x, w), atol=0.05))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False

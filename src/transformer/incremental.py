@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend, int8
-from .linear import Linear, _pack_int8
+from .linear import Linear
 
 class _Product:
     """y = act(x W^T + b) (+ residual) for one projection of the step, by whichever of this machine's ways of
@@ -97,7 +97,7 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
         packed = int8.pack(weight, bias)
         return lambda x, residual=None: int8.linear(x, packed, relu, residual)
     if kind == "int8":
-        q = _pack_int8(weight, bias)
+        q = int8.pack_fbgemm(weight, bias)
         op = torch.ops.quantized.linear_relu_dynamic if relu else torch.ops.quantized.linear_dynamic
         return lambda x: op(x, q)
     if kind == "onednn":

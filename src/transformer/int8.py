@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -83,6 +84,17 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def pack_fbgemm(weight: Tensor, bias: Optional[Tensor] = None):
+    """The same int8 weights packed for PyTorch's int8 linear (`torch.ops.quantized.linear_dynamic`, fbgemm):
+    the fallback where the kernel does not run."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # one scale per output row, as `quantize_weight`
+    with warnings.catch_warnings():  # torch >= 2.12 warns that quantized tensors will move out of the core
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
 
 
 def pack(weight: Tensor, bias: Optional[Tensor] = None) -> Int8Weight:

@@ -16,7 +16,6 @@ oneDNN through `F.linear`). Everything else (GPU, float64, tensor subclasses, ot
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -154,17 +153,9 @@ def int8_weights(*modules: nn.Module) -> Iterator[None]:
     try:
         for m in linears:
             w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
-            m._int8 = int8.pack(w, b) if vnni else _pack_int8(w, b)
+            m._int8 = int8.pack(w, b) if vnni else int8.pack_fbgemm(w, b)
         yield
     finally:
         for m in linears:
             m._int8, m._step_cache = None, None
 
-
-def _pack_int8(weight: Tensor, bias: Optional[Tensor]):
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # one scale per output row
-    with warnings.catch_warnings():  # torch >= 2.12 warns that quantized tensors will move out of the core
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(weight.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
-                                       torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
