@@ -3,7 +3,7 @@
 Decoding multiplies a few rows by every weight at every step, so in int8 it is bound by how fast a product of a
 few rows is. PyTorch's int8 linear (fbgemm's dynamic quantisation) spends much of such a product on fixed
 costs and multiplies with VNNI at best. The kernel quantises the rows and multiplies them in one pass, with AVX-512
-VNNI, and from 16 rows with AMX where the CPU has it: 1.4-2.4x faster than fbgemm per product at decoding's
+VNNI, and from 16 rows with AMX where the CPU has it: 1.4-2.6x faster than fbgemm per product at decoding's
 shapes on an AVX-512 Xeon with AMX (`python -m bench int8`). Weights are quantised as fbgemm's are (each output
 row scaled to [-127, 127]); inputs get a scale per row instead of fbgemm's one per tensor.
 
