@@ -5,7 +5,7 @@ Runs each workload's contenders interleaved in this one process and prints a tab
 then writes the same figures as JSON. Every contender must do the same work in every round (the same target
 tokens, the same number of decoded tokens), or the run fails.
 Workloads: train-small, train-base (fp32 and bf16 each), greedy (fp32 and bf16), beam, ct2 (against CTranslate2),
-int8 (the int8 products of a decoding step: our VNNI kernel against fbgemm), lm, mfu, memory.
+int8 (the int8 products of a decoding step: our int8 kernel against fbgemm), lm, mfu, memory.
 """
 
 from __future__ import annotations
@@ -172,11 +172,11 @@ def _int8_kind() -> str:
 
 def _int8_products(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int) -> None:
     """Each int8 product of a decoding step (greedy's 32 rows at the base size, beam 5's 40 at the small one):
-    our VNNI kernel against fbgemm, where the kernel runs (int8.py)."""
+    our int8 kernel against fbgemm, where the kernel runs (int8.py)."""
     from transformer import int8
 
     if not int8.available():
-        print("# int8 rows skipped: the VNNI kernel does not run here (int8.py says why), so int8 is fbgemm's")
+        print("# int8 rows skipped: our int8 kernel does not run here (int8.py says why), so int8 is fbgemm's")
         return
     for size, rows in ((base, 32), (small, 40)):
         for M, K, N in W.int8_product_shapes(size, 2 if smoke else rows):

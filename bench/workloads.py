@@ -448,7 +448,7 @@ def int8_product_shapes(size: Size, rows: int) -> list[tuple[int, int, int]]:
 
 
 def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e6) -> dict:
-    """One int8 product of `rows` rows by a (n, k) weight: ours (the VNNI kernel, int8.py) against PyTorch's
+    """One int8 product of `rows` rows by a (n, k) weight: ours (the int8 kernel, int8.py) against PyTorch's
     int8 linear (fbgemm) on the same weights. Each call takes the next of enough distinct weights to fill
     `bytes_cycled` in int8, as a decoding step meets each weight once, after all the others: what a product
     costs when its weight is not already in the core's own caches."""

@@ -47,7 +47,7 @@ class _Product:
     - "int8" (inside `int8_weights()`): fbgemm with int8 weights, each output row scaled to [-127, 127], the
       input quantised on the fly. Products too small to gain from it stay in fp32.
     - "vnni" (inside `int8_weights()`, where `int8.available()`): the same int8 weights through this package's
-      AVX-512 VNNI kernel, which also adds the ReLU and the residual as it writes the result.
+      int8 kernel (AVX-512 VNNI, AMX), which also adds the ReLU and the residual as it writes the result.
     Under bf16 autocast the candidates take bf16 weights, converted once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:

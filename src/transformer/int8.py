@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -58,7 +59,8 @@ class Int8Weight:
         (each [i, j, v] an AMX tile of 1 KB; `unpack` undoes it).
     comp: (Np,) int32, -128 times each row's sum: undoes the +128 shift of the quantised input.
     scale: (Np,) fp32, each row's scale (its largest magnitude / 127). bias: (Np,) fp32 or None.
-    struct: the same for the C side (int8_kernel.c's int8_weight), pointing into the tensors above."""
+    struct: the same for the C side (int8_kernel.c's int8_weight): the sizes, and the tensors' addresses, which
+        `linear` fills in at each call (storage can move: `share_memory_()`)."""
 
     packed: Tensor
     comp: Tensor
@@ -68,10 +70,6 @@ class Int8Weight:
     in_features: int
     struct: "_WeightStruct"
 
-    @property
-    def address(self) -> int:
-        return ctypes.addressof(self.struct)
-
 
 class _WeightStruct(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("comp", ctypes.c_void_p), ("scale", ctypes.c_void_p),
@@ -79,10 +77,15 @@ class _WeightStruct(ctypes.Structure):
                 ("Np", ctypes.c_int64)]
 
 
+def _row_scales(w: Tensor) -> Tensor:
+    """Each output row's scale: its largest magnitude maps to 127."""
+    return w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+
+
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(N, K) weight -> its int8 values (N, K) and each row's scale (N,), the largest magnitude mapped to 127."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = _row_scales(w)
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
@@ -90,7 +93,7 @@ def pack_fbgemm(weight: Tensor, bias: Optional[Tensor] = None):
     """The same int8 weights packed for PyTorch's int8 linear (`torch.ops.quantized.linear_dynamic`, fbgemm):
     the fallback where the kernel does not run."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # one scale per output row, as `quantize_weight`
+    scale = _row_scales(w)
     with warnings.catch_warnings():  # torch >= 2.12 warns that quantized tensors will move out of the core
         warnings.simplefilter("ignore", UserWarning)
         q = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
@@ -114,9 +117,7 @@ def pack(weight: Tensor, bias: Optional[Tensor] = None) -> Int8Weight:
         b[:N] = bias.detach().float()
     # (tile, vector, output, chunk, group, input) -> (tile, chunk, vector, group, output, input)
     packed = padded.view(Np // 64, 4, 16, Kp // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).contiguous()
-    struct = _WeightStruct(packed.data_ptr(), comp.data_ptr(), scales.data_ptr(), None if b is None else b.data_ptr(),
-                           K, Kp, N, Np)
-    return Int8Weight(packed, comp, scales, b, N, K, struct)
+    return Int8Weight(packed, comp, scales, b, N, K, _WeightStruct(K=K, Kp=Kp, N=N, Np=Np))
 
 
 def unpack(w: Int8Weight) -> Tensor:
@@ -137,7 +138,7 @@ def linear(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tens
     """
     lib = _library()
     if lib is None:
-        raise RuntimeError("the int8 VNNI kernel is not available here; check int8.available() first")
+        raise RuntimeError("the int8 kernel is not available here; check int8.available() first")
     return _call(lib, x, w, relu, residual)
 
 
@@ -161,10 +162,10 @@ def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False,
         if r.shape != y.shape:
             raise ValueError(f"int8.linear: residual of shape {tuple(residual.shape)} for an output of "
                              f"{(*x.shape[:-1], N)}")
-    st = w.struct  # the tensors' addresses now (share_memory_() and the like move storage)
+    st = w.struct
     st.w, st.comp, st.scale = w.packed.data_ptr(), w.comp.data_ptr(), w.scale.data_ptr()
     st.bias = None if w.bias is None else w.bias.data_ptr()
-    if M and lib.int8_linear(w.address, x2.data_ptr(), x2.stride(0), M, y.data_ptr(), N,
+    if M and lib.int8_linear(ctypes.addressof(st), x2.data_ptr(), x2.stride(0), M, y.data_ptr(), N,
                              None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), relu,
                              torch.get_num_threads()):
         raise MemoryError("int8.linear: out of memory for the quantised input")
@@ -257,30 +258,28 @@ def _compile(cc: str, omp: str, target: Path) -> None:
 
 def _load(cc: str, omp: str) -> ctypes.CDLL:
     """The built library, from the cache (built there first if need be); where the cache cannot be written or
-    holds a broken file, from a directory of this user's under the system's temporary directory."""
+    holds a broken file, from a private directory of this user's under the system's temporary directory."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), omp]).encode())
     name = f"int8_kernel-{key.hexdigest()[:16]}.so"
-    fallback = Path(tempfile.gettempdir()) / f"transformer-{os.getuid()}" / "kernels"
-    for directory in (_cache_dir(), fallback):
-        try:
-            if directory == fallback:
-                _private(directory.parent)  # a shared directory: only a directory of ours, closed to others
-            if not (directory / name).exists():
-                _compile(cc, omp, directory / name)
-            return ctypes.CDLL(str(directory / name))
-        except OSError as e:
-            if directory == fallback:
-                raise
-            log.debug("int8 kernel: cache %s unusable (%s); trying %s", directory, e, fallback)
-    raise AssertionError("unreachable")
+
+    def built_in(directory: Path) -> ctypes.CDLL:
+        if not (directory / name).exists():
+            _compile(cc, omp, directory / name)
+        return ctypes.CDLL(str(directory / name))
+
+    try:
+        return built_in(_cache_dir())
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"transformer-{os.getuid()}"
+        log.debug("int8 kernel: cache %s unusable (%s); trying %s", _cache_dir(), e, fallback)
+    _private(fallback)  # a shared directory: only a directory of ours, closed to others
+    return built_in(fallback / "kernels")
 
 
 def _private(directory: Path) -> None:
     """Make `directory` (0700) or check that it is this user's own and closed to others: under a shared
     temporary directory another user could otherwise plant the library that gets loaded."""
-    import stat
-
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -295,16 +294,16 @@ def _library() -> Optional[ctypes.CDLL]:
     runtimes = _openmp_runtimes()
     omp = _torch_openmp(runtimes)
     if not cc or omp is None:
-        log.debug("int8 VNNI kernel: no C compiler (%s) or no OpenMP runtime of PyTorch's among %s", cc, runtimes)
+        log.debug("int8 kernel: no C compiler (%s) or no OpenMP runtime of PyTorch's among %s", cc, runtimes)
         return None
     try:
         lib = _load(cc, omp)
         f, init = lib.int8_linear, lib.int8_init
     except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: a library of another build
-        log.debug("int8 VNNI kernel unavailable: %s", e)
+        log.debug("int8 kernel unavailable: %s", e)
         return None
     if _openmp_runtimes() != runtimes:  # it brought its own OpenMP: two thread pools would fight over the cores
-        log.debug("int8 VNNI kernel: loading it added an OpenMP runtime; not used")
+        log.debug("int8 kernel: loading it added an OpenMP runtime; not used")
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f.restype, f.argtypes = ctypes.c_int, [ptr, ptr, i64, i64, ptr, i64, ptr, i64, ctypes.c_bool, ctypes.c_int]
@@ -369,5 +368,5 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         out = _call(lib, x, w, relu=True, residual=res)
         ok = ok and bool(torch.allclose(out, reference(x, w, relu=True, residual=res), rtol=1e-5, atol=1e-5))
     if not ok:
-        log.debug("int8 VNNI kernel failed its self-test; not used")
+        log.debug("int8 kernel failed its self-test; not used")
     return ok

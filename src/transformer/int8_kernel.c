@@ -235,7 +235,7 @@ int int8_linear(const int8_weight *w, const float *x, int64_t ldx, int64_t M, fl
     float *sx = (float *)malloc((size_t)Mp * sizeof(float));
     if (!xq || !sx) { free(xq); free(sx); return -1; }
     quantize_rows(x, ldx, M, w->K, w->Kp, xq, sx, threads);
-    for (int64_t i = M * w->Kp; i < Mp * w->Kp; i++) xq[i] = 128;
+    memset(xq + M * w->Kp, 128, (size_t)((Mp - M) * w->Kp));  /* padding rows: zeros once shifted */
     for (int64_t m = M; m < Mp; m++) sx[m] = 0.f;
     job j = {w, xq, sx, y, res, M, ldy, ldr, relu};
     int64_t tiles = w->Np / 64;
