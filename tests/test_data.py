@@ -2,7 +2,7 @@ import pytest
 
 from transformer.data import (
     BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, SyntheticTask, collate, load_tokenizer, pair_lengths,
-    read_lines, read_parallel, token_batches,
+    read_labelled, read_lines, read_parallel, token_batches,
 )
 from transformer.errors import DataError
 
@@ -138,3 +138,37 @@ def test_language_model_windows_reach_the_end_of_the_text():
     assert b.x.tolist() == [list(range(9))] * 4 and b.y.tolist() == [list(range(1, 10))] * 4 and b.n_tokens == 36
     starts = {int(x[0]) for x in lm_blocks(torch.arange(12), 8, 400, torch.Generator().manual_seed(0)).x}
     assert starts == {0, 1, 2, 3}  # 3: the window ending at the last token
+
+
+def test_a_first_line_with_a_label_of_its_own_is_data_not_a_header(tmp_path):
+    """Bug: a first line whose label no other line had was taken for a header and dropped, with it the only
+    example of its class, even when the known labels said it was one."""
+    (tmp_path / "t.tsv").write_text("neutral\tso so\npos\tgreat\nneg\tawful\npos\tfine\n")
+    assert read_labelled(tmp_path / "t.tsv", "training file") == (["neutral", "pos", "neg", "pos"],
+                                                                  ["so so", "great", "awful", "fine"])
+    known = ["neg", "neutral", "pos"]
+    assert read_labelled(tmp_path / "t.tsv", "validation file", known=known)[0] == ["neutral", "pos", "neg", "pos"]
+    (tmp_path / "one.tsv").write_text("1\tthe only line\n")
+    assert read_labelled(tmp_path / "one.tsv", "training file") == (["1"], ["the only line"])
+    # a first label that is no known one and no column name is a bad line, not a header silently dropped
+    (tmp_path / "bad.tsv").write_text("maybe\ta cat\npos\ta dog\n")
+    with pytest.raises(DataError, match=r"bad.tsv:1: label 'maybe' is not one of the training labels"):
+        read_labelled(tmp_path / "bad.tsv", "validation file", known=["neg", "pos"])
+
+
+@pytest.mark.parametrize("header", ["label\tsentence", "Label\tcontent", "sentiment\ttext", "polarity\treview"])
+def test_a_header_line_is_still_skipped(tmp_path, header):
+    (tmp_path / "t.tsv").write_text(f"{header}\n0\tdull\n1\tbright\n1\tsunny\n")
+    for known in (None, ["0", "1"]):
+        assert read_labelled(tmp_path / "t.tsv", "training file", known=known) == (["0", "1", "1"],
+                                                                                 ["dull", "bright", "sunny"])
+    # over word labels, the column name is the text field's
+    (tmp_path / "w.tsv").write_text(f"{header.split()[0]}\tsentence\nneg\tdull\npos\tbright\n")
+    assert read_labelled(tmp_path / "w.tsv", "training file") == (["neg", "pos"], ["dull", "bright"])
+
+
+def test_sst2_headers_are_skipped_and_every_line_kept(shared_data):
+    path = shared_data / "sst2" / "dev.tsv"
+    labels, texts = read_labelled(path, "validation file", known=["0", "1"])
+    lines = [l for l in path.read_text(encoding="utf-8").split("\n")[1:] if l.strip()]
+    assert len(labels) == len(lines) and set(labels) == {"0", "1"} and texts[0] == lines[0].split("\t", 1)[1]

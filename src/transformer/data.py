@@ -255,18 +255,39 @@ def read_parallel(src: Optional[str], tgt: Optional[str], tsv: Optional[str], sp
 
 
 _HEADER_LABELS = {"label", "labels", "class", "target", "y"}
+_HEADER_TEXTS = {"text", "texts", "sentence", "sentences", "content", "review", "document", "phrase", "input"}
+
+
+def _is_integer(label: str) -> bool:
+    return label.lstrip("-").isdigit()
+
+
+def _is_header(line: str, labels: Sequence[str]) -> bool:
+    """Whether the first line of a `label<TAB>text` file is a header, given the labels of the data (`known`,
+    else the other lines' labels). See `read_labelled`."""
+    label, _, text = line.partition("\t")
+    label, text = label.strip(), text.strip()
+    if not label or label in labels:  # a label the data uses: a genuine line, however rare
+        return False
+    if label.lower() in _HEADER_LABELS or text.lower() in _HEADER_TEXTS:  # a column name
+        return True
+    # a word above integer labels ("sentiment" over 0/1) cannot be one of them
+    return bool(labels) and not _is_integer(label) and all(_is_integer(l) for l in labels)
 
 
 def read_labelled(path: str | Path, what: str, known: Optional[Sequence[str]] = None) -> tuple[list[str], list[str]]:
-    """`label<TAB>text` lines -> (labels, texts). A first line whose label field is a column name ("label") or
-    a value that no other line has is a header and skipped. Blank lines are skipped. A line without a label or
-    text, or (given `known`) with a label not among them, is a DataError naming file and line."""
+    """`label<TAB>text` lines -> (labels, texts). Blank lines are skipped. A line without a label or text, or
+    (given `known`) with a label not among them, is a DataError naming file and line.
+
+    The first line is a header, and skipped, only when its label field is not a label of the data (not among
+    `known`, or without `known`, on no other line) and it looks like a column name: the label field is one
+    ("label", "class", ...), or the text field is ("sentence", "text", "content", ...), or the label is a word
+    while the data's labels are all integers. SST-2's `label<TAB>sentence` is one. A first line whose label
+    appears on no other line is otherwise data: a class with one example is kept, never taken for a header."""
     lines = read_lines(path, what, strip=False)
-    start = 0
-    first = lines[0].split("\t")[0].strip() if lines else ""
-    if first.lower() in _HEADER_LABELS or first not in {l.split("\t")[0].strip() for l in lines[1:] if l}:
-        start = 1
-    labels, texts = [], []
+    labels = list(known) if known is not None else {l.split("\t")[0].strip() for l in lines[1:] if l.strip()}
+    start = 1 if _is_header(lines[0], sorted(labels)) else 0
+    out_labels, texts = [], []
     for n, line in enumerate(lines[start:], start + 1):
         if not line.strip():
             continue
@@ -276,17 +297,17 @@ def read_labelled(path: str | Path, what: str, known: Optional[Sequence[str]] = 
             raise DataError(f"{path}:{n}: expected 'label<TAB>text', found {'no text' if label else 'no label'}")
         if known is not None and label not in known:
             raise DataError(f"{path}:{n}: label {label!r} is not one of the training labels ({', '.join(known)})")
-        labels.append(label)
+        out_labels.append(label)
         texts.append(text)
-    if not labels:
+    if not out_labels:
         raise DataError(f"{path}: {what} has no labelled lines")
-    return labels, texts
+    return out_labels, texts
 
 
 def label_names(labels: Iterable[str]) -> list[str]:
     """The distinct labels in class order: numerically if all are integers, else alphabetically."""
     distinct = set(labels)
-    numeric = all(l.lstrip("-").isdigit() for l in distinct)
+    numeric = all(_is_integer(l) for l in distinct)
     return sorted(distinct, key=(lambda l: int(l)) if numeric else None)
 
 

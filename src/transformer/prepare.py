@@ -7,7 +7,8 @@ at a time through it (the `tokenizers` library encodes a block on all cores), dr
 
     CACHE/<key>/
       meta.json              written last: its presence means the rest is complete (a preparation that is
-                             interrupted leaves only a `.tmp-*` directory, which nothing trusts)
+                             interrupted leaves only a `.tmp-*` directory, which nothing trusts and the next
+                             preparation of that corpus removes)
       *tokenizer.json        the tokenizer(s)
       src.bin, tgt.bin       every kept sentence's token ids, one after another (uint16, or uint32 for a
                              vocabulary over 65,535 tokens)
@@ -15,14 +16,17 @@ at a time through it (the `tokenizers` library encodes a block on all cores), dr
       lengths.npy            per pair: the padded positions it takes (what batching needs)
       (language-model text: train.bin and val.bin, one token stream each)
 
-`<key>` digests the data files' identity (path, size, modification time) and every setting that changes the
-tokens, so a second run, or a resumed one, finds the corpus prepared and starts at once. CACHE is
-`data.cache_dir`, else $TRANSFORMER_CACHE, else ~/.cache/transformer/prepared. Training reads batches from
-the memory maps (see `tasks.py`), so its memory does not grow with the corpus.
+`<key>` digests the data files' identity (path, size, modification and change times, inode), the content of a
+reused tokenizer (`data.tokenizer_from`) and every setting that changes the tokens, so a second run, or a
+resumed one, finds the corpus prepared and starts at once. CACHE is `data.cache_dir`, else $TRANSFORMER_CACHE,
+else ~/.cache/transformer/prepared. A preparation holds a lock (`CACHE/.lock-<key>`, flock) while it works: a
+second process preparing the same corpus waits, then uses it. Training reads batches from the memory maps
+(see `tasks.py`), so its memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +41,11 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: preparations are not serialised there (`_finish` still keeps a complete corpus)
+    fcntl = None
 
 from .config import RunConfig
 from .data import Tokenizer, iter_lines, load_tokenizer, train_tokenizer
@@ -112,14 +121,57 @@ def prepare(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]] = None) -
         raise DataError(f"data.task={d.task!r}: only translation and language-model corpora are prepared")
     given = _digest(tokenizers) if tokenizers else None
     root = cache_root(run)
-    for key in (_key(run, None), _key(run, given)):  # a resumed run finds the corpus its first run made
-        found = _open(root / key, given)
+    own = _key(run, given)
+    keys = list(dict.fromkeys((_key(run, None), own)))  # a resumed run finds the corpus its first run made
+    found = _find(root, keys, given)
+    if found is not None:
+        return found
+    target = root / own
+    with _locked(target):
+        found = _find(root, keys, given)  # another process prepared it while this one waited for the lock
+        if found is not None:
+            return found
+        _remove_stale(target)
+        build = _prepare_pairs if d.task == "translation" else _prepare_text
+        return build(run, tokenizers, target, given)
+
+
+def _find(root: Path, keys: Sequence[str], digest: Optional[str]):
+    for key in keys:
+        found = _open(root / key, digest)
         if found is not None:
             log.info("using the prepared corpus %s", root / key)
             return found
-    target = root / _key(run, given)
-    build = _prepare_pairs if d.task == "translation" else _prepare_text
-    return build(run, tokenizers, target, given)
+    return None
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Hold the lock of the preparation `target` (an flock on CACHE/.lock-<key>) while the block runs; another
+    process preparing the same corpus waits for it. The kernel drops a lock when its holder dies, so an
+    interrupted preparation never leaves one held; the (empty) lock files stay, for the next preparation."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f = open(target.parent / f".lock-{target.name}", "ab")
+    except OSError as e:
+        raise DataError(f"{target.parent}: cannot write the prepared-corpus cache ({e.strerror}); "
+                        "set data.cache_dir or $TRANSFORMER_CACHE to a writable directory") from None
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process preparing %s", target)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove the `.tmp-<key>-*` directories interrupted preparations of `target` left. Called with the lock
+    held, and a preparation holds it while its directory exists: none of these is in use."""
+    for tmp in target.parent.glob(f".tmp-{target.name}-*"):
+        log.info("removing %s, left by an interrupted preparation", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open(directory: Path, digest: Optional[str]):
@@ -139,19 +191,43 @@ def _open(directory: Path, digest: Optional[str]):
 def _key(run: RunConfig, tokenizer_digest: Optional[str]) -> str:
     d = run.data
     files = [p for p in (d.train_src, d.train_tgt, d.train_tsv, d.text) if p]
-    identity = []
-    for name in files:
-        path = Path(name)
-        try:
-            st = path.stat()
-            identity.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-        except OSError:  # reading it will say what is wrong, naming the file
-            identity.append([str(path), None, None])
+    identity = [_file_identity(Path(name)) for name in files]
     settings = {k: getattr(d, k) for k in ("task", "tokenizer", "vocab_size", "joint_vocab", "max_len",
-                                           "val_fraction", "tokenizer_sample_lines", "tokenizer_from")}
+                                           "val_fraction", "tokenizer_sample_lines")}
+    # a reused tokenizer by what it holds, not where it lies: another one saved over the same path is another corpus
+    settings["tokenizer_from"] = _tokenizer_source_digest(d.tokenizer_from) if d.tokenizer_from else None
     blob = json.dumps({"format": FORMAT, "files": identity, "settings": settings, "tokenizer": tokenizer_digest},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _file_identity(path: Path) -> list:
+    """What tells two versions of a data file apart without reading it. Size and modification time miss a
+    same-size edit whose old mtime was restored (`cp -p`, `touch -r`); but every write, and setting the mtime,
+    moves the change time (which nobody can set back), and replacing the file changes its inode."""
+    try:
+        st = path.stat()
+    except OSError:  # reading it will say what is wrong, naming the file
+        return [str(path), None, None, None, None]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+def _tokenizer_source_digest(source: str) -> str:
+    """SHA-256 of the tokenizer file `data.tokenizer_from` names; of a checkpoint directory, of the tokenizer
+    files its config.json names, with the roles they serve."""
+    path = Path(source)
+    digest = hashlib.sha256()
+    try:
+        if path.is_dir():
+            names = json.loads((path / "config.json").read_text(encoding="utf-8"))["tokenizers"]
+            digest.update(json.dumps(names, sort_keys=True).encode())
+            for name in sorted(set(names.values())):  # file names inside it, as loading checks
+                digest.update(hashlib.sha256((path / Path(str(name)).name).read_bytes()).digest())
+        else:
+            digest.update(path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # loading it will name what is wrong
+        return f"unreadable: {source}"
+    return digest.hexdigest()
 
 
 def _digest(tokenizers: dict[str, Tokenizer]) -> str:
@@ -171,13 +247,19 @@ def _fresh_dir(target: Path) -> Path:
 
 
 def _finish(tmp: Path, target: Path, meta: dict) -> None:
-    """Write meta.json last, then move the directory into place (a complete corpus or none)."""
+    """Write meta.json last, then move the directory into place (a complete corpus or none). Should the target
+    appear meanwhile (a process that took no lock), it is as complete as this one: keep it."""
     write_json_atomic(tmp / "meta.json", meta)
     fsync_dir(tmp)
-    if target.exists():  # another process prepared it meanwhile: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    os.replace(tmp, target)
+    if not (target / "meta.json").is_file():
+        try:
+            os.replace(tmp, target)
+            return
+        except OSError as e:  # the target is there (a non-empty directory cannot be replaced)
+            if not (target / "meta.json").is_file():
+                raise DataError(f"{target}: cannot move the prepared corpus into place ({e.strerror}); "
+                                "remove that directory and prepare again") from None
+    shutil.rmtree(tmp, ignore_errors=True)  # another process prepared it meanwhile: keep theirs
 
 
 def _tokenizers(run: RunConfig, tokenizers, sample_src: list[str], sample_tgt: Optional[list[str]]):
@@ -316,21 +398,21 @@ def _text_blocks(path: Path, start: int, end: int, block: int = 1 << 20) -> Iter
     with open(path, "rb") as f:
         f.seek(start)
         left, rest = end - start, b""
-        while left > 0 or rest:
-            data = f.read(min(block, left)) if left > 0 else b""
+        while left > 0:
+            data = f.read(min(block, left))
+            if not data:  # the file ends before `end`: it was cut since its size was taken (reading on would spin)
+                raise DataError(f"{path}: the file changed while being prepared (it is shorter than when "
+                                "preparation began); prepare again once nothing writes to it")
             left -= len(data)
             data = rest + data
-            cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
-            if cut == 0:
-                rest = data
-                continue
+            cut = data.rfind(b"\n") + 1 if left > 0 else len(data)  # the last block takes what is left
             piece, rest = data[:cut], data[cut:]
+            if not piece:  # no newline yet: read on
+                continue
             try:
                 yield piece.decode("utf-8").replace("\r\n", "\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: invalid UTF-8 near byte {start + e.start}") from None
-            if not data:
-                break
 
 
 def _prepare_text(run: RunConfig, tokenizers, target: Path, digest: Optional[str]) -> PreparedText:
