@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from transformer import CheckpointError, ModelConfig, Transformer
+from transformer import CheckpointError, ModelConfig, Transformer, TransformerError
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.data import CharTokenizer
 
@@ -35,7 +35,10 @@ def test_round_trip_gives_the_same_model(tmp_path):
 def test_overwrite_replaces_atomically(tmp_path):
     path, _ = save(tmp_path)
     model, tok = model_and_tok(d_model=32)
-    save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
+    with pytest.raises(TransformerError, match="already holds a checkpoint; --overwrite replaces it"):
+        save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
+    assert load_checkpoint(path).config.d_model == 16
+    save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok}, overwrite=True)
     assert load_checkpoint(path).config.d_model == 32
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
 
@@ -50,7 +53,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_model", disk_full)
     with pytest.raises(OSError):
-        save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
+        save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok}, overwrite=True)
     assert load_checkpoint(path).config.d_model == 16
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

@@ -115,7 +115,7 @@ model = Transformer(ModelConfig(src_vocab_size=7, tgt_vocab_size=7, d_model=16, 
 def save(i):
     with torch.no_grad():
         model.output.weight.fill_(i)
-    save_checkpoint(target, model, "translation", {"src": tok, "tgt": tok}, meta={"i": i})
+    save_checkpoint(target, model, "translation", {"src": tok, "tgt": tok}, meta={"i": i}, overwrite=True)
 save(1)
 points = {"n": 0}
 def deadly(real):

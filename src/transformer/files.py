@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -60,3 +61,87 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output directories: a command writes only where it may, and replaces a directory whole or not at all
+
+
+def check_output_dir(path: str | Path, kind: str, holds: Callable[[Path], Optional[str]], overwrite: bool,
+                     flag: str = "--overwrite") -> Path:
+    """Check that a command may write a `kind` (e.g. "checkpoint") to the directory `path`, before it writes
+    anything. A missing or empty directory may be written; one that already holds a `kind` only with
+    `overwrite` (the message names `flag`); anything else never, whatever the flag: the command would delete
+    or mix with files it did not write. `holds(path)` returns None when `path` holds a `kind` that may be
+    replaced, else what it holds instead (e.g. "'notes.txt', which is not part of a checkpoint").
+    Raises TransformerError naming the directory; returns `path`."""
+    from .errors import TransformerError
+
+    path = Path(path)
+    real, cwd = path.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise TransformerError(f"{path}: is the current directory (or one above it); write the {kind} to a new "
+                               "directory instead")
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise TransformerError(f"{path}: exists and is not a directory; choose another output directory")
+    if not any(path.iterdir()):
+        return path
+    other = holds(path)
+    if other is not None:
+        raise TransformerError(f"{path}: is not empty and does not hold a {kind} ({other}); nothing was written: "
+                               "choose a new or empty directory")
+    if not overwrite:
+        raise TransformerError(f"{path}: already holds a {kind}; {flag} replaces it")
+    return path
+
+
+def foreign_entries(path: Path, own: Callable[[str], bool]) -> Optional[str]:
+    """For `check_output_dir`'s `holds`: None if every entry of `path` is one `own(name)` accepts, else the
+    first other entry, described."""
+    others = sorted(p.name for p in path.iterdir() if not own(p.name))
+    return f"'{others[0]}' is not part of one" if others else None
+
+
+def replace_directory(tmp: Path, directory: Path) -> None:
+    """Put the complete directory `tmp` (a sibling of `directory`) in `directory`'s place. The old one is first
+    renamed aside to `.NAME.*.old`, so a process killed between the two renames leaves the old directory
+    there for `recover_directory` to put back; it is deleted only once the new one is in place."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(directory: Path, clean: bool = False) -> None:
+    """Finish an interrupted `replace_directory`: if `directory` is missing and an old one was set aside, put
+    it back. `clean` (a writer's call) also removes leftovers (`.NAME.*.old`, `.NAME.*.tmp`) of killed writes."""
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{directory.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if not directory.exists() and olds:
+        os.replace(olds.pop(), directory)
+    if clean:
+        for leftover in [*olds, *parent.glob(f".{directory.name}.*.tmp")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def temporary_sibling(directory: Path) -> Path:
+    """A new, empty directory beside `directory` to write its replacement into (`replace_directory`)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def cache_root() -> Path:
+    """This package's cache: $TRANSFORMER_CACHE, else $XDG_CACHE_HOME/transformer, else ~/.cache/transformer."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("TRANSFORMER_CACHE") or os.path.join(home, "transformer"))
