@@ -7,11 +7,14 @@ package's models and checkpoints. The model code knows nothing of Hugging Face; 
     export_hf(ckpt, "path/to/new_hf_dir")             # or: transformer export CKPT --to hf DIR
 
 Only safetensors weights are read: a directory with only `pytorch_model.bin` (a pickle, which can run code
-when loaded) is refused with what to do instead.
+when loaded) is refused with what to do instead. The directory is foreign input: its config is read by type
+(`metadata.Keys`), path names in its metadata must stay inside it, and the config's sizes are checked against
+the weights file's header before a model is built, so each mistake in it is one CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -20,7 +23,8 @@ from ..checkpoint import Checkpoint, load_weights
 from ..errors import CheckpointError
 from ..files import atomic_path, read_json, write_json_atomic
 from ..model import build_model
-from .families import FAMILIES
+from .families import FAMILIES, Bert
+from .metadata import Keys, inside, show
 from .tokenizers import PretrainedTokenizer, SentencePieceTokenizer
 
 # Where a family may store one tensor under another name (tied weights are saved once, under any of them).
@@ -33,35 +37,37 @@ _ALIASES = {
 
 def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """A Hugging Face model directory (config.json, model.safetensors, tokenizer files) as a Checkpoint of this
-    package, its weights copied exactly. Raises CheckpointError naming the file and the setting it refuses."""
+    package, its weights copied exactly. Raises CheckpointError naming the file and the setting it refuses (a
+    DataError for a tokenizer.json that `tokenizers` cannot read)."""
     hf_dir = Path(hf_dir)
     hf = read_json(hf_dir / "config.json", CheckpointError, f"missing; {hf_dir} is not a Hugging Face model directory")
-    where = str(hf_dir / "config.json")
-    family = FAMILIES.get(hf.get("model_type"))
+    keys = Keys(hf, str(hf_dir / "config.json"))
+    model_type = keys.text("model_type")
+    family = FAMILIES.get(model_type)
     if family is None:
-        raise CheckpointError(f"{where}: model_type={hf.get('model_type')!r} is not supported "
+        raise CheckpointError(f"{keys.where}: model_type={model_type!r} is not supported "
                               f"(supported: {', '.join(FAMILIES)})")
     extra = _sentence_transformers(hf_dir) if family.model_type == "bert" else {}
-    tensors = _read_weights(hf_dir)
+    files = _weight_files(hf_dir)
+    shapes = _read_shapes(files)
     if family.model_type == "bert":
-        extra.setdefault("pooler", any(k.endswith("pooler.dense.weight") for k in tensors))
-    cfg = family.config(hf, where, **extra)
+        extra.setdefault("pooler", any(k.endswith("pooler.dense.weight") for k in shapes))
+    cfg = family.config(keys, **extra)
+    _check_shapes(family, cfg, shapes, hf_dir, keys.where)  # before anything is built or loaded
+    tokenizers = _tokenizers(family.model_type, hf_dir)
+    tensors = _read_weights(files)
     model = build_model(cfg)
     state = _map_in(family, cfg, tensors, hf_dir)
     load_weights(model, state, hf_dir / "model.safetensors")
     model.to(device).eval()
-    tokenizers = _tokenizers(family.model_type, hf_dir)
     task = {"bert": "classification" if cfg.num_labels else "embedding", "gpt2": "lm", "marian": "translation"}
     meta = {"imported_from": str(hf_dir), "hf_model_type": family.model_type}
     if cfg.num_labels:
-        meta["labels"] = [hf["id2label"][str(i)] for i in range(cfg.num_labels)]
+        meta["labels"] = Bert.labels(keys)
     return Checkpoint(model, cfg, task[family.model_type], tokenizers, meta, hf_dir)
 
 
-def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _weight_files(hf_dir: Path) -> list[Path]:
     files = sorted(hf_dir.glob("model*.safetensors"))
     if not files:
         if (hf_dir / "pytorch_model.bin").exists():
@@ -70,6 +76,48 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
                 "loaded, so this package never reads one. On a machine you trust, convert it: "
                 "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
         raise CheckpointError(f"{hf_dir}: no model.safetensors")
+    return files
+
+
+def _read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Each tensor's shape and file, from the files' headers alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    shapes[name] = (tuple(st.get_slice(name).get_shape()), f)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: corrupt or truncated weights file ({e})") from None
+    return shapes
+
+
+def _check_shapes(family, cfg, shapes: dict, hf_dir: Path, where: str) -> None:
+    """Refuse a config whose sizes disagree with the weights file's (a config.json claiming hidden_size 10**6
+    would otherwise build a model too large for memory before load_weights compares a single shape)."""
+    prefix = _prefix(family.model_type, shapes)
+    for name, dims in family.shapes(cfg, prefix):
+        held, f = _lookup(shapes, name, hf_dir)
+        want = tuple(n for _, n in dims)
+        if held != want:
+            # name the keys of the sizes that differ (all of them if the number of dimensions does)
+            differ = [i for i in range(len(want)) if len(held) != len(want) or held[i] != want[i]]
+            blame = ", ".join(f"{dims[i][0]}={want[i]}" for i in differ if dims[i][0]) or "fixed sizes"
+            raise CheckpointError(f"{f}: tensor '{name}' has shape {held}, but {where} ({blame}) implies {want}")
+    for stack, key, n in family.stacks(cfg, prefix):
+        layer = re.compile(re.escape(stack) + r"(\d+)\.")
+        count = 1 + max((int(m.group(1)) for s in shapes if (m := layer.match(s))), default=-1)
+        if count != n:
+            raise CheckpointError(f"{where}: key '{key}' is {n}, but {hf_dir / 'model.safetensors'} holds "
+                                  f"{count} such layers (tensors '{stack}N.*')")
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     tensors: dict[str, torch.Tensor] = {}
     for f in files:  # one file, or the shards of a large model
         try:
@@ -85,11 +133,15 @@ def _map_in(family, cfg, tensors: dict[str, torch.Tensor], hf_dir: Path) -> dict
     state = {}
     for mine, theirs, how in family.names(cfg, prefix):
         parts = [_lookup(tensors, name, hf_dir) for name in theirs.split("|")]
-        if how == "t":
-            parts = [p.t() for p in parts]
-        elif how == "row":
-            parts = [p.reshape(-1) for p in parts]
-        state[mine] = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        try:  # a file whose tensors disagree with each other (query and key of two widths) cannot be joined
+            if how == "t":
+                parts = [p.t() for p in parts]
+            elif how == "row":
+                parts = [p.reshape(-1) for p in parts]
+            state[mine] = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        except RuntimeError:
+            shapes = ", ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(theirs.split("|"), parts))
+            raise CheckpointError(f"{hf_dir / 'model.safetensors'}: tensors of inconsistent shapes: {shapes}") from None
     return state
 
 
@@ -113,35 +165,69 @@ def _sentence_transformers(hf_dir: Path) -> dict:
     if not modules_file.is_file():
         return {}
     modules = read_json(modules_file, CheckpointError, "missing")
-    kinds = [m.get("type", "") for m in modules]
-    pooling = "mean"
-    for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            pool_cfg = read_json(hf_dir / m["path"] / "config.json", CheckpointError, "missing")
-            modes = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v]
-            if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
-                raise CheckpointError(f"{hf_dir / m['path'] / 'config.json'}: pooling {modes} is not supported "
-                                      "(mean or first-token pooling)")
-            pooling = "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CheckpointError(f"{modules_file}: must be a JSON list of modules "
+                              f"([{{\"type\": ..., \"path\": ...}}, ...]), got {show(modules)}")
+    kinds, dirs = [], []
+    for i, m in enumerate(modules):
+        entry = Keys(m, f"{modules_file}: module {i}")
+        kinds.append(entry.text("type", ""))
+        # every module's path is checked, used or not: a directory naming a path outside itself is refused
+        dirs.append(inside(hf_dir, entry.text("path", ""), modules_file, f"module {i}'s \"path\""))
     unknown = [k for k in kinds if not k.endswith(("Transformer", "Pooling", "Normalize"))]
     if unknown:
         raise CheckpointError(f"{modules_file}: module {unknown[0]!r} is not supported (Transformer, Pooling, Normalize)")
+    pooling = "mean"
+    for kind, module_dir in zip(kinds, dirs):
+        if kind.endswith("Pooling"):
+            pooling = _pooling(module_dir / "config.json")
     return {"pooling": pooling, "normalize": any(k.endswith("Normalize") for k in kinds), "pooler": False}
 
 
+def _pooling(path: Path) -> str:
+    pool_cfg = Keys(read_json(path, CheckpointError, "missing: a Pooling module's config"), str(path))
+    modes = [k for k in pool_cfg.data if k.startswith("pooling_mode") and pool_cfg.flag(k, False)]
+    if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+        raise CheckpointError(f"{path}: pooling {modes} is not supported (mean or first-token pooling)")
+    return "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
+
+
 def _tokenizers(model_type: str, hf_dir: Path) -> dict:
+    # The file names are fixed here, never read from the directory's metadata (tokenizer_config.json is not
+    # consulted), so none can point outside it.
     if model_type == "marian":
-        vocab = read_json(hf_dir / "vocab.json", CheckpointError, "missing: a Marian model's vocabulary")
-        spm = {}
-        for role, name in (("src", "source.spm"), ("tgt", "target.spm")):
-            if not (hf_dir / name).is_file():
-                raise CheckpointError(f"{hf_dir / name}: missing: a Marian model's SentencePiece model")
-            spm[role] = SentencePieceTokenizer((hf_dir / name).read_bytes(), vocab, append_eos=role == "src")
-        return spm
+        return _marian_tokenizers(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing (only tokenizer.json tokenizers are read)")
     tok = PretrainedTokenizer.from_file(hf_dir / "tokenizer.json", add_special_tokens=model_type == "bert")
     return {"src": tok} if model_type == "bert" else {"tgt": tok}
+
+
+def _marian_tokenizers(hf_dir: Path) -> dict:
+    vocab_file = hf_dir / "vocab.json"
+    vocab = read_json(vocab_file, CheckpointError, "missing: a Marian model's vocabulary")
+    if not isinstance(vocab, dict):
+        raise CheckpointError(f"{vocab_file}: must be a JSON object of piece -> id, got {show(vocab)}")
+    for piece, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise CheckpointError(f"{vocab_file}: entry {piece!r} must be a token id (an integer >= 0), got {show(i)}")
+    for needed in ("</s>", "<unk>"):
+        if needed not in vocab:
+            raise CheckpointError(f"{vocab_file}: entry {needed!r} is missing (Marian's end and unknown tokens)")
+    spm = {}
+    for role, name in (("src", "source.spm"), ("tgt", "target.spm")):
+        path = hf_dir / name
+        try:
+            model = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing: a Marian model's SentencePiece model") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: unreadable ({e})") from None
+        try:
+            spm[role] = SentencePieceTokenizer(model, vocab, append_eos=role == "src")
+        except RuntimeError as e:  # sentencepiece's parse error
+            raise CheckpointError(f"{path}: not a SentencePiece model ({e})") from None
+    return spm
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,28 +1,52 @@
 """One table per Hugging Face family: how its config maps to a `ModelConfig`, and its weight names to ours.
 
-Each family gives `config(hf) -> ModelConfig` (refusing by name what our blocks cannot reproduce exactly),
+Each family gives `config(keys) -> ModelConfig` (refusing by name what our blocks cannot reproduce exactly, and
+any key that is missing or of the wrong type),
 `hf_config(cfg) -> dict` (the way back, refusing what the family cannot represent), and `names(cfg)`: pairs
 (our name, its name, how) where how is "same", "t" (GPT-2's Conv1D stores the matrix transposed), or
 "cat:N" (ours fuses N of its matrices, e.g. query, key and value: the `names` entry lists them joined by "|").
+`shapes(cfg)` and `stacks(cfg)` say what the weights file must hold for that config, with the keys each size
+comes from: checked against the file's header before any model is built, so that a config claiming a huge
+model is refused by name instead of running out of memory.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from .metadata import Keys, show
 
 ACTIVATION_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                  "silu": "silu", "swish": "silu"}
 
 
-def _activation(hf: dict, key: str, where: str) -> str:
-    name = hf.get(key, "gelu")
+def _activation(keys: Keys, key: str) -> str:
+    name = keys.text(key, "gelu")
     if name not in ACTIVATION_IN:
-        raise CheckpointError(f"{where}: {key}={name!r} has no exact equivalent here "
+        raise CheckpointError(f"{keys.where}: {key}={name!r} has no exact equivalent here "
                               f"(supported: {', '.join(sorted(ACTIVATION_IN))})")
     return ACTIVATION_IN[name]
+
+
+def _model_config(keys: Keys, theirs: dict[str, str], **fields: Any) -> ModelConfig:
+    """A ModelConfig, its own refusals (a dropout out of range, d_model not divisible by n_heads, a token id
+    outside the vocabulary) reported against the config.json key the value came from."""
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        ours, _, rest = str(e).partition("=")  # ConfigError messages read "field=value: why"
+        value, _, why = rest.partition(": ")
+        why = re.sub(r"\b(\w+)=", lambda m: f"{theirs.get(m[1], m[1])}=", why)  # "by n_heads=5": their name too
+        raise keys.error(theirs.get(ours, ours), f"is {value}, which {why}") from None
+
+
+# A tensor the weights file must hold: its name and its shape as (config key, size) pairs, key None for a
+# size no key sets. A stack of layers: the names' prefix, the key giving the count, the count.
+Shape = tuple[str, list[tuple[Any, int]]]
+Stack = tuple[str, str, int]
 
 
 def _refuse(where: str, setting: str, why: str) -> None:
@@ -58,25 +82,45 @@ _BERT_LAYER = [
 class Bert:
     model_type = "bert"
 
+    THEIRS = {"src_vocab_size": "vocab_size", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+              "n_encoder_layers": "num_hidden_layers", "d_ff": "intermediate_size", "dropout": "hidden_dropout_prob",
+              "attention_dropout": "attention_probs_dropout_prob", "max_positions": "max_position_embeddings",
+              "pad_id": "pad_token_id", "num_labels": "id2label"}
+
     @staticmethod
-    def config(hf: dict, where: str, pooling: str = "cls", normalize: bool = False, pooler: bool = True) -> ModelConfig:
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            _refuse(where, f"position_embedding_type={hf['position_embedding_type']!r}", "only absolute positions")
-        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+    def config(k: Keys, pooling: str = "cls", normalize: bool = False, pooler: bool = True) -> ModelConfig:
+        where = k.where
+        if (positions := k.text("position_embedding_type", "absolute")) != "absolute":
+            _refuse(where, f"position_embedding_type={positions!r}", "only absolute positions")
+        if k.flag("is_decoder", False) or k.flag("add_cross_attention", False):
             _refuse(where, "a BERT decoder", "only the encoder")
-        if hf.get("problem_type") not in (None, "single_label_classification"):
-            _refuse(where, f"problem_type={hf['problem_type']!r}", "only single-label classification")
-        labels = len(hf["id2label"]) if "ForSequenceClassification" in str(hf.get("architectures")) else 0
-        return ModelConfig(
-            arch="encoder-only", src_vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-            n_heads=hf["num_attention_heads"], n_encoder_layers=hf["num_hidden_layers"],
-            d_ff=hf["intermediate_size"], dropout=hf.get("hidden_dropout_prob", 0.1),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-            activation=_activation(hf, "hidden_act", where), norm_first=False, final_norm=False,
-            positional="learned", max_positions=hf.get("max_position_embeddings", 512),
-            pad_id=hf.get("pad_token_id") or 0, layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            scale_embeddings=False, embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
-            num_labels=labels, pooling=pooling, pooler=pooler, normalize_embeddings=normalize)
+        if (problem := k.text("problem_type", None)) not in (None, "single_label_classification"):
+            _refuse(where, f"problem_type={problem!r}", "only single-label classification")
+        labels = len(Bert.labels(k)) if Bert.classifies(k) else 0
+        return _model_config(
+            k, Bert.THEIRS, arch="encoder-only", src_vocab_size=k.integer("vocab_size"),
+            d_model=k.integer("hidden_size"), n_heads=k.integer("num_attention_heads"),
+            n_encoder_layers=k.integer("num_hidden_layers"), d_ff=k.integer("intermediate_size"),
+            dropout=k.number("hidden_dropout_prob", 0.1),
+            attention_dropout=k.number("attention_probs_dropout_prob", 0.1),
+            activation=_activation(k, "hidden_act"), norm_first=False, final_norm=False, positional="learned",
+            max_positions=k.integer("max_position_embeddings", 512), pad_id=k.token_id("pad_token_id", 0),
+            layer_norm_eps=k.number("layer_norm_eps", 1e-12), scale_embeddings=False, embed_norm=True,
+            type_vocab_size=k.integer("type_vocab_size", 2, low=0), num_labels=labels, pooling=pooling,
+            pooler=pooler, normalize_embeddings=normalize)
+
+    @staticmethod
+    def classifies(k: Keys) -> bool:
+        return any("ForSequenceClassification" in a for a in k.texts("architectures", []))
+
+    @staticmethod
+    def labels(k: Keys) -> list[str]:
+        """A classifier's label names, in id order: id2label must map "0" .. "N-1" to names."""
+        id2label = k.mapping("id2label")
+        names = [id2label.get(str(i)) for i in range(len(id2label))]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise k.error("id2label", f"must map \"0\" .. \"N-1\" to label names, got {show(id2label)}")
+        return names
 
     @staticmethod
     def hf_config(cfg: ModelConfig, where: str) -> dict:
@@ -112,6 +156,23 @@ class Bert:
             out += [("classifier.weight", "classifier.weight", "same"), ("classifier.bias", "classifier.bias", "same")]
         return out
 
+    @staticmethod
+    def shapes(cfg: ModelConfig, p: str) -> list[Shape]:
+        h = ("hidden_size", cfg.d_model)
+        out = [(f"{p}embeddings.word_embeddings.weight", [("vocab_size", cfg.src_vocab_size), h]),
+               (f"{p}embeddings.position_embeddings.weight", [("max_position_embeddings", cfg.max_positions), h]),
+               (f"{p}encoder.layer.0.intermediate.dense.weight", [("intermediate_size", cfg.d_ff), h])]
+        if cfg.type_vocab_size:
+            types = [("type_vocab_size", cfg.type_vocab_size), h]
+            out.append((f"{p}embeddings.token_type_embeddings.weight", types))
+        if cfg.num_labels:
+            out.append(("classifier.weight", [("id2label", cfg.num_labels), h]))
+        return out
+
+    @staticmethod
+    def stacks(cfg: ModelConfig, p: str) -> list[Stack]:
+        return [(f"{p}encoder.layer.", "num_hidden_layers", cfg.n_encoder_layers)]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # GPT-2 (GPT2LMHeadModel)
@@ -129,23 +190,30 @@ _GPT2_LAYER = [
 class GPT2:
     model_type = "gpt2"
 
+    THEIRS = {"tgt_vocab_size": "vocab_size", "d_model": "n_embd", "n_heads": "n_head",
+              "n_decoder_layers": "n_layer", "d_ff": "n_inner", "dropout": "resid_pdrop", "attention_dropout": "attn_pdrop",
+              "max_positions": "n_positions", "pad_id": "eos_token_id", "layer_norm_eps": "layer_norm_epsilon",
+              "bos_id": "bos_token_id", "eos_id": "eos_token_id"}
+
     @staticmethod
-    def config(hf: dict, where: str, **_: Any) -> ModelConfig:
-        if not hf.get("scale_attn_weights", True):
+    def config(k: Keys, **_: Any) -> ModelConfig:
+        where = k.where
+        if not k.flag("scale_attn_weights", True):
             _refuse(where, "scale_attn_weights=false", "attention is always scaled by 1/sqrt(head dim)")
-        if hf.get("scale_attn_by_inverse_layer_idx"):
+        if k.flag("scale_attn_by_inverse_layer_idx", False):
             _refuse(where, "scale_attn_by_inverse_layer_idx=true", "no per-layer attention scaling")
-        if hf.get("add_cross_attention"):
+        if k.flag("add_cross_attention", False):
             _refuse(where, "add_cross_attention=true", "a decoder-only model has no cross-attention")
-        d = hf["n_embd"]
-        eos = hf.get("eos_token_id", 50256)
-        return ModelConfig(
-            arch="decoder-only", tgt_vocab_size=hf["vocab_size"], d_model=d, n_heads=hf["n_head"],
-            n_decoder_layers=hf["n_layer"], d_ff=hf.get("n_inner") or 4 * d, dropout=hf.get("resid_pdrop", 0.1),
-            attention_dropout=hf.get("attn_pdrop", 0.1), activation=_activation(hf, "activation_function", where),
-            norm_first=True, final_norm=True, positional="learned", max_positions=hf.get("n_positions", 1024),
-            tie_embeddings="decoder", pad_id=eos, layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            scale_embeddings=False, bos_id=hf.get("bos_token_id", eos), eos_id=eos)
+        d = k.integer("n_embd")
+        eos = k.token_id("eos_token_id", 50256, several=True)
+        return _model_config(
+            k, GPT2.THEIRS, arch="decoder-only", tgt_vocab_size=k.integer("vocab_size"), d_model=d,
+            n_heads=k.integer("n_head"), n_decoder_layers=k.integer("n_layer"), d_ff=k.integer("n_inner", 4 * d),
+            dropout=k.number("resid_pdrop", 0.1), attention_dropout=k.number("attn_pdrop", 0.1),
+            activation=_activation(k, "activation_function"), norm_first=True, final_norm=True, positional="learned",
+            max_positions=k.integer("n_positions", 1024), tie_embeddings="decoder", pad_id=eos,
+            layer_norm_eps=k.number("layer_norm_epsilon", 1e-5), scale_embeddings=False,
+            bos_id=k.token_id("bos_token_id", eos, several=True), eos_id=eos)
 
     @staticmethod
     def hf_config(cfg: ModelConfig, where: str) -> dict:
@@ -167,6 +235,17 @@ class GPT2:
                ("decoder.positions.embedding.weight", f"{p}wpe.weight", "same")]
         out += _layer_names(f"{p}h", "decoder.layers", _GPT2_LAYER, cfg.n_decoder_layers)
         return out + [("decoder.norm.weight", f"{p}ln_f.weight", "same"), ("decoder.norm.bias", f"{p}ln_f.bias", "same")]
+
+    @staticmethod
+    def shapes(cfg: ModelConfig, p: str) -> list[Shape]:
+        d = ("n_embd", cfg.d_model)
+        return [(f"{p}wte.weight", [("vocab_size", cfg.tgt_vocab_size), d]),
+                (f"{p}wpe.weight", [("n_positions", cfg.max_positions), d]),
+                (f"{p}h.0.mlp.c_fc.weight", [d, ("n_inner", cfg.d_ff)])]  # Conv1D: stored transposed
+
+    @staticmethod
+    def stacks(cfg: ModelConfig, p: str) -> list[Stack]:
+        return [(f"{p}h.", "n_layer", cfg.n_decoder_layers)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,31 +279,40 @@ _MARIAN_DECODER = _MARIAN_ENCODER + [
 class Marian:
     model_type = "marian"
 
+    THEIRS = {"src_vocab_size": "vocab_size", "tgt_vocab_size": "decoder_vocab_size", "d_model": "d_model",
+              "n_heads": "encoder_attention_heads", "n_encoder_layers": "encoder_layers",
+              "n_decoder_layers": "decoder_layers", "d_ff": "encoder_ffn_dim",
+              "max_positions": "max_position_embeddings",
+              "pad_id": "pad_token_id", "bos_id": "decoder_start_token_id", "eos_id": "eos_token_id"}
+
     @staticmethod
-    def config(hf: dict, where: str, **_: Any) -> ModelConfig:
+    def config(k: Keys, **_: Any) -> ModelConfig:
+        where = k.where
         for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
-            if hf.get(a) != hf.get(b):
-                _refuse(where, f"{a}={hf.get(a)} with {b}={hf.get(b)}", "one value for both stacks")
-        if hf.get("encoder_layerdrop") or hf.get("decoder_layerdrop"):
-            pass  # layer drop only acts in training, where it is not reproduced: decoding is exact
-        src_vocab = hf["vocab_size"]
-        tgt_vocab = hf.get("decoder_vocab_size") or src_vocab
-        shared = hf.get("share_encoder_decoder_embeddings", True)
-        tied = hf.get("tie_word_embeddings", True)
+            if (x := k.integer(a)) != (y := k.integer(b)):
+                _refuse(where, f"{a}={x} with {b}={y}", "one value for both stacks")
+        # encoder_layerdrop and decoder_layerdrop are not read: layer drop only acts in training, where it is not
+        # reproduced; decoding is exact
+        src_vocab = k.integer("vocab_size")
+        tgt_vocab = k.integer("decoder_vocab_size", src_vocab)
+        shared = k.flag("share_encoder_decoder_embeddings", True)
+        tied = k.flag("tie_word_embeddings", True)
         if shared and src_vocab != tgt_vocab:
             _refuse(where, "shared embeddings of two vocabulary sizes", "a shared table has one size")
-        eos = hf.get("eos_token_id", 0)
-        eos = eos[0] if isinstance(eos, list) else eos
-        return ModelConfig(
-            arch="encoder-decoder", src_vocab_size=src_vocab, tgt_vocab_size=tgt_vocab, d_model=hf["d_model"],
-            n_heads=hf["encoder_attention_heads"], n_encoder_layers=hf["encoder_layers"],
-            n_decoder_layers=hf["decoder_layers"], d_ff=hf["encoder_ffn_dim"], dropout=hf.get("dropout", 0.1),
-            attention_dropout=hf.get("attention_dropout", 0.0), activation_dropout=hf.get("activation_dropout", 0.0),
-            activation=_activation(hf, "activation_function", where), norm_first=False, final_norm=False,
-            positional="sinusoidal_halves", max_positions=hf.get("max_position_embeddings", 1024),
-            tie_embeddings=("all" if shared else "decoder") if tied else "none", pad_id=hf.get("pad_token_id", 58100),
-            scale_embeddings=bool(hf.get("scale_embedding", False)), output_bias=True,
-            bos_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 58100)), eos_id=eos, layer_norm_eps=1e-5)
+        pad = k.token_id("pad_token_id", 58100)
+        return _model_config(
+            k, Marian.THEIRS, arch="encoder-decoder", src_vocab_size=src_vocab, tgt_vocab_size=tgt_vocab,
+            d_model=k.integer("d_model"), n_heads=k.integer("encoder_attention_heads"),
+            n_encoder_layers=k.integer("encoder_layers"), n_decoder_layers=k.integer("decoder_layers"),
+            d_ff=k.integer("encoder_ffn_dim"), dropout=k.number("dropout", 0.1),
+            attention_dropout=k.number("attention_dropout", 0.0),
+            activation_dropout=k.number("activation_dropout", 0.0),
+            activation=_activation(k, "activation_function"), norm_first=False, final_norm=False,
+            positional="sinusoidal_halves", max_positions=k.integer("max_position_embeddings", 1024),
+            tie_embeddings=("all" if shared else "decoder") if tied else "none", pad_id=pad,
+            scale_embeddings=k.flag("scale_embedding", False), output_bias=True,
+            bos_id=k.token_id("decoder_start_token_id", pad), eos_id=k.token_id("eos_token_id", 0, several=True),
+            layer_norm_eps=1e-5)
 
     @staticmethod
     def hf_config(cfg: ModelConfig, where: str) -> dict:
@@ -256,6 +344,19 @@ class Marian:
         if cfg.tie_embeddings == "none":
             out.append(("output.weight", "lm_head.weight", "same"))
         return out
+
+    @staticmethod
+    def shapes(cfg: ModelConfig, p: str) -> list[Shape]:
+        # the positions are sinusoids, computed rather than stored: max_position_embeddings sizes no tensor
+        d = ("d_model", cfg.d_model)
+        return [(f"{p}encoder.embed_tokens.weight", [("vocab_size", cfg.src_vocab_size), d]),
+                ("final_logits_bias", [(None, 1), ("decoder_vocab_size", cfg.tgt_vocab_size)]),
+                (f"{p}encoder.layers.0.fc1.weight", [("encoder_ffn_dim", cfg.d_ff), d])]
+
+    @staticmethod
+    def stacks(cfg: ModelConfig, p: str) -> list[Stack]:
+        return [(f"{p}encoder.layers.", "encoder_layers", cfg.n_encoder_layers),
+                (f"{p}decoder.layers.", "decoder_layers", cfg.n_decoder_layers)]
 
 
 FAMILIES = {"bert": Bert, "gpt2": GPT2, "marian": Marian}
