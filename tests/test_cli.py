@@ -71,7 +71,7 @@ def test_train_translate_evaluate_average(tmp_path, capsys, parallel_files):
     assert code == 0 and (run / "averaged" / "model.safetensors").is_file()
     # training again into the same directory is refused rather than overwriting it
     code, _, err = run_cli(capsys, "train", cfg, "--out", run)
-    assert_user_error(code, err, "already holds a run", "--resume")
+    assert_user_error(code, err, "already holds a training run", "--resume")
     code, out, _ = run_cli(capsys, "train", "--resume", run, "--set", "train.max_steps=8", "--json")
     assert code == 0 and json.loads(out)["step"] == 8
 
@@ -146,7 +146,7 @@ def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "tokenizer.json").write_text("{oops")
     code, _, err = run_cli(capsys, "translate", broken, "abc")
-    assert_user_error(code, err, "tokenizer.json: unreadable tokenizer file")
+    assert_user_error(code, err, "tokenizer.json: the file differs from the one saved")
     (broken / "tokenizer.json").unlink()
     code, _, err = run_cli(capsys, "translate", broken, "abc")
     assert_user_error(code, err, "tokenizer.json: tokenizer file not found")

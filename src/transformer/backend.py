@@ -19,6 +19,7 @@ Every other module asks here; nothing else probes the hardware. Three kinds of d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -72,14 +73,18 @@ def resolve_device(spec: str = "auto") -> torch.device:
 # Precision
 
 
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
     return set()
 
 
@@ -193,6 +198,13 @@ class CpuPaths:
     packed_bf16: bool = False  # decoding under bf16 autocast with weights packed once in bf16
     why: str = "off"
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> "CpuPaths":
+        return CpuPaths(bool(data["train"]), bool(data["packed"]), bool(data["packed_bf16"]), str(data.get("why", "")))
+
     def describe(self) -> str:
         on = [n for n, v in (("training", self.train), ("packed decoding", self.packed),
                               ("packed bf16 decoding", self.packed_bf16)) if v]
@@ -305,13 +317,71 @@ def int8_works() -> bool:
 _paths: Optional[CpuPaths] = None
 
 
+def _decision_file() -> Path:
+    """Where this machine's timed decision is kept: one file per CPU model, flags, torch build and thread
+    count, so that every process on the machine makes the same choice (its products sum in the same order)."""
+    import hashlib
+
+    from .files import cache_root
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    key = "|".join([model, " ".join(sorted(cpu_flags())), torch.__version__, str(torch.get_num_threads()),
+                    platform.machine()])
+    return cache_root() / "cpu-paths" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _decide_once() -> CpuPaths:
+    """The timed decision, made once per machine and then read back from the cache: a timing near the margin
+    would otherwise turn a path on in one process and off in the next, and two runs of one recipe (or a run
+    and its resumed half) would sum in different orders. TRANSFORMER_ONEDNN=0/1 is decided without timing."""
+    import json
+
+    from .files import write_json_atomic
+
+    if os.environ.get("TRANSFORMER_ONEDNN", "auto").strip().lower() not in ("auto", ""):
+        return _decide()
+    path = _decision_file()
+    try:
+        saved = CpuPaths.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if (not saved.train and not saved.packed) or _works(torch.float32):  # still true of this build
+            return dataclasses.replace(saved, why=f"{saved.why}; decided once for this machine, {path}")
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    paths = _decide()
+    try:
+        write_json_atomic(path, paths.to_dict())
+    except OSError as e:  # an unwritable cache: decided again by the next process
+        log.debug("could not keep the CPU paths decision in %s (%s)", path, e)
+    return paths
+
+
 def cpu_paths() -> CpuPaths:
-    """This process's CPU fast paths, decided on first use (about 0.1 s) and then fixed."""
+    """This process's CPU fast paths: decided on first use (about 0.1 s, once per machine: `_decide_once`) and
+    then fixed."""
     global _paths
     if _paths is None:
-        _paths = _decide()
+        _paths = _decide_once()
         log.debug("CPU fast paths: %s", _paths.describe())
     return _paths
+
+
+def reapply_cpu_paths(saved: Optional[dict]) -> Optional[str]:
+    """Resume a run on the CPU paths it was trained with (`CpuPaths.to_dict()` as saved in its `last/`), so
+    its products sum in the same order as before it stopped. Paths this machine cannot run stay off. Returns a
+    line for the log when the saved paths differ from the ones this process had."""
+    if not saved:
+        return None
+    want = CpuPaths.from_dict(saved)
+    fp32, bf16 = onednn_usable(torch.float32), onednn_usable(torch.bfloat16)
+    paths = CpuPaths(want.train and fp32, want.packed and fp32, want.packed_bf16 and bf16,
+                     why=f"as the run was trained ({want.why})")
+    before = cpu_paths()
+    set_cpu_paths(paths)
+    if (before.train, before.packed, before.packed_bf16) == (paths.train, paths.packed, paths.packed_bf16):
+        return None
+    lost = " (some are unavailable here: this run will not continue bit-identically)" if paths != dataclasses.replace(
+        want, why=paths.why) else ""
+    return f"CPU fast paths set as the run was trained: {paths.describe()}{lost}"
 
 
 def set_cpu_paths(paths: Optional[CpuPaths]) -> None:

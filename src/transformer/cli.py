@@ -105,10 +105,10 @@ def _read_inputs(texts: Sequence[str], input_file: Optional[str]) -> list[str]:
     return [line.rstrip("\r\n") for line in sys.stdin]
 
 
-def _run_trainer(run, out: Path, resume: bool, quiet: bool):
+def _run_trainer(run, out: Path, resume: bool, quiet: bool, overwrite: bool = False):
     from .train import Trainer
 
-    trainer = Trainer(run, out, resume=resume)
+    trainer = Trainer(run, out, resume=resume, overwrite=overwrite)
     t = run.train
     bar = _ProgressBar(t.max_steps or None, enabled=not quiet and _is_main_process(), max_minutes=t.max_minutes)
     trainer.progress = bar
@@ -150,14 +150,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           eval_bleu_sentences=200, log_every=10, precision="fp32", device=args.device),
     )
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / "run_config.json").exists():
-        raise TransformerError(f"{out}: exists and is not a run directory; choose another --out")
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh demo run replaces an old one
+    # a fresh demo replaces an earlier demo's run (that is what running it twice means); any other run only
+    # with --overwrite, and a directory that holds no run never
+    overwrite = args.overwrite or _is_demo_run(out)
     if not args.json:
         print(f"Training a Transformer to {args.task} letter strings (held-out strings never seen in training)...",
               file=sys.stderr)
-    trainer, _, seconds = _run_trainer(run, out, resume=False, quiet=args.json)
+    trainer, _, seconds = _run_trainer(run, out, resume=False, quiet=args.json, overwrite=overwrite)
     ckpt = load_checkpoint(out / "best", device=trainer.device)
     task = build_task(run, ckpt.tokenizers)
     test_src, test_tgt = task.val_src[-_DEMO_TEST:], task.val_tgt[-_DEMO_TEST:]  # not the validation strings
@@ -179,6 +178,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_demo_run(out: Path) -> bool:
+    """Does `out` hold a run of `transformer demo` (the built-in task)?"""
+    try:
+        return json.loads((out / "run_config.json").read_text(encoding="utf-8"))["data"]["task"] == "synthetic"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides, from_dict, load_run_config
     from .rundir import read_run_config
@@ -195,8 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise TransformerError("give a config file (e.g. configs/multi30k-en-de.yaml) or --resume RUN_DIR")
         run = load_run_config(args.config, args.set)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        if (out / "last").exists():
-            raise TransformerError(f"{out}: already holds a run; resume it with --resume {out} or choose another --out")
+        if (out / "run_config.json").exists() and not args.overwrite:
+            raise TransformerError(f"{out}: already holds a training run; resume it with --resume {out}, start it "
+                                   "afresh with --overwrite, or choose another --out")
     if args.max_minutes is not None:
         run.train.max_minutes = args.max_minutes
     if args.device is not None:
@@ -206,7 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run.model.init_from = args.init_from
     if args.fsdp:
         run.train.fsdp = True
-    _, record, seconds = _run_trainer(run, out, resume=bool(args.resume), quiet=args.json)
+    _, record, seconds = _run_trainer(run, out, resume=bool(args.resume), quiet=args.json, overwrite=args.overwrite)
     result = {"run_dir": str(out), "seconds": round(seconds, 1), **record}
     if not _is_main_process():
         return 0
@@ -366,7 +374,7 @@ def cmd_average(args: argparse.Namespace) -> int:
         raise TransformerError(f"{run_dir}: no checkpoints/step-* directories to average")
     chosen = steps[-args.last :]
     out = Path(args.out) if args.out else run_dir / "averaged"
-    average_checkpoints(chosen, out)
+    average_checkpoints(chosen, out, overwrite=args.overwrite)
     print(f"averaged {len(chosen)} checkpoints ({chosen[0].name} .. {chosen[-1].name}) into {out}")
     return 0
 
@@ -403,7 +411,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .interop import from_pretrained
 
     ckpt = from_pretrained(args.hf_dir)
-    out = save_checkpoint(args.out, ckpt.model, ckpt.task, ckpt.tokenizers, ckpt.meta)
+    out = save_checkpoint(args.out, ckpt.model, ckpt.task, ckpt.tokenizers, ckpt.meta, overwrite=args.overwrite)
     cfg = ckpt.config
     print(f"imported a {ckpt.meta['hf_model_type']} model ({cfg.arch}, {cfg.d_model} wide, "
           f"{cfg.n_encoder_layers if cfg.arch != 'decoder-only' else cfg.n_decoder_layers} layers) into {out} "
@@ -419,12 +427,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "ct2":
         from .interop.ctranslate2 import export_ct2
 
-        out = export_ct2(ckpt, args.out, quantization=args.quantization)
+        out = export_ct2(ckpt, args.out, quantization=args.quantization, overwrite=args.overwrite)
         print(f"wrote a CTranslate2 model directory to {out}")
         return 0
     if args.quantization:
         raise TransformerError("--quantization applies to --to ct2 only")
-    out = export_hf(ckpt, args.out)
+    out = export_hf(ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote a Hugging Face model directory to {out}")
     return 0
 
@@ -485,6 +493,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # Parser
 
 
+def _overwrite_option(q: argparse.ArgumentParser, what: str) -> None:
+    q.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what}; a directory holding anything else is never written")
+
+
 def _device_option(q: argparse.ArgumentParser) -> None:
     q.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
@@ -497,6 +510,7 @@ def _add_training_commands(sub) -> None:
     d.add_argument("--max-minutes", type=_nonneg_float, default=2.75, help="time budget (default 2.75)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    _overwrite_option(d, "a run in --out that is not an earlier demo's")
     _device_option(d)
     d.set_defaults(fn=cmd_demo)
 
@@ -516,6 +530,7 @@ def _add_training_commands(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object at the end (no progress bar)")
     t.add_argument("--device", help="auto (the GPU when there is one), cpu, cuda or cuda:N (train.device)")
     t.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's model (model.init_from)")
+    _overwrite_option(t, "the run in --out (its checkpoints, metrics and run_config.json; other files are kept)")
     t.set_defaults(fn=cmd_train)
 
 
@@ -555,6 +570,7 @@ def _add_pretrained_commands(sub) -> None:
     im = sub.add_parser("import", help="turn a Hugging Face model directory (BERT, Marian, GPT-2) into a checkpoint")
     im.add_argument("hf_dir", help="a local directory with config.json, model.safetensors and tokenizer files")
     im.add_argument("--out", required=True, help="checkpoint directory to write")
+    _overwrite_option(im, "a checkpoint in --out")
     im.set_defaults(fn=cmd_import)
     ex = sub.add_parser("export", help="write a checkpoint in another library's format")
     ex.add_argument("checkpoint")
@@ -563,6 +579,7 @@ def _add_pretrained_commands(sub) -> None:
     ex.add_argument("out", help="directory to write")
     ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
                     help="ct2: store the weights in this type (default float32)")
+    _overwrite_option(ex, "a model of the same format in OUT")
     ex.set_defaults(fn=cmd_export)
     _add_texts_command(sub, "classify", "label texts with a classifier checkpoint", "texts",
                        "print one JSON object with every label's probability", cmd_classify)
@@ -610,6 +627,7 @@ def _add_other_commands(sub) -> None:
     a.add_argument("run_dir")
     a.add_argument("--last", type=_positive_int, default=5, help="how many of the newest checkpoints (default 5)")
     a.add_argument("--out", help="output checkpoint directory (default: RUN_DIR/averaged)")
+    _overwrite_option(a, "a checkpoint in --out")
     a.set_defaults(fn=cmd_average)
 
     g = sub.add_parser("generate", help="sample text from a language-model checkpoint")
@@ -682,6 +700,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # the machine's refusal (permissions, a full disk), not a bug: say which file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"transformer: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

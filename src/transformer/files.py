@@ -86,12 +86,14 @@ def check_output_dir(path: str | Path, kind: str, holds: Callable[[Path], Option
         return path
     if not path.is_dir():
         raise TransformerError(f"{path}: exists and is not a directory; choose another output directory")
-    if not any(path.iterdir()):
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
         return path
     other = holds(path)
     if other is not None:
-        raise TransformerError(f"{path}: is not empty and does not hold a {kind} ({other}); nothing was written: "
-                               "choose a new or empty directory")
+        held = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise TransformerError(f"{path}: is not empty and does not hold a {kind} ({other}; it holds {held}); "
+                               "nothing was written: choose a new or empty directory")
     if not overwrite:
         raise TransformerError(f"{path}: already holds a {kind}; {flag} replaces it")
     return path
@@ -145,3 +147,20 @@ def cache_root() -> Path:
     """This package's cache: $TRANSFORMER_CACHE, else $XDG_CACHE_HOME/transformer, else ~/.cache/transformer."""
     home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.environ.get("TRANSFORMER_CACHE") or os.path.join(home, "transformer"))
+
+
+@contextlib.contextmanager
+def new_directory(directory: str | Path, kind: str, holds: Callable[[Path], Optional[str]],
+                  overwrite: bool) -> Iterator[Path]:
+    """Write a whole directory of output: check `directory` may take a `kind` (`check_output_dir`), yield an
+    empty temporary sibling to write into, and put it in `directory`'s place only when the block ends without
+    an exception (else it is removed and `directory` is untouched)."""
+    directory = Path(directory)
+    recover_directory(directory, clean=True)
+    check_output_dir(directory, kind, holds, overwrite)
+    tmp = temporary_sibling(directory)
+    try:
+        yield tmp
+        replace_directory(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

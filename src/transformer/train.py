@@ -38,6 +38,7 @@ from .distributed import (
     named_optimizer_state,
 )
 from .errors import CheckpointError, TransformerError
+from .files import check_output_dir
 from .generate import translate_texts
 from .model import build_model, count_parameters
 from .tasks import build_task
@@ -82,6 +83,10 @@ class Position:
     elapsed: float = 0.0  # seconds of training before this process
     best: Optional[float] = None  # best validation metric so far
     step_seconds: float = 0.0  # of the elapsed time, seconds spent in training steps (not validating, saving)
+    bad_steps: int = 0  # non-finite steps in a row
+    reached_target: bool = False  # the validation metric reached train.stop_at
+    validated: Optional[dict] = None  # the last validation's figures (its "step": when it was)
+    windows: dict = field(default_factory=dict)  # the figures summed since the last report / validation
 
 
 @dataclass
@@ -97,6 +102,10 @@ class _Window:
         self.loss += loss
         self.tokens += tokens
         self.norms.append(norm)
+
+    def saved(self) -> dict[str, Any]:
+        """What a resumed run needs to carry the window on (its clock starts again)."""
+        return {"loss": self.loss, "tokens": self.tokens, "norms": list(self.norms)}
 
 
 class _LossStep(nn.Module):
@@ -163,6 +172,8 @@ class Trainer:
         out_dir: the run directory.
         resume: continue the run in `out_dir` from its `last/` checkpoint.
         progress: called with a dict (step, epoch, loss, lr, tokens_per_s, minutes) every `log_every` steps.
+        overwrite: a new run may replace the run already in `out_dir` (what a run writes there is removed when
+            training starts; other files are kept). A directory that holds anything but a run is never written.
     """
 
     def __init__(
@@ -171,10 +182,15 @@ class Trainer:
         out_dir: str | Path,
         resume: bool = False,
         progress: Optional[Callable[[dict[str, Any]], None]] = None,
+        overwrite: bool = False,
     ) -> None:
         self.out = Path(out_dir)
         self.progress = progress
         self.dist = Distributed(run.train.device)
+        # checked first, before any corpus is prepared; by the main process, the one that writes the directory
+        self.clear = not resume and self.dist.main and (self.out / rundir.CONFIG).exists()
+        if not resume and self.dist.main:
+            check_output_dir(self.out, "training run", rundir.not_a_run_dir, overwrite)
         self.device = self.dist.device
         self.precision = backend.resolve_precision(run.train.precision, self.device)
         self.variant = run.variant_changes(self.precision.name)  # the recipe's settings for this precision
@@ -188,6 +204,10 @@ class Trainer:
                 state = read_training_state(self.out / "last")
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; cannot --resume {self.out}") from None
+            if self.device.type == "cpu":  # the products sum in the order they did before the run stopped
+                changed = backend.reapply_cpu_paths(state.meta.get("cpu_paths"))
+                if changed and self.dist.main:
+                    log.info("%s", changed)
         elif run.model.init_from:  # fine-tuning: the starting checkpoint's model and tokenizer
             base = load_checkpoint(run.model.init_from)
         tokenizers = state.checkpoint.tokenizers if state else base.tokenizers if base else None
@@ -208,52 +228,69 @@ class Trainer:
         self.saver = _Saver(self.out, self.run, self.task, self.dist, self.model, self.optimizer, self.fsdp)
         self.position = Position() if state is None else _restore(state, self.model, self.optimizer, self.dist,
                                                                    self.run.train.seed, self.fsdp)
-        self.bad_steps = 0
-        self.reached_target = False  # the validation metric reached train.stop_at
+        if state is not None:  # steps beyond last/ belong to the part of the run that was lost
+            if self.dist.main:
+                rundir.drop_later_steps(self.out, self.position.step)
+        self.since_log = _Window(**self.position.windows.get("log", {}))
+        self.since_eval = _Window(**self.position.windows.get("eval", {}))
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        """Train until max_steps, max_epochs, max_minutes or stop_at; returns the last validation figures."""
+        """Train until max_steps, max_epochs, max_minutes or stop_at; returns the last validation figures.
+
+        SIGINT/SIGTERM at any point of it (the handlers are in place before anything is written) stop training
+        at the next safe point, a resumable `last/` written: after the current step, or after the final
+        validation or the averaging. A resumed run then does exactly what remains."""
         t = self.run.train
-        if self.dist.main:
-            self._start_run_dir()
-        start = time.perf_counter() - self.position.elapsed
-        since_log, since_eval = _Window(), _Window()
-        last_eval: dict[str, Any] = {}
         with StopSignals() as signals:
+            if self.dist.main:
+                self._start_run_dir()
+            start = time.perf_counter() - self.position.elapsed
+            self._stop_if_signalled(signals.signum, start)
             while not self._done(start):
                 step_start = time.perf_counter()
                 figures = self._train_step()
                 self.position.step_seconds += time.perf_counter() - step_start
-                since_log.add(*figures)
-                since_eval.add(*figures)
+                self.since_log.add(*figures)
+                self.since_eval.add(*figures)
                 if self.position.step % t.log_every == 0:
-                    self._report(since_log, start)
-                    since_log = _Window()
+                    self._report(self.since_log, start)
+                    self.since_log = _Window()
                 if self.position.step % t.eval_every == 0:
-                    last_eval = self._validate(start, since_eval)
-                    since_eval = _Window()
+                    self._validate(start, self.since_eval)
                 self._stop_if_signalled(signals.signum, start)
-            if last_eval.get("step") != self.position.step:
-                last_eval = self._validate(start, None)
+            if (self.position.validated or {}).get("step") != self.position.step:
+                self._validate(start, None)
+                self._stop_if_signalled(signals.signum, start)
             if t.average_last and self.dist.main:
                 averaged = rundir.average_last(self.out, t.average_last, self.position.step)
                 log.info("averaged %s into %s", ", ".join(p.name for p in averaged), self.out / "averaged")
-        return last_eval
+            self._stop_if_signalled(signals.signum, start, saved=True)
+        return dict(self.position.validated or {})
 
-    def _stop_if_signalled(self, signum: Optional[int], start: float) -> None:
-        """After SIGINT/SIGTERM: save a resumable checkpoint and stop (every process at the same step)."""
+    def _stop_if_signalled(self, signum: Optional[int], start: float, saved: bool = False) -> None:
+        """After SIGINT/SIGTERM: save a resumable checkpoint (unless `saved`: the run is complete and `last/`
+        holds it) and stop, every process at the same point."""
         if not self.dist.sum(float(signum is not None)):
             return
-        self.saver.last(self.position, time.perf_counter() - start)
+        if not saved:
+            self.saver.last(self._position(), time.perf_counter() - start)
         signum = signum or signal.SIGTERM
         raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at step {self.position.step}; "
                                   f"resume with --resume {self.out}", signum)
 
+    def _position(self) -> Position:
+        """The position to save, with the figures summed since the last report and validation."""
+        self.position.windows = {"log": self.since_log.saved(), "eval": self.since_eval.saved()}
+        return self.position
+
     def _start_run_dir(self) -> None:
+        if self.clear:  # a new run over an old one (`overwrite`): the old run's files go, nothing else
+            rundir.clear_run(self.out)
+            self.clear = False
         self.out.mkdir(parents=True, exist_ok=True)
-        rundir.write_run_config(self.out, self.run)
+        rundir.write_run_config(self.out, self.run, _cpu_paths(self.device))
         log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
                  self.task.name, self.dist.world)
         log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.position.epoch))
@@ -306,7 +343,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(t, self.position.step, self.total_steps, group.get("peak"))
             self.optimizer.step()
-            self.bad_steps = 0
+            self.position.bad_steps = 0
         else:
             self._skip_bad_step(step_loss, float(norm))
         return float(norm)
@@ -314,13 +351,13 @@ class Trainer:
     def _skip_bad_step(self, loss: float, norm: float) -> None:
         """A non-finite loss or gradient: no update this step; too many in a row ends training."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps += 1
+        self.position.bad_steps += 1
         limit = self.run.train.max_bad_steps
         log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row, limit %d)",
-                    self.position.step, loss, norm, self.bad_steps, limit)
-        if self.bad_steps >= limit:
+                    self.position.step, loss, norm, self.position.bad_steps, limit)
+        if self.position.bad_steps >= limit:
             raise TransformerError(
-                f"training stopped at step {self.position.step}: {self.bad_steps} steps in a row had a non-finite "
+                f"training stopped at step {self.position.step}: {self.position.bad_steps} steps in a row had a non-finite "
                 f"loss or gradient (try a lower train.lr or train.precision: fp32); the last good checkpoint is "
                 f"{self.out / 'last'}"
             )
@@ -335,7 +372,7 @@ class Trainer:
             return True
         if t.max_minutes and time.perf_counter() - start >= t.max_minutes * 60:
             return True
-        return self.reached_target
+        return self.position.reached_target
 
     def _report(self, window: _Window, start: float) -> None:
         if not self.dist.main or self.progress is None:
@@ -361,8 +398,12 @@ class Trainer:
         if model is not None:
             record = self._score(model, start, window)
             self.saver.validated(record, model, self._note_best(record))
-        self.saver.last(self.position, time.perf_counter() - start, model, gathered=True)  # records the new best
-        self.reached_target = self.dist.sum(float(self.reached_target)) > 0  # the main process scored
+        if window is not None:
+            self.since_eval = _Window()  # before last/ is saved: a resumed run starts the next window afresh
+        # the main process scored: every process learns whether stop_at was reached, and what was validated
+        self.position.reached_target = self.dist.sum(float(self.position.reached_target)) > 0
+        self.position.validated = record if self.dist.main else {"step": self.position.step}
+        self.saver.last(self._position(), time.perf_counter() - start, model, gathered=True)  # records the best
         return record
 
     def _score(self, model: nn.Module, start: float, window: Optional[_Window]) -> dict[str, Any]:
@@ -383,14 +424,15 @@ class Trainer:
     def _note_best(self, record: dict[str, Any]) -> bool:
         """Update the best score (and whether `stop_at` is reached) from `record`; True if it is a new best."""
         value = record.get(self.task.metric)
-        if value is None:
+        if value is None or not math.isfinite(value):  # a NaN is never best, and would block every later best
             return False
         lower = self.task.metric == "val_loss"  # lower is better
         better = self.position.best is None or (value < self.position.best if lower else value > self.position.best)
         if better:
             self.position.best = value
         if self.run.train.stop_at is not None:
-            self.reached_target = value <= self.run.train.stop_at if lower else value >= self.run.train.stop_at
+            stop = self.run.train.stop_at
+            self.position.reached_target = value <= stop if lower else value >= stop
         return better
 
 
@@ -469,14 +511,21 @@ class _Saver:
         if model is not None:
             rng = {f"torch.{r}": s for r, s in enumerate(cpu_rngs)}
             rng.update({f"cuda.{r}": s for r, s in enumerate(gpu_rngs) if s is not None})
-            meta = {"position": {**dataclasses.asdict(position), "elapsed": elapsed}, "world": self.dist.world}
+            meta = {"position": {**dataclasses.asdict(position), "elapsed": elapsed}, "world": self.dist.world,
+                    "cpu_paths": _cpu_paths(device)}
             self._write(self.out / "last", model, position.step, training_state(optimizer, rng, meta))
         self.dist.barrier()
 
     def _write(self, directory: Path, model: nn.Module, step: int, state=None, extra: Optional[dict] = None) -> None:
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:  # never over a good checkpoint: last/ must stay "the last good checkpoint"
+            raise TransformerError(
+                f"training stopped at step {step}: parameter '{bad}' is no longer finite (inf/NaN), so nothing was "
+                f"saved to {directory}; the last good checkpoint is {self.out / 'last'} (try a lower train.lr or "
+                "train.precision: fp32)")
         meta = {"step": step, "run": self.run.to_dict(), **getattr(self.task, "meta", {}), **(extra or {})}
         try:
-            save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state)
+            save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state, overwrite=True)
         except OSError as e:
             raise TransformerError(
                 f"{directory}: could not save the checkpoint ({e.strerror or e}); the previous one is intact"
@@ -505,6 +554,11 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, h in self._old.items():
             signal.signal(sig, h)
+
+
+def _cpu_paths(device: torch.device) -> Optional[dict]:
+    """The CPU fast paths training runs on, to save with the run (None on a GPU, where there are none)."""
+    return backend.cpu_paths().to_dict() if device.type == "cpu" else None
 
 
 def _to_device(batch, device: torch.device):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..checkpoint import Checkpoint, load_weights
 from ..errors import CheckpointError
-from ..files import atomic_path, read_json, write_json_atomic
+from ..files import atomic_path, foreign_entries, new_directory, read_json, write_json_atomic
 from ..model import build_model
 from .families import FAMILIES, Bert
 from .metadata import Keys, inside, show
@@ -234,9 +235,23 @@ def _marian_tokenizers(hf_dir: Path) -> dict:
 # Export
 
 
-def export_hf(ckpt: Checkpoint, out: str | Path) -> Path:
+# What an export writes into a Hugging Face model directory (and so what `overwrite` may replace)
+HF_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "source.spm", "target.spm",
+            "vocab.json", "modules.json", "1_Pooling", "2_Normalize", "generation_config.json",
+            "special_tokens_map.json"}
+
+
+def _not_an_hf_export(directory: Path) -> Optional[str]:
+    """For `files.check_output_dir`: None when `directory` holds a Hugging Face model and nothing else."""
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        return "no config.json and model.safetensors of a Hugging Face model"
+    return foreign_entries(directory, lambda name: name in HF_FILES)
+
+
+def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Path:
     """Write `ckpt` as a Hugging Face model directory (config.json, model.safetensors, tokenizer files) that
-    `transformers`' from_pretrained loads, if one of the supported classes can represent it exactly."""
+    `transformers`' from_pretrained loads, if one of the supported classes can represent it exactly. `out` is
+    written whole or not at all; it must be new or empty, or hold an export (replaced with `overwrite`)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -260,13 +275,12 @@ def export_hf(ckpt: Checkpoint, out: str | Path) -> Path:
             tensors[name] = part.detach().contiguous().cpu()
     if family.model_type == "marian":
         _add_marian_aliases(tensors, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _export_tokenizers(ckpt, hf, out)
-    if family.model_type == "bert" and not cfg.num_labels:
-        _export_pooling(cfg, out)
-    write_json_atomic(out / "config.json", hf)
+    with new_directory(out, "Hugging Face model", _not_an_hf_export, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _export_tokenizers(ckpt, hf, tmp)
+        if family.model_type == "bert" and not cfg.num_labels:
+            _export_pooling(cfg, tmp)
+        write_json_atomic(tmp / "config.json", hf)
     return out
 
 

@@ -17,12 +17,29 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
+from ..files import check_output_dir, foreign_entries, new_directory
 
 _ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "gelu_tanh": "GELUTanh", "silu": "SWISH"}
 
 
-def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = None, max_positions: int = 1024) -> Path:
-    """Write `ckpt` as a CTranslate2 model directory (`quantization`: None for float32, or "int8", ...)."""
+# What CTranslate2's converter writes into a model directory (and so what `overwrite` may replace)
+CT2_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json", "target_vocabulary.json",
+             "shared_vocabulary.txt", "source_vocabulary.txt", "target_vocabulary.txt", "vocabulary.json",
+             "vocabulary.txt"}
+
+
+def _not_a_ct2_model(directory: Path) -> Optional[str]:
+    """For `files.check_output_dir`: None when `directory` holds a CTranslate2 model and nothing else."""
+    if not (directory / "model.bin").is_file():
+        return "no model.bin of a CTranslate2 model"
+    return foreign_entries(directory, lambda name: name in CT2_FILES)
+
+
+def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = None, max_positions: int = 1024,
+               overwrite: bool = False) -> Path:
+    """Write `ckpt` as a CTranslate2 model directory (`quantization`: None for float32, or "int8", ...). `out`
+    is written whole or not at all; it must be new or empty, or hold a CTranslate2 model (replaced with
+    `overwrite`): the converter itself would delete whatever `out` held."""
     try:
         import ctranslate2
         from ctranslate2.specs import common_spec, transformer_spec
@@ -30,6 +47,7 @@ def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = 
         raise CheckpointError("exporting to CTranslate2 needs it installed: pip install ctranslate2") from None
     cfg, where = ckpt.config, str(ckpt.path or "checkpoint")
     _check(cfg, where)
+    check_output_dir(out, "CTranslate2 model", _not_a_ct2_model, overwrite)  # before the work, not after it
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.n_encoder_layers, cfg.n_decoder_layers), cfg.n_heads, pre_norm=cfg.norm_first,
         no_final_norm=cfg.norm_first and not cfg.final_norm,
@@ -72,7 +90,10 @@ def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = 
         def _load(self):
             return spec
 
-    return Path(_Converter().convert(str(out), quantization=quantization, force=True))
+    with new_directory(out, "CTranslate2 model", _not_a_ct2_model, overwrite) as tmp:
+        # force: the converter may replace our own empty temporary directory, never `out`
+        _Converter().convert(str(tmp), quantization=quantization, force=True)
+    return Path(out)
 
 
 def _check(cfg, where: str) -> None:
