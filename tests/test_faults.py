@@ -148,3 +148,63 @@ def test_a_kill_at_any_point_of_saving_never_breaks_the_checkpoint(tmp_path):
             assert ckpt.meta["i"] == 2 and leftovers == []
             break
     assert k > 5  # the save really has that many points, and each was cut
+
+
+# Where a signal can arrive during training, and how to deliver it there: (name, what to wrap, which call).
+# "loss" calls are micro-batches (2 a step: call 5 is the first half of step 3, call 16 the last of step 8);
+# validations run at steps 3, 6 and the final one at 8; saves are step, best and last checkpoints.
+SIGNAL_POINTS = [
+    ("before the first step", "run_config", 1), ("between micro-batches", "loss", 5),
+    ("during a validation", "validate", 1), ("during a save", "save", 2), ("at the last step", "loss", 16),
+    ("during the final validation", "validate", 3), ("during the averaging", "average", 1),
+]
+
+
+def _no_clock(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("minutes", "train_minutes")}
+            for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("point, where, call", SIGNAL_POINTS, ids=[p[0] for p in SIGNAL_POINTS])
+def test_a_signal_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, point, where, call):
+    import os
+
+    from transformer import rundir, train
+    from transformer.train import TrainingInterrupted
+
+    run = tiny_run_config(max_steps=8, eval_every=3, eval_bleu_sentences=5, accumulate=2, max_tokens=256,
+                          average_last=2, log_every=2)
+    whole = Trainer(run, tmp_path / "whole")
+    expected = whole.train()
+    sig = signal.SIGTERM if call % 2 else signal.SIGINT
+    cut = Trainer(run, tmp_path / "cut")
+    calls = {"n": 0}
+
+    def deliver(real):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == call:
+                os.kill(os.getpid(), sig)  # the handler only notes it; the trainer stops at its next safe point
+            return real(*args, **kwargs)
+        return wrapped
+
+    with monkeypatch.context() as m:
+        if where == "loss":
+            cut.task.loss = deliver(cut.task.loss)
+        elif where == "validate":
+            cut.task.validate = deliver(cut.task.validate)
+        else:
+            module, name = {"run_config": (rundir, "write_run_config"), "save": (train, "save_checkpoint"),
+                            "average": (rundir, "average_checkpoints")}[where]
+            m.setattr(module, name, deliver(getattr(module, name)))
+        with pytest.raises(TrainingInterrupted) as stopped:
+            cut.train()
+    assert stopped.value.exit_code == 128 + sig
+    resumed = Trainer(run, tmp_path / "cut", resume=True).train()
+    clockless = [{k: v for k, v in r.items() if k not in ("minutes", "train_minutes")} for r in (resumed, expected)]
+    assert clockless[0] == clockless[1]
+    for name in ("last", "best", "averaged"):
+        a = load_checkpoint(tmp_path / "cut" / name).model.state_dict()
+        b = load_checkpoint(tmp_path / "whole" / name).model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), (point, name)
+    assert _no_clock(tmp_path / "cut" / "metrics.jsonl") == _no_clock(tmp_path / "whole" / "metrics.jsonl")
