@@ -118,3 +118,18 @@ def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
     applied, mmapped = run(TRANSFORMER_MALLOC="0")
     assert applied == "False" and mmapped >= 16 << 20  # glibc's default: a fresh mapping
     assert run(MALLOC_ARENA_MAX="2")[0] == "False"
+
+
+def test_a_resumed_run_takes_the_cpu_paths_it_was_trained_with():
+    from transformer import backend
+
+    backend.set_cpu_paths(backend.CpuPaths(why="test"))
+    try:
+        trained = backend.CpuPaths(train=True, why="timed").to_dict()
+        line = backend.reapply_cpu_paths(trained)
+        usable = backend.onednn_usable()
+        assert backend.cpu_paths().train == usable  # on where this machine runs it, else off
+        assert (line is not None) == usable
+        assert backend.reapply_cpu_paths(trained) is None  # already so: nothing to say
+    finally:
+        backend.set_cpu_paths(None)

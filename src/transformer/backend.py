@@ -375,12 +375,14 @@ def reapply_cpu_paths(saved: Optional[dict]) -> Optional[str]:
     fp32, bf16 = onednn_usable(torch.float32), onednn_usable(torch.bfloat16)
     paths = CpuPaths(want.train and fp32, want.packed and fp32, want.packed_bf16 and bf16,
                      why=f"as the run was trained ({want.why})")
+    def chosen(p: CpuPaths) -> tuple[bool, bool, bool]:
+        return p.train, p.packed, p.packed_bf16
+
     before = cpu_paths()
     set_cpu_paths(paths)
-    if (before.train, before.packed, before.packed_bf16) == (paths.train, paths.packed, paths.packed_bf16):
+    if chosen(before) == chosen(paths):
         return None
-    lost = " (some are unavailable here: this run will not continue bit-identically)" if paths != dataclasses.replace(
-        want, why=paths.why) else ""
+    lost = "" if chosen(paths) == chosen(want) else " (some are unavailable here: the run will not continue bit-identically)"
     return f"CPU fast paths set as the run was trained: {paths.describe()}{lost}"
 
 
