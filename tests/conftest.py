@@ -10,6 +10,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers must never reach for a
 # prepared corpora go to a directory of this test session's, not the user's cache
 os.environ.setdefault("TRANSFORMER_CACHE", tempfile.mkdtemp(prefix="transformer-test-cache-"))
 
+
+def _fix_cpu_paths() -> None:
+    """Every process of the test session (the CLI and torchrun ones too) takes the same CPU paths, read from
+    the per-machine decision file: a timed choice could flip with the load on a shared machine, and the
+    trained fixtures, hence the tests' expectations, with it. Every oneDNN path that works here is taken, so
+    the suite exercises them; tests that need another choice set it themselves."""
+    from transformer import backend
+    from transformer.files import write_json_atomic
+
+    import torch as _torch
+
+    fp32, bf16 = backend.onednn_usable(_torch.float32), backend.onednn_usable(_torch.bfloat16)
+    fixed = backend.CpuPaths(fp32, fp32, bf16, why="fixed for the test session: every path that works here")
+    write_json_atomic(backend._decision_file(), fixed.to_dict())
+
+
+_fix_cpu_paths()
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -123,6 +123,7 @@ def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
 def test_a_resumed_run_takes_the_cpu_paths_it_was_trained_with():
     from transformer import backend
 
+    before = backend.cpu_paths()
     backend.set_cpu_paths(backend.CpuPaths(why="test"))
     try:
         trained = backend.CpuPaths(train=True, why="timed").to_dict()
@@ -132,4 +133,4 @@ def test_a_resumed_run_takes_the_cpu_paths_it_was_trained_with():
         assert (line is not None) == usable
         assert backend.reapply_cpu_paths(trained) is None  # already so: nothing to say
     finally:
-        backend.set_cpu_paths(None)
+        backend.set_cpu_paths(before)
