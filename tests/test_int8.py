@@ -1,9 +1,13 @@
 """The int8 kernel (int8.py, int8_kernel.c): the exact int8 computation, within quantisation's bound of fp32,
-every tail of every size, and a fallback that holds where it cannot run."""
+every tail of every size, a fallback that holds where it cannot run, and a library loaded only from where no
+one else could have written it."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,8 +46,6 @@ def test_kernel_equals_the_exact_int8_computation(shape, relu, residual):
 
 def test_kernel_is_chosen_wherever_the_cpu_and_a_compiler_allow_it():
     """A kernel that failed its self-test would fall back silently (and skip the tests above): here it must not."""
-    import shutil
-
     if os.environ.get("TRANSFORMER_VNNI", "auto") in ("0", "off", "false") or not int8._cpu_supports():
         pytest.skip("this CPU (or PyTorch's dispatch, or TRANSFORMER_VNNI=0) rules the kernel out")
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
@@ -221,3 +223,152 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_pat
     assert len(list((private / "kernels").iterdir())) == 1 and private.stat().st_mode & 0o777 == 0o700
     private.chmod(0o777)  # open to every user: someone else could have planted a library in it
     assert _python(code, **env).stdout.strip() == "False"
+
+
+def _toolchain() -> tuple[str, str]:
+    """The compiler and PyTorch's OpenMP runtime the kernel would be built with (skips where there are none)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    omp = int8._torch_openmp(int8._openmp_runtimes())
+    if not cc or omp is None:
+        pytest.skip("no C compiler or no OpenMP runtime of PyTorch's to build a library with")
+    return cc, omp
+
+
+def _planted(tmp_path: Path, cc: str, omp: str) -> tuple[Path, Path, Path]:
+    """(cache, library, marker): a library under the very name the kernel's would have in `cache`, whose
+    constructor leaves `marker`: loading it at all runs its code, before any self-test could refuse it."""
+    cache = tmp_path / "cache"
+    library = cache / "kernels" / int8._library_name(cc, omp)
+    library.parent.mkdir(parents=True, mode=0o700)
+    marker, source = tmp_path / "ran", tmp_path / "planted.c"
+    source.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
+                      f'{{ fclose(fopen("{marker}", "w")); }}\n')
+    subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(library)], check=True, capture_output=True)
+    library.chmod(0o755)
+    return cache, library, marker
+
+
+def _no_builds(monkeypatch, tmp_path: Path) -> list:
+    """The cache at hand, the temporary directory in tmp_path, and builds recorded instead of made."""
+    builds = []
+
+    def build(cc, omp, target):
+        builds.append(target)
+        raise OSError("test: not built")
+
+    monkeypatch.setattr(int8, "_compile", build)
+    monkeypatch.setattr(int8.tempfile, "tempdir", str(tmp_path))
+    return builds
+
+
+@pytest.mark.parametrize("opened", ["kernels", "cache"])  # the library's own directory, or one above it
+def test_a_library_planted_where_others_can_write_is_not_loaded(tmp_path, monkeypatch, opened):
+    cc, omp = _toolchain()
+    cache, library, marker = _planted(tmp_path, cc, omp)
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(cache))
+    builds = _no_builds(monkeypatch, tmp_path)
+    (cache / opened if opened == "kernels" else cache).chmod(0o775)  # anyone in the group could have put it there
+    with pytest.raises(OSError):
+        int8._load(cc, omp)
+    assert not marker.exists()
+    # built afresh in a private directory instead (here the build fails, and fbgemm would multiply)
+    assert builds == [tmp_path / f"transformer-{os.getuid()}" / "kernels" / library.name]
+    (cache / "kernels").chmod(0o700)
+    cache.chmod(0o700)
+    int8._load(cc, omp)  # closed to others, the same library is loaded: it was the check that kept it out
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("owned", ["library", "directory"])
+def test_a_library_or_directory_of_someone_elses_is_not_loaded(tmp_path, monkeypatch, owned):
+    cc, omp = _toolchain()
+    cache, library, marker = _planted(tmp_path, cc, omp)
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(cache))
+    builds = _no_builds(monkeypatch, tmp_path)
+    me = os.getuid()
+    if owned == "library":  # as another user would see it: root's file (tests run as root), not theirs
+        monkeypatch.setattr(int8.os, "getuid", lambda: me + 4321)
+    elif me == 0:
+        os.chown(library.parent, 4321, 4321)  # a directory of another user's (neither ours nor root's)
+    else:
+        pytest.skip("only root can give a directory to another user")
+    with pytest.raises(OSError):
+        int8._load(cc, omp)
+    assert not marker.exists()
+    # refused, and built afresh in a private directory instead; as the other user, /tmp's transformer-<uid> is
+    # not theirs either (root made it here), so nothing is built: fbgemm would multiply
+    private = tmp_path / f"transformer-{me}" / "kernels" / library.name
+    assert builds == ([] if owned == "library" else [private])
+    monkeypatch.setattr(int8.os, "getuid", lambda: me)
+    os.chown(library.parent, me, -1)
+    int8._load(cc, omp)
+    assert marker.exists()
+
+
+def test_the_library_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A crash between the rename and the data reaching the disk must not leave a truncated library under the
+    final name: the file's bytes are synced first, then it is renamed, then the directory is synced."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def compiler(cmd, **kwargs):  # writes the output file it is asked for, umask and all
+        if "-o" in cmd and cmd[cmd.index("-o") + 1].endswith(".so"):
+            out = Path(cmd[cmd.index("-o") + 1])
+            out.write_bytes(b"\x7fELF")
+            out.chmod(0o777)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(int8.subprocess, "run", compiler)
+    monkeypatch.setattr(int8.os, "fsync", fsync)
+    monkeypatch.setattr(int8.os, "replace", replace)
+    target = tmp_path / "kernels" / "int8_kernel-0123456789abcdef.so"
+    target.parent.mkdir()
+    int8._compile("cc", "/lib/libgomp.so.1", target)
+    ino = target.stat().st_ino
+    assert events == [("fsync", ino), ("replace", ino, str(target)), ("fsync", target.parent.stat().st_ino)]
+    assert os.listdir(target.parent) == [target.name]  # no temporary left
+    assert target.stat().st_mode & 0o777 == 0o755  # closed to others whatever the compiler's umask gave it
+
+
+def test_the_library_is_named_by_what_it_is_built_from(monkeypatch):
+    cc, omp = _toolchain()
+    name = int8._library_name(cc, omp)
+    assert re.fullmatch(r"int8_kernel-[0-9a-f]{16}\.so", name)
+    monkeypatch.setattr(int8.torch, "__version__", "0.0.0-another")
+    assert int8._library_name(cc, omp) != name
+    monkeypatch.undo()
+    monkeypatch.setattr(int8, "_FLAGS", [*int8._FLAGS, "-DANOTHER"])
+    assert int8._library_name(cc, omp) != name
+
+
+def test_cache_directories_are_made_closed_to_others(tmp_path):
+    """Made 0700 whatever the umask: a group-writable cache of our own making would be refused."""
+    old = os.umask(0o002)
+    try:
+        int8.make_private_dirs(tmp_path / "a" / "b")
+    finally:
+        os.umask(old)
+    assert all((tmp_path / d).stat().st_mode & 0o777 == 0o700 for d in ("a", "a/b"))
+    assert int8._unsafe_directory(tmp_path / "a" / "b") is None
+    (tmp_path / "a").chmod(0o777)
+    assert "can be written by others" in int8._unsafe_directory(tmp_path / "a" / "b")
+
+
+@needs_kernel
+def test_a_group_writable_cache_builds_in_a_private_directory(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o775)
+    cache.chmod(0o775)
+    env = dict(TRANSFORMER_CACHE=str(cache), TMPDIR=str(tmp_path))
+    out = _python("from transformer import int8; print(int8.available())", **env)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    assert not (cache / "kernels").exists() or not any((cache / "kernels").iterdir())
+    assert len(list((tmp_path / f"transformer-{os.getuid()}" / "kernels").iterdir())) == 1

@@ -7,12 +7,23 @@ VNNI, and from 16 rows with AMX where the CPU has it: 1.4-2.6x faster than fbgem
 shapes on an AVX-512 Xeon with AMX (`python -m bench int8`). Weights are quantised as fbgemm's are (each output
 row scaled to [-127, 127]); inputs get a scale per row instead of fbgemm's one per tensor.
 
-The kernel is used only where all of these hold, and fbgemm (or fp32) is used otherwise:
+The kernel is used only where all of these hold, and fbgemm is used otherwise: for every int8 product of the
+process alike, since the two round inputs differently (which one multiplies is decided by these rules, never
+by a timing, so that every process on a machine decodes alike; see incremental.py):
 - Linux on x86-64, with PyTorch dispatching AVX-512 kernels and the CPU reporting AVX-512 VNNI and BW (so the
   kernel never meets a CPU without its instructions; `ATEN_CPU_CAPABILITY=avx2` turns it off too); AMX only
   where the CPU reports AMX-INT8 and Linux grants its tile state (`TRANSFORMER_AMX=0` keeps to VNNI);
-- a C compiler (`$CC`, else `cc`) that builds it; the library is cached under `$TRANSFORMER_CACHE` (default
-  `~/.cache/transformer`), keyed by the source, the compiler and the OpenMP runtime;
+- a C compiler (`$CC`, else `cc`) that builds it; the library is cached under `files.cache_root()`
+  (`$TRANSFORMER_CACHE`, else `$XDG_CACHE_HOME/transformer`, else `~/.cache/transformer`), named by a digest
+  of the source, the flags, the torch version, the compiler and the OpenMP runtime, and written whole
+  (temporary file, fsync, rename);
+- the library and its directories are safe to load from (`_unsafe_directory`, `_unsafe_file`): loading a
+  library runs its code (its constructors run inside `ctypes.CDLL`, before any self-test), so a library someone
+  else could have written is never loaded. The file must be this user's and writable by no one else; each
+  directory from it up to the home directory (or /) must be this user's or root's and writable by no one else,
+  unless it is root's and sticky, like /tmp. Where the cache fails that, the kernel is built in a private
+  directory under the system's temporary directory instead (and where that fails too, fbgemm is used), with a
+  warning that says why;
 - PyTorch's OpenMP runtime can be found among those loaded and linked, so the kernel shares PyTorch's threads
   (and its thread count);
 - its result on fixed inputs equals the exact int8 computation (`reference`), with AMX and without;
@@ -39,6 +50,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from .files import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +247,33 @@ def _torch_openmp(runtimes: list[str]) -> Optional[str]:
     return runtimes[0] if len(runtimes) == 1 else None
 
 
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and its missing parents, each 0700 (`mkdir(parents=True)` would make the parents with
+    the umask's mode, group-writable under umask 002, and `_unsafe_directory` would then refuse our own cache)."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("TRANSFORMER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "transformer")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
+
+
+def _library_name(cc: str, omp: str) -> str:
+    """The library's file name: a digest of everything it is built from, so that a name always means the same
+    build (a file left by another source, flags, torch or compiler is never taken for this one)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, version, omp]).encode())
+    return f"int8_kernel-{key.hexdigest()[:16]}.so"
 
 
 def _compile(cc: str, omp: str, target: Path) -> None:
-    """Build the library into `target` (a temporary file renamed into place: never a half-written one). Linked
-    against PyTorch's own OpenMP runtime by path, so that loading it adds no second one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Build the library into `target` (a temporary file, fsynced, renamed into place: never a half-written one,
+    even after a crash). Linked against PyTorch's own OpenMP runtime by path, so that loading it adds no second
+    one."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = os.path.join(tmp, "int8_kernel.o"), os.path.join(tmp, "int8_kernel.so")
         try:
@@ -253,19 +283,65 @@ def _compile(cc: str, omp: str, target: Path) -> None:
                            capture_output=True, timeout=120)
         subprocess.run([cc, "-shared", obj, "-o", lib, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
                        check=True, capture_output=True, timeout=120)
+        os.chmod(lib, 0o755)  # whatever the umask: `_unsafe_file` refuses a library others may write
+        with open(lib, "rb") as f:
+            os.fsync(f.fileno())  # its bytes on disk before its name points at them
         os.replace(lib, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # and the rename itself
+    finally:
+        os.close(fd)
+
+
+def _unsafe_directory(directory: Path) -> Optional[str]:
+    """Why a file in `directory` could have been put there by someone other than this user (or root), or None:
+    it and each directory above it, up to the home directory or /, must be this user's or root's and closed to
+    writes by others, unless root's and sticky (/tmp: no one can replace another's entries). Followed through
+    symbolic links to where the directories are."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    d = os.path.realpath(directory)
+    while True:
+        st = os.stat(d)
+        if st.st_uid not in (os.getuid(), 0):
+            return f"{d} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+            return f"{d} can be written by others ({stat.filemode(st.st_mode)})"
+        if d in (home, os.path.dirname(d)):  # the home directory, or /
+            return None
+        d = os.path.dirname(d)
+
+
+def _unsafe_file(library: Path) -> Optional[str]:
+    """Why `library` could have been written by someone else, or None where it is a regular file of this user's
+    that no one else may write (not a link: what it points to could be anyone's)."""
+    st = os.lstat(library)
+    if not stat.S_ISREG(st.st_mode):
+        return f"{library} is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"{library} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{library} can be written by others ({stat.filemode(st.st_mode)})"
+    return None
 
 
 def _load(cc: str, omp: str) -> ctypes.CDLL:
-    """The built library, from the cache (built there first if need be); where the cache cannot be written or
-    holds a broken file, from a private directory of this user's under the system's temporary directory."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), omp]).encode())
-    name = f"int8_kernel-{key.hexdigest()[:16]}.so"
+    """The built library, from the cache (built there first if need be); where the cache cannot be written, holds
+    a broken file or is not safe to load from (see the module's docstring), from a private directory of this
+    user's under the system's temporary directory. Raises OSError where neither gives one."""
+    name = _library_name(cc, omp)
 
     def built_in(directory: Path) -> ctypes.CDLL:
-        if not (directory / name).exists():
-            _compile(cc, omp, directory / name)
+        make_private_dirs(directory)
+        # checked before loading: `ctypes.CDLL` runs the library's constructors, before any self-test could
+        why = _unsafe_directory(directory)
+        if why is None:
+            if not (directory / name).exists():
+                _compile(cc, omp, directory / name)
+            why = _unsafe_file(directory / name)
+        if why is not None:
+            log.warning("int8 kernel: not loading %s: %s", directory / name, why)
+            raise PermissionError(why)
         return ctypes.CDLL(str(directory / name))
 
     try:
