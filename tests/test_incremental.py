@@ -1,16 +1,18 @@
-"""The lean decoding step (`StepDecoder`) against the module path it stands in for, and its preparation's
-lifetime."""
+"""The lean decoding step (`StepDecoder`) against the module path it stands in for, its preparation's lifetime,
+and which way each of its products multiplies."""
 
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import fp32_atol, model_depth
 
-from transformer import ModelConfig, Transformer
+from transformer import ModelConfig, Transformer, int8
 from transformer import incremental as I
 from transformer.generate import argmax, beam_search, greedy, topk_beams
-from transformer.linear import int8_weights, packed_weights
+from transformer.linear import Linear, int8_weights, packed_weights
 
 CONFIGS = {
     "paper": dict(),  # post-norm, ReLU, sinusoidal positions, all embeddings tied
@@ -202,3 +204,106 @@ def test_blockwise_argmax_and_topk_equal_torchs(V):
         torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
         assert torch.equal(sums.gather(1, beam * V + tok), values)  # the beams and tokens of those values
         assert all(len(set(r)) == 10 for r in (beam * V + tok).tolist())  # tied ones in any order, each once
+
+
+_BUILD = I._build  # the real one, beneath the timed wrappers of `_decide_afresh`
+
+
+def _decide_afresh(monkeypatch, favourite):
+    """As a new process would: nothing decided yet in this one, and a clock under which `favourite` times fastest
+    at every shape, whatever this machine's own speeds (two processes on a busy machine can time differently)."""
+    monkeypatch.delenv("TRANSFORMER_STEP_PRODUCT", raising=False)
+    monkeypatch.setattr(I, "_chosen", {})
+    clock = [0.0]
+    monkeypatch.setattr(I, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def build(kind, *args, **kwargs):
+        fn = _BUILD(kind, *args, **kwargs)
+
+        def timed(*a, **kw):
+            clock[0] += 1e-6 if kind == favourite else 1e-3
+            return fn(*a, **kw)
+        return timed
+
+    monkeypatch.setattr(I, "_build", build)
+
+
+def _decoded(model, src, prepared):
+    """Six steps' logits of the lean step inside the block `prepared`, and greedy's and beam search's tokens."""
+    with torch.no_grad(), prepared:
+        memory, mask = model.encode(src)
+        fast = I.step_decoder(model)
+        state = fast.start(memory, mask, 6)
+        tokens, logits = torch.arange(src.size(0)) + 5, []
+        for _ in range(6):
+            logits.append(fast.step(tokens, state))
+            tokens = logits[-1].argmax(-1)
+        kinds = {p.kind for layer in fast.layers for p in (layer.qkv, layer.ff1, layer.ff2)} | {fast.output.kind}
+        return torch.stack(logits), greedy(model, src, max_len_b=8), beam_search(model, src, 3, max_len_b=8), kinds
+
+
+def test_int8_decoding_gives_the_same_bits_whichever_product_a_timing_favours(monkeypatch, tmp_path):
+    """Two processes decoding the same input in int8 give the same logits and tokens though their timings found
+    different winners: which int8 product multiplies is fixed by rule, never by a timing."""
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
+    model, src = make_model(8), padded_source()
+    runs = []
+    for favourite in I._kinds("int8"):  # BLAS, oneDNN where it works, fbgemm, the kernel where it runs
+        _decide_afresh(monkeypatch, favourite)
+        runs.append(_decoded(model, src, int8_weights(model)))
+    for logits, greedy_out, beam_out, _ in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert (greedy_out, beam_out) == runs[0][1:3]
+    assert all(kinds == {"vnni" if int8.available() else "int8"} for *_, kinds in runs)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("favourite", ["mkl", "onednn", "int8", "vnni"])
+def test_the_int8_product_is_the_rules_whatever_the_timing(monkeypatch, kernel, favourite):
+    """Under int8_weights() every product of the step takes the kernel where it runs, else fbgemm (the same as
+    the modules' own int8 weights), at every shape, whichever kind a timing would favour."""
+    if kernel and not int8.available():
+        pytest.skip("the int8 kernel does not run here")
+    if not kernel:
+        monkeypatch.setattr(int8, "available", lambda: False)
+    if favourite not in I._kinds("int8"):
+        pytest.skip(f"{favourite} does not run here")
+    _decide_afresh(monkeypatch, favourite)
+    want = "vnni" if kernel else "int8"
+    for out_features, in_features in [(3, 5), (96, 64), (1024, 256), (256, 1024)]:
+        w, b = torch.randn(out_features, in_features), torch.randn(out_features)
+        assert I._Product(w, b, "int8").kind == want
+        assert I._Product(w, None, "int8", "relu").kind == want
+    layer = Linear(64, 96).eval()
+    with int8_weights(layer):
+        assert isinstance(layer._int8, int8.Int8Weight) == kernel
+
+
+def test_fp32_products_take_what_this_machine_recorded(monkeypatch, tmp_path):
+    """BLAS and oneDNN sum in different orders: the first process's timings are recorded on disk, and a later
+    process whose timings favour the other kind takes the recorded ones, so both decode the same bits."""
+    kinds = I._kinds("fp32")
+    if len(kinds) < 2:
+        pytest.skip("only BLAS multiplies in fp32 here: nothing is timed")
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
+    model, src = make_model(9), padded_source()
+    runs = []
+    for favourite in (kinds[1], kinds[0]):
+        _decide_afresh(monkeypatch, favourite)
+        runs.append(_decoded(model, src, packed_weights(model.decoder, model.output)))
+    first, second = runs
+    assert first[3] == second[3] == {kinds[1]}  # the first process's winner, everywhere
+    assert torch.equal(first[0], second[0]) and first[1:3] == second[1:3]
+    recorded = I._decisions_file(I._machine())
+    assert sorted(p.name for p in recorded.parent.iterdir()) == sorted([recorded.name, recorded.stem + ".lock"])
+    assert set(json.loads(recorded.read_text())["choices"].values()) == {kinds[1]}
+
+
+def test_fp32_products_without_a_writable_record_take_blas(monkeypatch, tmp_path):
+    """Where the record cannot be kept, every process takes BLAS: fixed, rather than its own timing's pick."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(blocked / "cache"))
+    for favourite in I._kinds("fp32"):
+        _decide_afresh(monkeypatch, favourite)
+        assert I._Product(torch.randn(96, 64), torch.randn(96), "fp32").kind == "mkl"

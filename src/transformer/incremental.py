@@ -6,8 +6,8 @@ and most of a step went to what surrounds them: Python work per module call, the
 set-up for a single query, separate passes for biases, activations and residual additions. `StepDecoder` reads
 the same modules once and keeps what a step needs:
 
-- each projection's weight in the form this machine multiplies fastest (`Linear`'s choices: packed for oneDNN,
-  int8 for fbgemm, or as it is), prepared once and reused by every decoding call until the weights change;
+- each projection's weight in the form its product takes (see below), prepared once and reused by every
+  decoding call until the weights change;
 - 1/sqrt(d_k) folded into the query projections, so attention needs no scaling pass;
 - the feed-forward activation and the residual additions fused into the products where oneDNN can (tried
   once against the unfused result);
@@ -20,13 +20,34 @@ the same modules once and keeps what a step needs:
 It computes what `Decoder.forward` computes, up to the order of float operations (tests compare the two).
 Used on the CPU for `Transformer` models in eval mode; everything else (GPUs, decoder-only models, attention
 maps) takes the module path.
+
+Which way each product multiplies (`_choose`) must not make two processes decode the same input differently:
+- in int8 it is fixed by rule, never timed: every product takes this package's int8 kernel where it runs
+  (`int8.available()`), else fbgemm, as `int8_weights` packs the modules' own weights. The candidates a timing
+  used to pick between per shape round differently (the kernel scales each input row, fbgemm the whole input;
+  fp32 does not round at all), so the pick changed outputs, and BLEU, from one process to the next. Measured
+  with the old timing at the bench's shapes (32 rows), it picked the kernel at every one of them anyway. The
+  kernel's own VNNI and AMX paths give the same bits, so its choice between them by row count is harmless;
+- in fp32 and bf16 the timing stays, BLAS against oneDNN's packed layout (oneDNN wins the larger products by up
+  to 2x at decoding's shapes, so no fixed rule keeps the speed). They sum in different orders and differ in the
+  last bits, so the winner at each shape is decided once per machine and recorded in a file under
+  `files.cache_root()` (`step-products/`, one file per CPU model and flags, torch version and thread count,
+  written by temporary file and rename under a lock): every later process on the machine takes the recorded
+  choice. Where that file cannot be written, BLAS is taken, fixed rather than timed anew.
+`TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8|vnni` forces one kind for every product where it is available.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
 import math
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -34,27 +55,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backend, int8
+from .files import cache_root, write_json_atomic
 from .linear import Linear
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, processes starting together may each time and record their own
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+
 class _Product:
-    """y = act(x W^T + b) (+ residual) for one projection of the step, by whichever of this machine's ways of
-    multiplying was fastest at this shape (timed once per shape and mode, see `_choose`):
+    """y = act(x W^T + b) (+ residual) for one projection of the step, by one of this machine's ways of
+    multiplying (chosen by `_choose`: by rule in int8, by a timing recorded once per machine in fp32 and bf16):
 
     - "mkl": torch.addmm with the weight stored transposed, (in, out): BLAS's cheapest call (about 6 us of
       fixed cost here);
     - "onednn": the weight packed into oneDNN's blocked layout (about 25 us of fixed cost per call, but faster
       products from about a million weights up), where it works on this CPU;
-    - "int8" (inside `int8_weights()`): fbgemm with int8 weights, each output row scaled to [-127, 127], the
-      input quantised on the fly. Products too small to gain from it stay in fp32.
+    - "int8" (inside `int8_weights()`, where the kernel below does not run): fbgemm with int8 weights, each
+      output row scaled to [-127, 127], the input quantised on the fly with one scale for all its rows;
     - "vnni" (inside `int8_weights()`, where `int8.available()`): the same int8 weights through this package's
-      int8 kernel (AVX-512 VNNI, AMX), which also adds the ReLU and the residual as it writes the result.
+      int8 kernel (AVX-512 VNNI, AMX), each input row with its own scale; it also adds the ReLU and the
+      residual as it writes the result.
     Under bf16 autocast the candidates take bf16 weights, converted once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
         self.act_fn = _ACTIVATION_FNS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
         relu = activation == "relu"
-        self.kind, self.fn = _fastest(weight.detach(), None if bias is None else bias.detach(), mode, relu)
+        self.kind, self.fn = _choose(weight.detach(), None if bias is None else bias.detach(), mode, relu)
         if relu and self.kind in ("int8", "vnni"):  # applied inside the product
             self.act_fn = None
 
@@ -114,26 +145,47 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
     return lambda x: torch.addmm(b, x.to(dtype), wt)
 
 
-# mode, weight shape, bias -> the fastest kind found (timed once per process)
-_chosen: dict[tuple, str] = {}
+# (machine, product) -> the kind recorded for it: `_recorded`'s file, read once per process and product
+_chosen: dict[tuple[str, str], str] = {}
 
 
-def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str,
-             relu: bool = False) -> tuple[str, Callable[[Tensor], Tensor]]:
-    """The fastest way to multiply by `weight` in `mode`, from interleaved best-of-5 timings at 32 rows
-    (decoding's typical batch), done once per shape; `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8|vnni` forces
-    one where it is available. Each timing starts with the weights out of the core's caches, as a decoding
-    step meets them (every other weight of the step came in between): timed with them cached, fp32 won
-    products that int8, with a quarter of the bytes to read, wins in decoding."""
+def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
+            relu: bool = False) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """The kind of product for `weight` in `mode`, and that product (see the module's docstring): forced by
+    `TRANSFORMER_STEP_PRODUCT` where it names one available; in int8 the kernel where it runs, else fbgemm, by
+    rule; in fp32 and bf16 the fastest at this shape, as this machine recorded it (timed the first time)."""
     kinds = _kinds(mode)
     forced = os.environ.get("TRANSFORMER_STEP_PRODUCT", "").strip().lower()
-    key = (mode, tuple(weight.shape), bias is not None, tuple(kinds))
-    kind = forced if forced in kinds else _chosen.get(key, kinds[0] if len(kinds) == 1 else None)
-    if kind is not None:
-        return kind, _build(kind, weight, bias, mode, relu)
-    fns = {k: _build(k, weight, bias, mode, relu) for k in kinds}
-    x = backend._fixed(32, weight.size(1))
-    best = {k: float("inf") for k in kinds}
+    if forced in kinds:
+        kind = forced
+    elif mode == "int8":
+        kind = "vnni" if "vnni" in kinds else "int8"
+    elif len(kinds) == 1:
+        kind = kinds[0]
+    else:
+        product = f"{mode} {weight.size(0)}x{weight.size(1)} bias={bias is not None} among {','.join(kinds)}"
+        key = (_machine(), product)
+        fns: dict[str, Callable[[Tensor], Tensor]] = {}
+
+        def timed() -> str:
+            fns.update((k, _build(k, weight, bias, mode, relu)) for k in kinds)
+            return _fastest(fns, weight.size(1))
+
+        if key not in _chosen:
+            _chosen[key] = _recorded(key[0], product, kinds, timed)
+        kind = _chosen[key]
+        if kind in fns:  # timed just now: already built
+            return kind, fns[kind]
+    return kind, _build(kind, weight, bias, mode, relu)
+
+
+def _fastest(fns: dict[str, Callable[[Tensor], Tensor]], in_features: int) -> str:
+    """The fastest of `fns`, from interleaved best-of-5 timings at 32 rows (decoding's typical batch). Each timing
+    starts with the weights out of the core's caches, as a decoding step meets them (every other weight of the
+    step came in between): timed with them cached, fp32 won products that int8, with a quarter of the bytes to
+    read, wins in decoding."""
+    x = backend._fixed(32, in_features)
+    best = {k: float("inf") for k in fns}
     evict = torch.zeros(_EVICT_BYTES // 4)
     for fn in fns.values():
         fn(x)  # warm-up: first calls allocate and pick kernels
@@ -143,8 +195,59 @@ def _fastest(weight: Tensor, bias: Optional[Tensor], mode: str,
             start = time.perf_counter()
             fn(x)
             best[k] = min(best[k], time.perf_counter() - start)
-    _chosen[key] = kind = min(best, key=best.get)
-    return kind, fns[kind]
+    return min(best, key=best.get)
+
+
+@functools.cache
+def _cpu() -> str:
+    """This CPU's model and flags, from /proc/cpuinfo's first processor (the platform's name elsewhere)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor()}; flags {' '.join(sorted(backend.cpu_flags()))}"
+
+
+def _machine() -> str:
+    """What a product's timing depends on: the CPU, the torch build and its kernels, the thread count."""
+    return (f"{_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
+            f"{torch.get_num_threads()} threads")
+
+
+def _decisions_file(machine: str) -> Path:
+    return cache_root() / "step-products" / f"{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+
+
+def _recorded(machine: str, product: str, kinds: list[str], decide: Callable[[], str]) -> str:
+    """The kind `machine` recorded for `product`, else `decide()`'s, recorded now for every later process. The
+    file is locked from reading to writing, so that processes starting together do not each time and record
+    their own. Where it cannot be read or written: BLAS (kinds[0]), fixed rather than this process's timing."""
+    path = _decisions_file(machine)
+    try:
+        int8.make_private_dirs(path.parent)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            choices = _read_choices(path, machine)
+            if choices.get(product) not in kinds:  # absent, or a kind this process lacks: decide here
+                choices[product] = decide()
+                write_json_atomic(path, {"machine": machine, "choices": choices})  # temp, fsync, rename
+            return choices[product]
+    except OSError as e:
+        log.debug("step products: %s unusable (%s); taking %s for %s", path, e, kinds[0], product)
+        return kinds[0]
+
+
+def _read_choices(path: Path, machine: str) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # none yet, or a damaged one: decided again and written whole
+        return {}
+    if not isinstance(data, dict) or data.get("machine") != machine or not isinstance(data.get("choices"), dict):
+        return {}
+    return {k: v for k, v in data["choices"].items() if isinstance(v, str)}
 
 
 _EVICT_BYTES = 16 << 20  # more than the L2 caches of all of this machine's cores together, for the usual 2-8

@@ -142,7 +142,8 @@ def packed_weights(*modules: nn.Module) -> Iterator[None]:
 def int8_weights(*modules: nn.Module) -> Iterator[None]:
     """Within the block, the `Linear`s in `modules` multiply (without gradients, on CPU, in fp32) by int8
     weights: each output row's weights scaled to [-127, 127] (per-channel), the input quantised on the fly
-    (dynamic quantisation: this package's int8 kernel where `int8.available()`, else fbgemm). Decoding reads
+    (dynamic quantisation: this package's int8 kernel where `int8.available()`, else fbgemm; for every product
+    alike, by that rule and never by a timing, since the two quantise inputs differently). Decoding reads
     every weight at every step, so a quarter of the bytes makes it faster; results differ from fp32 by the
     rounding of weights and inputs to 8 bits. Not nestable."""
     vnni = int8.available()
