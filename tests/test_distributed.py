@@ -121,3 +121,93 @@ def test_fsdp_without_torchrun_is_a_clear_error(tmp_path):
     cfg.write_text(CONFIG.replace("ACC", "1"))
     proc = subprocess.run([*CLI, "train", str(cfg), "--out", str(tmp_path / "r"), "--fsdp"], capture_output=True, text=True)
     assert proc.returncode == 2 and "launch with torchrun" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- a signal under torchrun ----------------------------------------------------------------------------------
+
+SIGNAL_CONFIG = """
+model: {d_model: 32, n_heads: 2, n_encoder_layers: 1, n_decoder_layers: 1, d_ff: 64, dropout: 0.1,
+        tie_embeddings: all}
+data: {task: synthetic, synthetic_max_len: 6, synthetic_train_size: 2000, synthetic_val_size: 20}
+train: {max_tokens: 128, max_steps: 8, eval_every: 3, eval_bleu_sentences: 5, warmup_steps: 2, log_every: 2,
+        accumulate: 2, average_last: 2, precision: fp32}
+"""
+
+# Runs the CLI in a torchrun worker; on rank 0, at the given call of `where`, sends the signal to torchrun (the
+# worker's parent), which passes it on to every worker as it does a scheduler's or a Ctrl-C's, and waits until
+# rank 0's handler has it, so that the point of delivery is the one named (rank 1 gets it about then: the
+# trainer's vote at each safe point stops both at the same one).
+SIGNAL_LAUNCHER = """
+import os, signal, sys, time
+from transformer import cli, tasks, train
+where, call, name = os.environ["SIGNAL_AT"].split(":")
+handlers = []
+class Noted(train.StopSignals):
+    def __enter__(self):
+        handlers.append(self)
+        return super().__enter__()
+train.StopSignals = Noted
+calls = [0]
+def deliver(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(call):
+            os.kill(os.getppid(), getattr(signal, name))
+            deadline = time.time() + 60
+            while handlers[-1].signum is None and time.time() < deadline:
+                time.sleep(0.01)
+        return real(*args, **kwargs)
+    return wrapped
+if os.environ.get("RANK") == "0":
+    owner = train if where == "save_checkpoint" else tasks.TranslationTask
+    setattr(owner, where, deliver(getattr(owner, where)))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _torchrun(script, *args, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def whole_two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("signals")
+    (tmp / "run.yaml").write_text(SIGNAL_CONFIG)
+    (tmp / "launch.py").write_text(SIGNAL_LAUNCHER)
+    proc = _torchrun("-m", "transformer", "train", str(tmp / "run.yaml"), "--out", str(tmp / "whole"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+# (point, what rank 0 wraps, which call, the signal): 2 micro-batches a step, so loss call 5 is the first half of
+# step 3; saves are the step, best and last checkpoints; validations run at steps 3, 6 and the final one at 8.
+# The last figure is the step both workers stop at.
+TORCHRUN_POINTS = [("between micro-batches", "loss", 5, "SIGINT", 3), ("during a save", "save_checkpoint", 2, "SIGTERM", 3),
+                   ("during the final validation", "validate", 3, "SIGTERM", 8)]
+
+
+@pytest.mark.parametrize("point, where, call, name, step", TORCHRUN_POINTS, ids=[p[0] for p in TORCHRUN_POINTS])
+def test_a_signal_under_torchrun_resumes_to_the_uninterrupted_run(whole_two_process_run, point, where, call, name,
+                                                                   step):
+    import os
+
+    from transformer.checkpoint import load_checkpoint
+
+    tmp = whole_two_process_run
+    cut = tmp / where
+    env = {**os.environ, "SIGNAL_AT": f"{where}:{call}:{name}"}
+    stopped = _torchrun(tmp / "launch.py", "train", str(tmp / "run.yaml"), "--out", str(cut), env=env)
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    assert (cut / "last" / "training_state.json").exists()
+    said = [line for line in stopped.stderr.splitlines() if "training stopped at" in line]
+    assert said == [f"transformer: {name}: training stopped at step {step}; resume with --resume {cut}"] * 2, said
+    resumed = _torchrun("-m", "transformer", "train", "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("last", "best", "averaged"):  # the same processes and sums: equal to the bit
+        a = load_checkpoint(cut / name).model.state_dict()
+        b = load_checkpoint(tmp / "whole" / name).model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), (point, name)
+    clockless = [[{k: v for k, v in m.items() if k not in ("minutes", "train_minutes")} for m in metrics(run)]
+                 for run in (cut, tmp / "whole")]
+    assert clockless[0] == clockless[1]

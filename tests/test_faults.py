@@ -82,9 +82,16 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, sig, code
     steps = 600
     cfg = tiny_yaml(tmp_path, steps)
     proc = subprocess.Popen([*CLI, "train", str(cfg), "--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True)
-    # last/ is first written at step 50, inside the training loop: the signal handlers are in place by then
-    deadline = time.time() + 120
-    while not (tmp_path / "cut" / "last").exists() and time.time() < deadline and proc.poll() is None:
+    # Sent only once last/ is whole (it is renamed into place, so its state file means a finished save, first at
+    # step 50): the test is about resuming from it, so however slow the machine, no signal goes before then.
+    state_file = tmp_path / "cut" / "last" / "training_state.json"
+    deadline = time.time() + 600
+    while not state_file.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (exit {proc.returncode}) before last/ was written: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("last/ was not written within 600 s: nothing to resume from, so no signal was sent")
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
