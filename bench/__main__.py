@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from transformer import backend
 
 from . import workloads as W
-from .harness import compare, ratio
+from .harness import AGREE, BUSY, SPREAD, Quiet, compare, ratio, unreliable
 
 ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "int8", "lm", "mfu", "memory"]
 
@@ -55,25 +58,43 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, name: str, result: dict, unit_work: float, unit: str, ours: str = "ours") -> None:
+    def add(self, name: str, result: dict, unit_work: float, unit: str, ours: str = "ours",
+            info: Optional[dict[str, dict]] = None) -> None:
+        """One row per contender; `info` adds fields to a contender's row (its threads, ISA, backend)."""
         block = []
         for peer in result:
-            row = {"workload": name, "contender": peer, "median_s": round(result[peer]["median_s"], 5),
-                   unit: round(unit_work / result[peer]["median_s"], 1)}
+            r = result[peer]
+            row = {"workload": name, "contender": peer, "median_s": round(r["median_s"], 5),
+                   unit: round(unit_work / r["median_s"], 1)}
+            if "alone_s" in r:  # the sanity figure: the same calls back to back, the other contenders idle
+                row["alone_s"] = round(statistics.median(r["alone_s"]), 5)
+            if "settle_s" in r:  # how long the race's threads stayed busy after this contender's calls
+                row["spin_after_s"] = round(statistics.median(r["settle_s"]), 4)
+            if r.get("others_cores") is not None:
+                row["others_cores"] = round(r["others_cores"], 3)
+            row.update((info or {}).get(peer, {}))
             if peer != ours:
                 median, iqr = ratio(result, ours, peer)
-                row["ratio"], row["ratio_iqr"] = round(median, 3), round(iqr, 3)
+                why = unreliable(result, ours, peer)
+                if why:  # no ratio to read, and no target judged on it
+                    row["ratio_as_measured"], row["ratio_iqr"], row["unreliable"] = round(median, 3), round(iqr, 3), why
+                else:
+                    row["ratio"], row["ratio_iqr"] = round(median, 3), round(iqr, 3)
                 target = TARGETS.get((name, peer))
                 if target is not None:
                     row["target"] = target
-                    row["met"] = row["ratio"] >= target
+                    if not why:
+                        row["met"] = row["ratio"] >= target
             block.append(row)
         self.put(block)
 
     def put(self, block: list[dict]) -> None:
         self.rows += block
         for r in block:
-            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("workload", "contender"))
+            extra = "  ".join(f"{k}={v}" for k, v in r.items()
+                              if k not in ("workload", "contender", "unreliable", "ratio_as_measured"))
+            if "unreliable" in r:
+                extra += f"  ratio=UNRELIABLE ({r['ratio_as_measured']} as measured: {r['unreliable']})"
             print(f"{r['workload']:<26} {r['contender']:<18} {extra}", flush=True)
 
 
@@ -100,6 +121,12 @@ def main(argv=None) -> int:
           f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {backend.cpu_paths().describe()}"
           f"\n# allocator keeps freed memory (backend.tune_allocator): {'yes' if tuned else 'no'}"
           f"\n# int8 products (--int8): {_int8_kind()}")
+    ours_info = W.ours_info()
+    print(f"# ours: {ours_info['threads']} threads, PyTorch kernels {ours_info['isa']}, OpenMP "
+          f"{', '.join(ours_info['openmp']) or 'none seen'}, settings {ours_info['env'] or 'none set'} (libgomp "
+          "spin-waits 300,000 spins after each parallel region unless OMP_WAIT_POLICY/GOMP_SPINCOUNT say otherwise)"
+          f"\n# a ratio is UNRELIABLE where a contender's alone and interleaved medians are over {AGREE}x apart, "
+          f"the ratio's IQR is over {SPREAD:.0%} of it, or other processes took over {BUSY} cores during its calls")
     if len(bf16_modes) == 1:
         print("# bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be emulated")
     table = Table()
@@ -125,20 +152,12 @@ def main(argv=None) -> int:
         n, sentences = (8, 2) if args.smoke else (64, 8)
         res = compare(W.decode_contenders(base, n, sentences, 5, hf, naive=False), rounds, warmup)
         table.add("beam5 base", res, sentences * n, "tokens/s")
+    ct2_info: dict[str, dict] = {}
     if "ct2" in chosen:
         if not W.have_ct2():
             print("# ct2 rows skipped: CTranslate2 is not installed (pip install ctranslate2)")
         else:
-            import tempfile
-
-            for size_name, size in (("small", small), ("base", base)):
-                for beam, sentences in ((1, 2 if args.smoke else 32), (5, 2 if args.smoke else 8)):
-                    n = 8 if args.smoke else 64
-                    for int8 in (False, True):
-                        with tempfile.TemporaryDirectory() as d:
-                            res = compare(W.ct2_contenders(size, n, sentences, beam, int8, Path(d) / "ct2"), rounds, warmup)
-                        kind = "greedy" if beam == 1 else "beam5"
-                        table.add(f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}", res, sentences * n, "tokens/s")
+            _ct2_race(table, small, base, args.smoke, rounds, warmup, ct2_info)
     if "int8" in chosen:
         _int8_products(table, small, base, args.smoke, rounds, warmup)
     if "lm" in chosen:
@@ -154,12 +173,53 @@ def main(argv=None) -> int:
     meta = {"date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": cpu_name(), "cpu_kind": backend.cpu_description(), "cpu_paths": backend.cpu_paths().describe(),
             "python": sys.version.split()[0], "hf": hf, "smoke": args.smoke, "rounds": rounds,
-            "int8_products": _int8_kind()}
+            "int8_products": _int8_kind(), "ours": ours_info, "ctranslate2": ct2_info,
+            "unreliable_if": {"alone_vs_interleaved_over": AGREE, "ratio_iqr_over_fraction": SPREAD,
+                              "others_cores_over": BUSY}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": table.rows}, indent=1))
     missed = [r for r in table.rows if r.get("met") is False]
-    print(f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}")
+    flagged = sum(1 for r in table.rows if "unreliable" in r)
+    print(f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}, "
+          f"rows unreliable (no ratio, target not judged): {flagged}")
     return 0
+
+
+def _ct2_race(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int,
+              ct2_info: dict[str, dict]) -> None:
+    """Ours against CTranslate2's worker process. After every call both processes are waited on until idle
+    (harness.Quiet), so neither's spinning OpenMP threads take cores from the other's timed call; each
+    contender is also run alone, back to back, as the sanity figure beside its interleaved median."""
+    import tempfile
+
+    ours_row = {"threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability()}
+    for size_name, size in (("small", small), ("base", base)):
+        for beam, sentences in ((1, 2 if smoke else 32), (5, 2 if smoke else 8)):
+            n = 8 if smoke else 64
+            for int8 in (False, True):
+                with tempfile.TemporaryDirectory() as d:
+                    contenders, worker = W.ct2_contenders(size, n, sentences, beam, int8, Path(d) / "ct2")
+                    try:
+                        info = worker.info
+                        if info["compute_type"] not in ct2_info:
+                            ct2_info[info["compute_type"]] = info
+                            print(f"# CTranslate2 {info['version']} ({info['compute_type_asked']} asked, "
+                                  f"{info['compute_type']} chosen): {info['intra_threads']} intra / "
+                                  f"{info['inter_threads']} inter threads, its kernels {info.get('isa')}, MKL "
+                                  f"{info.get('mkl')}, SGEMM {info.get('sgemm')}, GEMM_S8 {info.get('gemm_s8')}, "
+                                  f"OpenMP {', '.join(info['openmp']) or 'none seen'}, settings {info['env']}; "
+                                  f"CPU {info.get('cpu')}; supported here: {', '.join(info['supported_compute_types'])}",
+                                  flush=True)
+                        settle = Quiet([os.getpid(), worker.pid])
+                        res = compare(contenders, rounds, warmup, settle=settle, alone=1 if smoke else 3)
+                    finally:
+                        worker.close()
+                gemm = info.get("gemm_s8" if int8 else "sgemm")
+                theirs = {"threads": info["intra_threads"], "isa": info.get("isa"),
+                          "compute_type": info["compute_type"], "gemm": gemm}
+                kind = "greedy" if beam == 1 else "beam5"
+                table.add(f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}", res, sentences * n, "tokens/s",
+                          info={"ours": ours_row, "CTranslate2": theirs})
 
 
 def _int8_kind() -> str:

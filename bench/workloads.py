@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -400,12 +401,46 @@ class _NamedVocabulary:
         return self.names[i]
 
 
-def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: bool, directory: Path) -> dict:
+def ct2_env() -> dict[str, str]:
+    """The CT2_* settings CTranslate2's worker runs with: the caller's own, and CT2_USE_MKL always, pinned to
+    what CTranslate2 would pick itself on this CPU (MKL on GenuineIntel only) unless set, so that the record
+    names the backend. The choice moves the fp32 products between Intel MKL (packed GEMM on by default) and
+    oneDNN (unpacked), and with it CTranslate2's figures from one kind of CPU to another."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("CT2_")}
+    env.setdefault("CT2_USE_MKL", "1" if cpu_vendor() == "GenuineIntel" else "0")
+    return env
+
+
+def cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def ours_info() -> dict:
+    """What our side of a race runs with: threads, PyTorch's kernel ISA, the oneDNN paths, the int8 products,
+    the OpenMP runtime and the threading/spin-wait settings."""
+    from transformer import int8
+
+    from .ct2_worker import openmp_runtime, settings
+
+    return {"threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_paths": backend.cpu_paths().describe(),
+            "int8": "kernel" + (" (VNNI and AMX)" if int8.uses_amx() else " (VNNI)") if int8.available() else "fbgemm",
+            "openmp": openmp_runtime(), "env": settings()}
+
+
+def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: bool, directory: Path):
     """Decoding of `batch` sentences x `new_tokens` tokens by ours and by CTranslate2 on the same weights,
     float32 or int8 (ours: int8 weights with dynamic quantisation; CTranslate2: its int8 compute type), with
-    CTranslate2's intra_threads = our thread count, in a process of its own (see ct2_worker). </s> is
-    impossible for both (ours: its logit -1e9; CTranslate2: min_decoding_length), so both write exactly
-    new_tokens per sentence."""
+    CTranslate2's intra_threads = our thread count, in a process of its own (see ct2_worker) with `ct2_env()`.
+    </s> is impossible for both (ours: its logit -1e9; CTranslate2: min_decoding_length), so both write exactly
+    new_tokens per sentence. Returns (contenders, the worker): the caller closes the worker, and its pid is
+    the race's second process (the harness waits for both to be idle between calls)."""
     from transformer.checkpoint import Checkpoint
 
     from . import ct2_worker
@@ -419,8 +454,9 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
                quantization="int8" if int8 else None)
     mallopt = backend.ALLOCATOR_SETTINGS if backend.tune_allocator() else ()  # its allocator set as ours
+    # compute types named, not "default": on an int8 model "default" would keep int8 for the fp32 row
     translator = ct2_worker.Translator(str(directory), "int8" if int8 else "float32", torch.get_num_threads(),
-                                       mallopt)
+                                       mallopt, ct2_env())
     suppress_eos(m.output)
     tokens = [[vocab.token_text(i) for i in row.tolist()] for row in src]
 
@@ -438,7 +474,7 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
         return translator.translate(tokens, beam_size=beam, max_decoding_length=new_tokens,
                                     min_decoding_length=new_tokens)
 
-    return {"ours": run_ours, "CTranslate2": run_ct2}
+    return {"ours": run_ours, "CTranslate2": run_ct2}, translator
 
 
 def int8_product_shapes(size: Size, rows: int) -> list[tuple[int, int, int]]:
