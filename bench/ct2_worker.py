@@ -9,11 +9,11 @@ allocator settings our process runs with (`backend.ALLOCATOR_SETTINGS`, passed i
 from the allocator alone.
 
 CTranslate2 picks its own backend when it loads a model: Intel MKL on GenuineIntel CPUs only (CT2_USE_MKL
-overrides), oneDNN elsewhere, for float32 and int8 products alike, and its own kernels' ISA (AVX2 at most
-unless CT2_FORCE_CPU_ISA=AVX512: AVX-512 is never picked by itself). The worker sets the CT2_* variables it is
-given before importing ctranslate2 (they are read once), and reports what CTranslate2 says it chose (its
-start-up log at info level: ISA, MKL, SGEMM and GEMM_S8 backends, compute type), so that every figure names
-the backend it was measured with.
+overrides), oneDNN elsewhere, for float32 and int8 products alike, and its own kernels' ISA (AVX2 on an AMD
+EPYC with AVX-512; CT2_FORCE_CPU_ISA overrides); `python -m bench.ct2_backends` times each combination alone.
+The worker sets the CT2_* variables it is given before importing ctranslate2 (they are read once), and reports
+what CTranslate2 says it chose (its start-up log at info level: ISA, MKL, SGEMM and GEMM_S8 backends, compute
+type), so that every figure names the backend it was measured with.
 """
 
 from __future__ import annotations
