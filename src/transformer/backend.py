@@ -36,6 +36,15 @@ from .errors import TransformerError
 
 log = logging.getLogger("transformer")
 
+# oneDNN keeps every primitive it builds (a kernel compiled for one operation at one shape) in a process-wide
+# cache, 1024 of them by default. bf16 training products go through oneDNN, and token bucketing gives nearly
+# every batch a shape of its own, so a bf16 run's memory grew with primitives that were seldom reused: capped,
+# the same run keeps fp32's footprint and trains the same bits, no slower
+# (docs/results/2026-12-06-bf16-memory-amd-epyc.md). oneDNN reads the capacity when it first builds a
+# primitive, so it is set when this module is imported; a value the user set is kept.
+ONEDNN_CACHE_CAPACITY = 16
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+
 # A fast path must beat plain F.linear by this factor: a margin that timing noise on a busy machine does not
 # cross, so the same machine makes the same choice from run to run.
 _MARGIN = 0.85
