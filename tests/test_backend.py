@@ -122,7 +122,10 @@ def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
 
 _CACHE_HITS = """
 import os, torch
-import transformer  # sets oneDNN's primitive cache capacity, unless the caller did
+import sys
+from transformer import backend
+if sys.argv[1] == "bf16-training":
+    backend.bound_onednn_cache()  # what the Trainer does for bf16 on a CPU
 print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), flush=True)
 linear = torch.nn.Linear(64, 32)
 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -132,23 +135,23 @@ with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
 """
 
 
-def _onednn_cache(**env) -> tuple[str, int, int]:
+def _onednn_cache(kind: str = "bf16-training", **env) -> tuple[str, int, int]:
     """(the capacity the package left set, oneDNN's cache hits, misses) for 40 bf16 shapes run twice."""
     base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "ONEDNN_VERBOSE")}
-    out = subprocess.run([sys.executable, "-c", _CACHE_HITS], env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
+    out = subprocess.run([sys.executable, "-c", _CACHE_HITS, kind], env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
                          capture_output=True, text=True, check=True, timeout=120).stdout
     return out.split()[0], out.count("create:cache_hit"), out.count("create:cache_miss")
 
 
-def test_importing_the_package_bounds_onednn_primitive_cache():
+def test_bf16_cpu_training_bounds_onednn_primitive_cache():
     """Token-bucketed bf16 training gives oneDNN a new shape almost every batch; its default cache (1024
-    primitives) then grew a run's memory far past fp32's without being reused. Importing the package caps it:
-    40 shapes run twice all miss again (an LRU cache of 16 holds none of them by the second pass), where
-    oneDNN's default capacity hits every one of them."""
-    default = _onednn_cache(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    primitives) then grew a run's memory far past fp32's without being reused. The Trainer caps it for bf16 on
+    a CPU: 40 shapes run twice all miss again (an LRU cache of 16 holds none of them by the second pass), where
+    oneDNN's default capacity, which every other process keeps, hits every one of them."""
+    default = _onednn_cache("other")
     if default[2] == 0:
         pytest.skip("oneDNN builds no primitive for a bf16 product on this CPU")
-    assert default[0] == "1024" and default[1] == default[2] >= 40  # one primitive (or more) per shape
+    assert default[0] == "None" and default[1] == default[2] >= 40  # one primitive (or more) per shape
     capacity, hits, misses = _onednn_cache()
     assert (hits, misses) == (0, 2 * default[2])
     assert capacity == str(backend.ONEDNN_CACHE_CAPACITY)

@@ -36,15 +36,6 @@ from .errors import TransformerError
 
 log = logging.getLogger("transformer")
 
-# oneDNN keeps every primitive it builds (a kernel compiled for one operation at one shape) in a process-wide
-# cache, 1024 of them by default. bf16 training products go through oneDNN, and token bucketing gives nearly
-# every batch a shape of its own, so a bf16 run's memory grew with primitives that were seldom reused: capped,
-# the same run keeps fp32's footprint and trains the same bits, no slower
-# (docs/results/2026-12-06-bf16-memory-amd-epyc.md). oneDNN reads the capacity when it first builds a
-# primitive, so it is set when this module is imported; a value the user set is kept.
-ONEDNN_CACHE_CAPACITY = 16
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-
 # A fast path must beat plain F.linear by this factor: a margin that timing noise on a busy machine does not
 # cross, so the same machine makes the same choice from run to run.
 _MARGIN = 0.85
@@ -173,6 +164,25 @@ def describe(device: torch.device, precision: Precision, variant: Optional[list[
         where = f"device: cpu ({cpu_description()}, {torch.get_num_threads()} threads); {cpu_paths().describe()}"
     changes = f"; the recipe's fp32 variant: {', '.join(variant)}" if variant else ""
     return f"{where}; precision: {precision.name} ({precision.reason}){changes}"
+
+
+# oneDNN keeps every primitive it builds (a kernel compiled for one operation at one shape) in a process-wide
+# cache, 1024 of them by default.
+ONEDNN_CACHE_CAPACITY = 16
+
+
+def bound_onednn_cache() -> bool:
+    """Cap oneDNN's primitive cache at `ONEDNN_CACHE_CAPACITY` for bf16 training on a CPU (the Trainer calls it).
+
+    bf16 training products go through oneDNN, and token bucketing gives nearly every batch a shape of its own,
+    so the default cache filled with primitives that were seldom reused and the run's memory grew far past
+    fp32's; capped, the same run trains the same bits in fp32's footprint, no slower
+    (docs/results/2026-12-06-bf16-memory-amd-epyc.md). Not for every process: a small fp32 model's few shapes
+    are reused, and rebuilding them made its training slower. oneDNN reads the capacity when it first builds a
+    primitive, so this takes effect only in a process that has not used oneDNN yet; a capacity the user set
+    is kept. Returns whether the cap is the one set here."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+    return os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
 
 
 def autocast(device: torch.device, precision: Precision):

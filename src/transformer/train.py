@@ -193,6 +193,8 @@ class Trainer:
             check_output_dir(self.out, "training run", rundir.not_a_run_dir, overwrite)
         self.device = self.dist.device
         self.precision = backend.resolve_precision(run.train.precision, self.device)
+        if self.precision.bf16 and self.device.type == "cpu":
+            backend.bound_onednn_cache()  # before the first oneDNN product of this process
         self.variant = run.variant_changes(self.precision.name)  # the recipe's settings for this precision
         run = run.for_precision(self.precision.name)
         if run.train.threads:
