@@ -121,11 +121,12 @@ def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
 
 
 _CACHE_HITS = """
-import os, torch
-import sys
-from transformer import backend
+import os, sys, tempfile, torch
 if sys.argv[1] == "bf16-training":
-    backend.bound_onednn_cache()  # what the Trainer does for bf16 on a CPU
+    sys.path.insert(0, sys.argv[2])
+    from helpers import tiny_run_config
+    from transformer.train import Trainer
+    Trainer(tiny_run_config(precision="bf16"), os.path.join(tempfile.mkdtemp(), "run"))  # caps it, no product yet
 print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), flush=True)
 linear = torch.nn.Linear(64, 32)
 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,9 +137,10 @@ with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
 
 
 def _onednn_cache(kind: str = "bf16-training", **env) -> tuple[str, int, int]:
-    """(the capacity the package left set, oneDNN's cache hits, misses) for 40 bf16 shapes run twice."""
+    """(the capacity left set, oneDNN's cache hits, misses) for 40 bf16 shapes run twice, after a bf16 Trainer
+    is built on the CPU ("bf16-training") or without one."""
     base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "ONEDNN_VERBOSE")}
-    out = subprocess.run([sys.executable, "-c", _CACHE_HITS, kind], env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
+    out = subprocess.run([sys.executable, "-c", _CACHE_HITS, kind, os.path.dirname(__file__)], env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
                          capture_output=True, text=True, check=True, timeout=120).stdout
     return out.split()[0], out.count("create:cache_hit"), out.count("create:cache_miss")
 

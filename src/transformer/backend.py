@@ -171,7 +171,7 @@ def describe(device: torch.device, precision: Precision, variant: Optional[list[
 ONEDNN_CACHE_CAPACITY = 16
 
 
-def bound_onednn_cache() -> bool:
+def bound_onednn_cache() -> None:
     """Cap oneDNN's primitive cache at `ONEDNN_CACHE_CAPACITY` for bf16 training on a CPU (the Trainer calls it).
 
     bf16 training products go through oneDNN, and token bucketing gives nearly every batch a shape of its own,
@@ -180,9 +180,8 @@ def bound_onednn_cache() -> bool:
     (docs/results/2026-12-06-bf16-memory-amd-epyc.md). Not for every process: a small fp32 model's few shapes
     are reused, and rebuilding them made its training slower. oneDNN reads the capacity when it first builds a
     primitive, so this takes effect only in a process that has not used oneDNN yet; a capacity the user set
-    is kept. Returns whether the cap is the one set here."""
+    is kept."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-    return os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
 
 
 def autocast(device: torch.device, precision: Precision):
