@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from transformer import backend
+from transformer import backend, cpu
 
 from . import workloads as W
 from .harness import AGREE, BUSY, SPREAD, Quiet, compare, ratio, unreliable
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown workload {sorted(unknown)[0]!r}; choose from {', '.join(ALL)}")
     rounds, warmup = (2, 1) if args.smoke else (args.rounds, 2)
-    tuned = backend.tune_allocator()  # as the CLI does: every contender in this process runs with it
+    tuned = cpu.memory.tune_allocator()  # as the CLI does: every contender in this process runs with it
     hf = W.have_hf()
     small, base = (W.TINY, W.TINY) if args.smoke else (W.SMALL, W.BASE)
     # bf16 only where the CPU does bf16 arithmetic: elsewhere it is emulated, and every contender's bf16 step
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     bf16_modes = (False, True) if backend.native_bf16_cpu() else (False,)
     print(f"# bench {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"cpu: {cpu_name()} ({backend.cpu_description()})  HF transformers: "
-          f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {backend.cpu_paths().describe()}"
-          f"\n# allocator keeps freed memory (backend.tune_allocator): {'yes' if tuned else 'no'}"
+          f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {cpu.cpu_paths().describe()}"
+          f"\n# allocator keeps freed memory (cpu.memory.tune_allocator): {'yes' if tuned else 'no'}"
           f"\n# int8 products (--int8): {_int8_kind()}")
     ours_info = W.ours_info()
     print(f"# ours: {ours_info['threads']} threads, PyTorch kernels {ours_info['isa']}, OpenMP "
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         for bf16 in bf16_modes:
             table.put(_memory(base, bf16, hf, batch, length))
     meta = {"date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": cpu_name(), "cpu_kind": backend.cpu_description(), "cpu_paths": backend.cpu_paths().describe(),
+            "cpu": cpu_name(), "cpu_kind": backend.cpu_description(), "cpu_paths": cpu.cpu_paths().describe(),
             "python": sys.version.split()[0], "hf": hf, "smoke": args.smoke, "rounds": rounds,
             "int8_products": _int8_kind(), "ours": ours_info, "ctranslate2": ct2_info,
             "unreliable_if": {"alone_vs_interleaved_over": AGREE, "ratio_iqr_over_fraction": SPREAD,
@@ -223,7 +223,7 @@ def _ct2_race(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: in
 
 
 def _int8_kind() -> str:
-    from transformer import int8
+    from transformer.cpu import int8
 
     if not int8.available():
         return "PyTorch's fbgemm (this package's kernel does not run here)"
@@ -232,11 +232,11 @@ def _int8_kind() -> str:
 
 def _int8_products(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int) -> None:
     """Each int8 product of a decoding step (greedy's 32 rows at the base size, beam 5's 40 at the small one):
-    our int8 kernel against fbgemm, where the kernel runs (int8.py)."""
-    from transformer import int8
+    our int8 kernel against fbgemm, where the kernel runs (cpu/int8.py)."""
+    from transformer.cpu import int8
 
     if not int8.available():
-        print("# int8 rows skipped: our int8 kernel does not run here (int8.py says why), so int8 is fbgemm's")
+        print("# int8 rows skipped: our int8 kernel does not run here (cpu/int8.py says why), so int8 is fbgemm's")
         return
     for size, rows in ((base, 32), (small, 40)):
         for M, K, N in W.int8_product_shapes(size, 2 if smoke else rows):

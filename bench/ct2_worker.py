@@ -5,7 +5,7 @@ worker thread adds a second thread team to it; the runtime then throttles the sp
 decoding's threads slept between operations and it ran about 30% slower after CTranslate2 had run once in the
 process (5,500 voluntary context switches per decoding instead of none). Users do not run the two in one process,
 so the race does not either. This module imports neither torch nor the package. The worker applies the glibc
-allocator settings our process runs with (`backend.ALLOCATOR_SETTINGS`, passed in), so that neither side gains
+allocator settings our process runs with (`cpu.memory.ALLOCATOR_SETTINGS`, passed in), so that neither side gains
 from the allocator alone.
 
 CTranslate2 picks its own backend when it loads a model: Intel MKL on GenuineIntel CPUs only (CT2_USE_MKL

@@ -148,7 +148,7 @@ def offline(ckpt: str, sentences: list[str], beam: int, int8: bool = False) -> d
 
     from transformer.checkpoint import load_checkpoint
     from transformer.generate import translate_texts
-    from transformer.linear import int8_weights
+    from transformer.cpu.linear import int8_weights
 
     c = load_checkpoint(ckpt)
     with int8_weights(c.model) if int8 else contextlib.nullcontext():

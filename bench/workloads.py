@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer import ModelConfig, Transformer, TransformerLM, backend
-from transformer.data import BOS, EOS, PAD
+from transformer import ModelConfig, Transformer, TransformerLM, backend, cpu
+from transformer.tokenizers import BOS, EOS, PAD
 from transformer.generate import beam_search, greedy
-from transformer.linear import packed_weights
+from transformer.cpu.linear import packed_weights
 
 
 @dataclass
@@ -276,14 +276,14 @@ def product_peak(shapes: list[tuple[int, int, int]], bf16: bool) -> Callable[[],
     """A contender that runs every distinct product shape of `shapes` once with torch's default product and
     once with oneDNN's (where it works here), and returns the best FLOP/s over the set: the achievable rate at
     the step's own shapes, each shape with its faster library."""
-    from transformer.linear import _onednn
+    _onednn = cpu.paths.onednn_linear
 
     dt = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator().manual_seed(0)
     distinct = sorted(set(shapes))
     mats = {s: (torch.randn(s[0], s[1], generator=g).to(dt), torch.randn(s[2], s[1], generator=g).to(dt))
             for s in distinct}
-    libraries = [F.linear] + ([lambda a, w: _onednn(a, w, None)] if backend._works(dt) else [])
+    libraries = [F.linear] + ([lambda a, w: _onednn(a, w, None)] if cpu.paths.works(dt) else [])
     count = {s: shapes.count(s) for s in distinct}
 
     def run() -> float:
@@ -342,13 +342,13 @@ def step_flops(size: Size, bf16: bool, batch: int = 32, length: int = 32) -> int
     m = ours(size)
     src, tgt_in, tgt_out = _batch(size, batch, length)
     counter = FlopCounterMode(display=False)
-    fast = backend.cpu_paths()
-    backend.set_cpu_paths(backend.CpuPaths(why="counting"))  # the counter knows aten's products only: same math
+    fast = cpu.cpu_paths()
+    cpu.set_cpu_paths(cpu.CpuPaths(why="counting"))  # the counter knows aten's products only: same math
     try:
         with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             m.loss(src, tgt_in, tgt_out, 0.1).backward()
     finally:
-        backend.set_cpu_paths(fast)
+        cpu.set_cpu_paths(fast)
     return counter.get_total_flops()
 
 
@@ -424,12 +424,12 @@ def cpu_vendor() -> str:
 def ours_info() -> dict:
     """What our side of a race runs with: threads, PyTorch's kernel ISA, the oneDNN paths, the int8 products,
     the OpenMP runtime and the threading/spin-wait settings."""
-    from transformer import int8
+    from transformer.cpu import int8
 
     from .ct2_worker import openmp_runtime, settings
 
     return {"threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "cpu_paths": backend.cpu_paths().describe(),
+            "cpu_paths": cpu.cpu_paths().describe(),
             "int8": "kernel" + (" (VNNI and AMX)" if int8.uses_amx() else " (VNNI)") if int8.available() else "fbgemm",
             "openmp": openmp_runtime(), "env": settings()}
 
@@ -445,7 +445,7 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
 
     from . import ct2_worker
     from transformer.interop.ctranslate2 import export_ct2
-    from transformer.linear import int8_weights
+    from transformer.cpu.linear import int8_weights
 
     torch.manual_seed(0)
     src, _, _ = _batch(size, batch, 24)
@@ -453,7 +453,7 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     vocab = _NamedVocabulary(size.vocab)
     export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
                quantization="int8" if int8 else None)
-    mallopt = backend.ALLOCATOR_SETTINGS if backend.tune_allocator() else ()  # its allocator set as ours
+    mallopt = cpu.memory.ALLOCATOR_SETTINGS if cpu.memory.tune_allocator() else ()  # its allocator set as ours
     # compute types named, not "default": on an int8 model "default" would keep int8 for the fp32 row
     translator = ct2_worker.Translator(str(directory), "int8" if int8 else "float32", torch.get_num_threads(),
                                        mallopt, ct2_env())
@@ -484,13 +484,13 @@ def int8_product_shapes(size: Size, rows: int) -> list[tuple[int, int, int]]:
 
 
 def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e6) -> dict:
-    """One int8 product of `rows` rows by a (n, k) weight: ours (the int8 kernel, int8.py) against PyTorch's
+    """One int8 product of `rows` rows by a (n, k) weight: ours (the int8 kernel, cpu/int8.py) against PyTorch's
     int8 linear (fbgemm) on the same weights. Each call takes the next of enough distinct weights to fill
     `bytes_cycled` in int8, as a decoding step meets each weight once, after all the others: what a product
     costs when its weight is not already in the core's own caches."""
     import warnings
 
-    from transformer import int8
+    from transformer.cpu import int8
 
     g = torch.Generator().manual_seed(0)
     count = max(4, int(bytes_cycled // (n * k)))

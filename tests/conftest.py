@@ -16,14 +16,13 @@ def _fix_cpu_paths() -> None:
     the per-machine decision file: a timed choice could flip with the load on a shared machine, and the
     trained fixtures, hence the tests' expectations, with it. Every oneDNN path that works here is taken, so
     the suite exercises them; tests that need another choice set it themselves."""
-    from transformer import backend
-    from transformer.files import write_json_atomic
+    from transformer import cpu
 
     import torch as _torch
 
-    fp32, bf16 = backend.onednn_usable(_torch.float32), backend.onednn_usable(_torch.bfloat16)
-    fixed = backend.CpuPaths(fp32, fp32, bf16, why="fixed for the test session: every path that works here")
-    write_json_atomic(backend._decision_file(), fixed.to_dict())
+    fp32, bf16 = cpu.paths.onednn_usable(_torch.float32), cpu.paths.onednn_usable(_torch.bfloat16)
+    fixed = cpu.CpuPaths(fp32, fp32, bf16, why="fixed for the test session: every path that works here")
+    cpu.decisions.record("paths", "oneDNN", fixed.to_dict())
 
 
 _fix_cpu_paths()

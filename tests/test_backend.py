@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from transformer import TransformerError, backend
+from transformer import TransformerError, backend, cpu
 
 
 def test_device_choices():
@@ -41,35 +41,35 @@ def test_asking_for_emulated_bf16_warns(monkeypatch, caplog):
 
 def test_a_failing_op_turns_its_path_off(monkeypatch):
     # what an AVX2 CPU does when asked to pack bf16 weights (torch 2.13): the op raises
-    real = backend._pack
+    real = cpu.paths.pack
 
     def pack(w, rows):
         if w.dtype == torch.bfloat16:
             raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
         return real(w, rows)
 
-    monkeypatch.setattr(backend, "_pack", pack)
-    assert not backend._works(torch.bfloat16)
+    monkeypatch.setattr(cpu.paths, "pack", pack)
+    assert not cpu.paths.works(torch.bfloat16)
     monkeypatch.setenv("TRANSFORMER_ONEDNN", "1")
-    assert not backend._decide().packed_bf16
+    assert not cpu.paths.decide().packed_bf16
 
 
 def test_environment_switches(monkeypatch):
     monkeypatch.setenv("TRANSFORMER_ONEDNN", "0")
-    assert backend._decide() == backend.CpuPaths(why="TRANSFORMER_ONEDNN=0")
+    assert cpu.paths.decide() == cpu.CpuPaths(why="TRANSFORMER_ONEDNN=0")
     monkeypatch.setenv("TRANSFORMER_ONEDNN", "1")
-    forced = backend._decide()
-    assert forced.train == forced.packed == backend._works(torch.float32)
+    forced = cpu.paths.decide()
+    assert forced.train == forced.packed == cpu.paths.works(torch.float32)
 
 
-@pytest.mark.skipif(not backend._works(torch.float32), reason="no oneDNN linear in this torch build or CPU")
+@pytest.mark.skipif(not cpu.paths.works(torch.float32), reason="no oneDNN linear in this torch build or CPU")
 def test_decoding_under_bf16_on_a_cpu_limited_to_avx2():
     """oneDNN limited to AVX2 (as on a CPU without AVX-512) refuses bf16 packing: the probe must see that, and
     bf16 decoding must still work, through plain F.linear."""
     code = (
-        "import torch; from transformer import backend, ModelConfig, Transformer; "
+        "import torch; from transformer import cpu, ModelConfig, Transformer; "
         "from transformer.generate import greedy; "
-        "p = backend.cpu_paths(); assert not p.packed_bf16, p; "
+        "p = cpu.cpu_paths(); assert not p.packed_bf16, p; "
         "m = Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=32, n_heads=2, "
         "n_encoder_layers=1, n_decoder_layers=1, d_ff=32)).eval(); "
         "src = torch.randint(4, 20, (3, 5)); "
@@ -84,14 +84,14 @@ def test_decoding_under_bf16_on_a_cpu_limited_to_avx2():
 def test_the_machine_is_described():
     text = backend.cpu_description()
     assert "bf16" in text
-    paths = backend.cpu_paths()
+    paths = cpu.cpu_paths()
     assert paths.describe().startswith("oneDNN for ")
 
 
 _MMAPPED_AFTER_16MB = """
 import ctypes
-from transformer import backend
-print(backend.tune_allocator())
+from transformer import cpu
+print(cpu.memory.tune_allocator())
 libc = ctypes.CDLL(None)
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -156,7 +156,7 @@ def test_bf16_cpu_training_bounds_onednn_primitive_cache():
     assert default[0] == "None" and default[1] == default[2] >= 40  # one primitive (or more) per shape
     capacity, hits, misses = _onednn_cache()
     assert (hits, misses) == (0, 2 * default[2])
-    assert capacity == str(backend.ONEDNN_CACHE_CAPACITY)
+    assert capacity == str(cpu.memory.ONEDNN_CACHE_CAPACITY)
 
 
 def test_a_primitive_cache_capacity_the_user_set_is_kept():
@@ -164,16 +164,16 @@ def test_a_primitive_cache_capacity_the_user_set_is_kept():
 
 
 def test_a_resumed_run_takes_the_cpu_paths_it_was_trained_with():
-    from transformer import backend
+    from transformer import cpu
 
-    before = backend.cpu_paths()
-    backend.set_cpu_paths(backend.CpuPaths(why="test"))
+    before = cpu.cpu_paths()
+    cpu.set_cpu_paths(cpu.CpuPaths(why="test"))
     try:
-        trained = backend.CpuPaths(train=True, why="timed").to_dict()
-        line = backend.reapply_cpu_paths(trained)
-        usable = backend.onednn_usable()
-        assert backend.cpu_paths().train == usable  # on where this machine runs it, else off
+        trained = cpu.CpuPaths(train=True, why="timed").to_dict()
+        line = cpu.reapply_cpu_paths(trained)
+        usable = cpu.paths.onednn_usable()
+        assert cpu.cpu_paths().train == usable  # on where this machine runs it, else off
         assert (line is not None) == usable
-        assert backend.reapply_cpu_paths(trained) is None  # already so: nothing to say
+        assert cpu.reapply_cpu_paths(trained) is None  # already so: nothing to say
     finally:
-        backend.set_cpu_paths(before)
+        cpu.set_cpu_paths(before)

@@ -5,7 +5,7 @@ import torch
 
 from transformer import CheckpointError, ModelConfig, Transformer, TransformerError
 from transformer.checkpoint import load_checkpoint, save_checkpoint
-from transformer.data import CharTokenizer
+from transformer.tokenizers import CharTokenizer
 
 
 def model_and_tok(**kw):

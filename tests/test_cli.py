@@ -240,7 +240,7 @@ def test_over_long_pairs_are_dropped_and_counted(tmp_path, capsys, parallel_file
 def test_long_input_is_truncated_to_learned_positions(tmp_path, capsys, caplog):
     from transformer import ModelConfig, Transformer
     from transformer.checkpoint import save_checkpoint
-    from transformer.data import CharTokenizer
+    from transformer.tokenizers import CharTokenizer
 
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
     model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=16, n_heads=2, n_encoder_layers=1,

@@ -8,7 +8,7 @@ ctranslate2 = pytest.importorskip("ctranslate2", reason="CTranslate2 is in the b
 
 from transformer import CheckpointError  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
-from transformer.data import pad_batch  # noqa: E402
+from transformer.batching import pad_batch  # noqa: E402
 from transformer.generate import beam_search, greedy  # noqa: E402
 from transformer.interop.ctranslate2 import export_ct2  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_ctranslate2_scores_references_as_we_do(exported):
 def test_what_ctranslate2_cannot_represent_is_refused(tmp_path):
     from transformer import ModelConfig, TransformerLM
     from transformer.checkpoint import Checkpoint
-    from transformer.data import CharTokenizer
+    from transformer.tokenizers import CharTokenizer
 
     cfg = ModelConfig(tgt_vocab_size=10, d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16, arch="decoder-only")
     tok = CharTokenizer("abc")

@@ -12,7 +12,7 @@ import torch
 
 from transformer import ModelConfig, TransformerLM
 from transformer.checkpoint import load_checkpoint
-from transformer.data import pad_batch
+from transformer.batching import pad_batch
 from transformer.generate import beam_search, greedy, sample, translate_texts
 from transformer.train import Trainer
 

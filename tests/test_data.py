@@ -1,9 +1,8 @@
 import pytest
 
-from transformer.data import (
-    BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, SyntheticTask, collate, load_tokenizer, pair_lengths,
-    read_labelled, read_lines, read_parallel, token_batches,
-)
+from transformer.batching import collate, pair_lengths, token_batches
+from transformer.data import SyntheticTask, read_labelled, read_lines, read_parallel
+from transformer.tokenizers import BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, load_tokenizer
 from transformer.errors import DataError
 
 SENTENCES = [
@@ -131,7 +130,7 @@ def test_language_model_windows_reach_the_end_of_the_text():
     """Bug: the last window of the text was never drawn, and a text one token longer than a block failed."""
     import torch
 
-    from transformer.data import lm_blocks
+    from transformer.batching import lm_blocks
 
     data = torch.arange(10)
     b = lm_blocks(data, 9, 4, torch.Generator().manual_seed(0))  # exactly one window fits

@@ -114,7 +114,7 @@ WRITER = """
 import os, sys, torch
 from transformer import ModelConfig, Transformer
 from transformer.checkpoint import save_checkpoint
-from transformer.data import CharTokenizer
+from transformer.tokenizers import CharTokenizer
 target, kill_at = sys.argv[1], int(sys.argv[2])
 tok = CharTokenizer("abc")
 model = Transformer(ModelConfig(src_vocab_size=7, tgt_vocab_size=7, d_model=16, n_heads=2, n_encoder_layers=1,

@@ -3,9 +3,9 @@ import torch
 
 from transformer import ModelConfig, Transformer, TransformerLM, TransformerError
 from transformer.checkpoint import load_checkpoint
-from transformer.data import pad_batch
+from transformer.batching import pad_batch
 from transformer.generate import beam_search, filter_logits, greedy, sample, translate_texts
-from transformer.incremental import StepDecoder
+from transformer.cpu.step import StepDecoder
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def no_eos(model):
     """The model with </s> made impossible (its logit -1e9): decoding runs to the length limit exactly."""
     import copy
 
-    from transformer.data import EOS
+    from transformer.tokenizers import EOS
 
     model = copy.deepcopy(model)
     model.output.register_forward_hook(lambda m, i, logits: logits.index_fill_(-1, torch.tensor([EOS]), -1e9))
@@ -157,7 +157,7 @@ def test_prompt_longer_than_learned_positions_is_cropped():
 def test_streamed_text_keeps_the_space_after_the_prompt():
     """Bug: `generate` decoded the new tokens alone, and a Metaspace (BPE) tokenizer's word-initial token
     lost its space: prompt "ROMEO:" printed "ROMEO:the king"."""
-    from transformer.data import BPETokenizer
+    from transformer.tokenizers import BPETokenizer
     from transformer.generate import TextStream
 
     tok = BPETokenizer.train(["ROMEO: the king is here", "JULIET: the king is there"] * 50, vocab_size=60)
@@ -169,7 +169,7 @@ def test_streamed_text_keeps_the_space_after_the_prompt():
 
 
 def test_streamed_text_waits_for_whole_characters():
-    from transformer.data import BPETokenizer
+    from transformer.tokenizers import BPETokenizer
     from transformer.generate import TextStream
 
     tok = BPETokenizer.train_bytes(["abc"] * 10, vocab_size=260)  # "é" and "✓" stay split into their bytes
@@ -186,7 +186,7 @@ def test_beam_search_finds_the_best_sequence_when_the_beam_holds_them_all(length
     """On a 6-token vocabulary and 3 tokens at most, a beam of 125 keeps every hypothesis: beam search must
     return the sequence a brute-force search over all 156 finds (score = log-probability including </s>,
     divided by length ** length_penalty, the length counting </s>), and a narrow beam can only do worse."""
-    from transformer.data import EOS
+    from transformer.tokenizers import EOS
 
     src = torch.tensor([[4, 5, 4], [5, 5, 0]])
     tokens = [t for t in range(6) if t != EOS]
@@ -200,7 +200,7 @@ def test_beam_search_finds_the_best_sequence_when_the_beam_holds_them_all(length
 def _check_beam_against_brute_force(model, src, tokens, length_penalty):
     import itertools
 
-    from transformer.data import EOS
+    from transformer.tokenizers import EOS
 
     def score(i, seq):
         with torch.no_grad():

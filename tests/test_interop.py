@@ -118,7 +118,7 @@ def test_refusals_name_the_reason(bert_dir, tmp_path):
 
 @pytest.fixture
 def gpt2_dir(tmp_path):
-    from transformer.data import BPETokenizer
+    from transformer.tokenizers import BPETokenizer
 
     tok = BPETokenizer.train_bytes(["the big dog runs after a small cat"] * 20, vocab_size=300)
     tok.tok.save(str(tmp_path / "tokenizer.json"))
@@ -245,7 +245,7 @@ def test_marian_imports_to_the_same_logits_and_translates_alike(marian_dir, tmp_
 def test_a_pre_norm_translator_is_not_exported_to_hugging_face(tmp_path):
     from transformer import ModelConfig, Transformer
     from transformer.checkpoint import Checkpoint
-    from transformer.data import CharTokenizer
+    from transformer.tokenizers import CharTokenizer
 
     cfg = ModelConfig(src_vocab_size=10, tgt_vocab_size=10, d_model=16, n_heads=2, n_encoder_layers=1,
                       n_decoder_layers=1, d_ff=16, norm_first=True)

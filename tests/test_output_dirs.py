@@ -10,7 +10,7 @@ import torch
 from transformer import TransformerError
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.cli import main
-from transformer.data import CharTokenizer
+from transformer.tokenizers import CharTokenizer
 from transformer.rundir import step_checkpoints
 from transformer.train import Trainer
 

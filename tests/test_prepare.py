@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from transformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from transformer.data import encode_pairs, read_parallel, token_batches, train_tokenizer
-from transformer.prepare import plan_batches, prepare
+from transformer.batching import token_batches
+from transformer.data import encode_pairs, read_parallel
+from transformer.tokenizers import train_tokenizer
+from transformer.batching import plan_batches
+from transformer.prepare import prepare
 from transformer.tasks import build_task
 
 PAIRS = [("a dog runs in the park", "ein hund rennt im park"), ("two cats sleep", "zwei katzen schlafen"),

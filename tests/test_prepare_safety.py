@@ -13,7 +13,7 @@ import pytest
 
 from transformer import prepare as prep
 from transformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from transformer.data import CharTokenizer
+from transformer.tokenizers import CharTokenizer
 from transformer.errors import DataError
 from transformer.prepare import prepare
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transformer import ModelConfig, Transformer
-from transformer.data import EOS, BPETokenizer, CharTokenizer, pad_batch
+from transformer.batching import pad_batch
+from transformer.tokenizers import EOS, BPETokenizer, CharTokenizer
 from transformer.generate import beam_search, greedy
 
 from helpers import fp32_atol, model_depth

@@ -51,14 +51,14 @@ def test_translations_are_the_librarys(client, ckpt):
 
 def test_int8_serving_answers_as_the_library_decodes_in_int8(reverse_checkpoint):
     from transformer import TransformerError
-    from transformer.linear import int8_weights
+    from transformer.cpu.linear import int8_weights
 
     served, ref = load_checkpoint(reverse_checkpoint), load_checkpoint(reverse_checkpoint)  # two copies: one each
     with TestClient(create_app(served, int8=True)) as c:
         r = c.post("/v1/translate", json={"texts": WORDS, "beam": 2})
         assert c.get("/v1/model").json()["int8"] is True
-        assert served.model.output._int8 is not None  # int8 weights while the app runs
-    assert served.model.output._int8 is None  # and its own weights again after
+        assert served.model.output.prepared.int8 is not None  # int8 weights while the app runs
+    assert served.model.output.prepared is None  # and its own weights again after
     with torch.inference_mode(), int8_weights(ref.model):
         want = translate_texts(ref.model, ref.src_tokenizer, ref.tgt_tokenizer, WORDS, beam_size=2)
     assert r.status_code == 200 and r.json()["translations"] == want
@@ -122,7 +122,7 @@ def test_generation_streams_server_sent_events(tmp_path):
 
     from transformer import ModelConfig, TransformerLM
     from transformer.checkpoint import Checkpoint
-    from transformer.data import CharTokenizer
+    from transformer.tokenizers import CharTokenizer
 
     torch.manual_seed(0)
     tok = CharTokenizer("abcdefgh ")

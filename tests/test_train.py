@@ -119,7 +119,7 @@ def test_a_pad_id_other_than_zero_is_never_a_target(tmp_path):
     import torch.nn.functional as F
 
     from transformer import ModelConfig, Transformer
-    from transformer.data import collate
+    from transformer.batching import collate
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=16, n_heads=2,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dropout import dropout
-from .linear import Linear
+from .cpu.linear import Linear
 
 # ----------------------------------------------------------------------------------------------------------
 # Masks

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, from_dict
-from .data import Tokenizer, load_tokenizer
+from .tokenizers import Tokenizer, load_tokenizer
 from .errors import CheckpointError, ConfigError, TransformerError
 from .files import (
     check_output_dir,

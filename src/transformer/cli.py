@@ -240,7 +240,7 @@ def _decoding(ckpt, args: argparse.Namespace):
     import contextlib
 
     from .backend import decoding_precision
-    from .linear import int8_weights
+    from .cpu.linear import int8_weights
 
     if getattr(args, "int8", False):
         if args.bf16:
@@ -682,10 +682,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(quiet=getattr(args, "json", False))
-    from . import backend
+    from .cpu import memory
     from .train import TrainingInterrupted
 
-    backend.tune_allocator()  # this process is ours: keep freed memory for reuse (decoding allocates every step)
+    memory.tune_allocator()  # this process is ours: keep freed memory for reuse (decoding allocates every step)
 
     try:
         return args.fn(args)

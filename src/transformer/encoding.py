@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .data import Tokenizer, pad_batch
+from .batching import pad_batch
+from .tokenizers import Tokenizer
 from .errors import TransformerError
 from .model import TransformerEncoder
 

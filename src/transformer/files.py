@@ -149,6 +149,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRANSFORMER_CACHE") or os.path.join(home, "transformer"))
 
 
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and its missing parents, each 0700 (`mkdir(parents=True)` would make the parents with
+    the umask's mode, group-writable under umask 002, and `_unsafe_directory` would then refuse our own cache)."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+
+
 @contextlib.contextmanager
 def new_directory(directory: str | Path, kind: str, holds: Callable[[Path], Optional[str]],
                   overwrite: bool) -> Iterator[Path]:

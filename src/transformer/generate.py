@@ -14,10 +14,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .data import PAD, Tokenizer, pad_batch
+from .batching import pad_batch
+from .tokenizers import PAD, Tokenizer
 from .errors import TransformerError
-from .incremental import step_decoder
-from .linear import packed_weights
+from .cpu.step import step_decoder
+from .cpu.linear import packed_weights
 from .model import Transformer, TransformerLM
 
 log = logging.getLogger("transformer")

@@ -18,7 +18,7 @@ from .attention import KVCache, MultiHeadAttention
 from .dropout import Dropout
 from .config import ModelConfig
 from .errors import TransformerError
-from .linear import Linear
+from .cpu.linear import Linear
 
 
 class TokenEmbedding(nn.Module):
@@ -132,6 +132,16 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
+def residual_connection(x: Tensor, norm: Callable[[Tensor], Tensor], add: Callable[[Tensor, Tensor], Tensor],
+                        norm_first: bool) -> Tensor:
+    """A sublayer's residual connection, normalised where `norm_first` puts it: pre-norm x + f(norm(x)),
+    post-norm (the paper) norm(x + f(x)). `add(h, x)` computes x + f(h). The one rule of norm placement: the
+    layers and the CPU decoding step (cpu/step.py) both take it from here."""
+    if norm_first:
+        return add(norm(x), x)
+    return norm(add(x, x))
+
+
 class TransformerLayer(nn.Module):
     """Self-attention, optional cross-attention, feed-forward; each wrapped in dropout, a residual connection
     and LayerNorm: after the residual (post-norm, the paper) or on the sublayer's input (pre-norm).
@@ -157,9 +167,7 @@ class TransformerLayer(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-        if self.norm_first:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+        return residual_connection(x, norm, lambda h, r: r + self.dropout(sublayer(h)), self.norm_first)
 
     def forward(
         self,

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .dropout import Dropout
 from .errors import TransformerError
 from .layers import TokenEmbedding, TransformerLayer, positional_encoding
-from .linear import Linear
+from .cpu.linear import Linear
 from .loss import label_smoothed_loss
 
 

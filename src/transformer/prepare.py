@@ -48,7 +48,8 @@ except ImportError:  # Windows: preparations are not serialised there (`_finish`
     fcntl = None
 
 from .config import RunConfig
-from .data import Tokenizer, iter_lines, load_tokenizer, train_tokenizer
+from .data import iter_lines
+from .tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from .errors import DataError
 from .files import fsync_dir, read_json, write_json_atomic
 
@@ -476,27 +477,4 @@ def _decoded(path: Path) -> str:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int, seed: int, epoch: int,
-                 window: int = 200_000, block: int = 2048) -> list[np.ndarray]:
-    """An epoch's batches (arrays of example indices) over `lengths` (N,). A corpus of at most `window`
-    examples gets exactly `data.token_batches`' batches: all examples sorted by length (ties broken at random),
-    cut into batches of at most `max_tokens` padded positions, the batches shuffled. A larger one is cut into
-    blocks of `block` consecutive examples, the blocks shuffled and grouped into windows of about `window`
-    examples, and each window batched so: batches of similar lengths, drawn from a few regions of the memory-
-    mapped files at a time (what is read stays small). Deterministic in (seed, epoch)."""
-    from .data import token_batches
-
-    n = len(lengths)
-    if n <= window:
-        return [np.asarray(b, dtype=np.int64) for b in token_batches(lengths.tolist(), max_tokens, max_sentences, seed, epoch)]
-    blocks = np.random.default_rng([seed, epoch]).permutation((n + block - 1) // block)
-    per_window = max(1, window // block)
-    out: list[np.ndarray] = []
-    for w, start in enumerate(range(0, len(blocks), per_window)):
-        idx = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in blocks[start : start + per_window]])
-        local = token_batches(lengths[idx].tolist(), max_tokens, max_sentences, seed * 7919 + w, epoch)
-        out += [idx[np.asarray(b, dtype=np.int64)] for b in local]
-    return out
-
-
-__all__: Sequence[str] = ["prepare", "plan_batches", "PreparedPairs", "PreparedText", "tokenizers_from", "cache_root"]
+__all__: Sequence[str] = ["prepare", "PreparedPairs", "PreparedText", "tokenizers_from", "cache_root"]

@@ -26,7 +26,7 @@ METRICS = "metrics.jsonl"
 
 
 def write_run_config(run_dir: Path, run: RunConfig, cpu_paths: Optional[dict] = None) -> None:
-    """The recipe as it runs, and (on a CPU) the fast paths its products take (`backend.CpuPaths`)."""
+    """The recipe as it runs, and (on a CPU) the fast paths its products take (`cpu.CpuPaths`)."""
     data = run.to_dict()
     if cpu_paths is not None:
         data["cpu_paths"] = cpu_paths

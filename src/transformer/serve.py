@@ -26,7 +26,7 @@ import torch
 from .batcher import Batcher, Job
 from .checkpoint import Checkpoint
 from .errors import TransformerError
-from .linear import int8_weights, packed_weights
+from .cpu.linear import int8_weights, packed_weights
 
 log = logging.getLogger("transformer")
 

@@ -19,55 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import RunConfig, TrainConfig
-from .data import (
-    Batch,
-    CharTokenizer,
-    ClassBatch,
-    LMBatch,
-    SyntheticTask,
-    Tokenizer,
-    collate,
-    encode_pairs,
-    label_names,
-    lm_blocks,
-    pad_batch,
-    pair_lengths,
-    read_labelled,
-    read_parallel,
-    token_batches,
-)
+from .batching import Batch, ClassBatch, EpochBatches, LMBatch, collate, lm_blocks, pad_batch, pair_lengths, token_batches
+from .config import RunConfig
+from .data import SyntheticTask, encode_pairs, label_names, read_labelled, read_parallel
 from .errors import DataError
-from .prepare import plan_batches, prepare
 from .evaluate import accuracy, bleu_score, exact_match, macro_f1
+from .prepare import prepare
+from .tokenizers import CharTokenizer, Tokenizer
 
 log = logging.getLogger("transformer")
-
-
-class EpochBatches:
-    """The batches of each epoch over examples of `lengths` (padded positions each): length-bucketed within
-    large shuffled windows (`prepare.plan_batches`), at most `max_tokens` positions and `batch_size` examples,
-    a pure function of (seed, epoch): resuming needs no state. The current epoch's are kept."""
-
-    def __init__(self, lengths: np.ndarray, train: TrainConfig) -> None:
-        self.lengths, self.train = np.asarray(lengths, dtype=np.int32), train
-        self._epoch: Optional[int] = None
-        self._batches: list[np.ndarray] = []
-
-    def of(self, epoch: int) -> list[np.ndarray]:
-        if self._epoch != epoch:
-            t = self.train
-            self._batches = plan_batches(self.lengths, t.max_tokens, t.batch_size, t.seed, epoch)
-            self._epoch = epoch
-        return self._batches
-
-    def padding_fraction(self, epoch: int) -> float:
-        pad = total = 0
-        for idx in self.of(epoch):
-            lens = self.lengths[idx]
-            pad += int(lens.max()) * len(idx) - int(lens.sum())
-            total += int(lens.max()) * len(idx)
-        return pad / max(total, 1)
 
 
 class InMemoryPairs:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import backend, rundir
+from .cpu import memory, paths
 from .checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -194,7 +195,7 @@ class Trainer:
         self.device = self.dist.device
         self.precision = backend.resolve_precision(run.train.precision, self.device)
         if self.precision.bf16 and self.device.type == "cpu":
-            backend.bound_onednn_cache()  # before the first oneDNN product of this process
+            memory.bound_onednn_cache()  # before the first oneDNN product of this process
         self.variant = run.variant_changes(self.precision.name)  # the recipe's settings for this precision
         run = run.for_precision(self.precision.name)
         if run.train.threads:
@@ -207,7 +208,7 @@ class Trainer:
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; cannot --resume {self.out}") from None
             if self.device.type == "cpu":  # the products sum in the order they did before the run stopped
-                changed = backend.reapply_cpu_paths(state.meta.get("cpu_paths"))
+                changed = paths.reapply_cpu_paths(state.meta.get("cpu_paths"))
                 if changed and self.dist.main:
                     log.info("%s", changed)
         elif run.model.init_from:  # fine-tuning: the starting checkpoint's model and tokenizer
@@ -560,7 +561,7 @@ class StopSignals:
 
 def _cpu_paths(device: torch.device) -> Optional[dict]:
     """The CPU fast paths training runs on, to save with the run (None on a GPU, where there are none)."""
-    return backend.cpu_paths().to_dict() if device.type == "cpu" else None
+    return paths.cpu_paths().to_dict() if device.type == "cpu" else None
 
 
 def _to_device(batch, device: torch.device):

@@ -26,7 +26,7 @@ from ..files import atomic_path, foreign_entries, new_directory, read_json, writ
 from ..model import build_model
 from .families import FAMILIES, Bert
 from .metadata import Keys, inside, show
-from .tokenizers import PretrainedTokenizer, SentencePieceTokenizer
+from ..tokenizers import PretrainedTokenizer, SentencePieceTokenizer
 
 # Where a family may store one tensor under another name (tied weights are saved once, under any of them).
 _ALIASES = {

@@ -19,49 +19,37 @@ the same modules once and keeps what a step needs:
 
 It computes what `Decoder.forward` computes, up to the order of float operations (tests compare the two).
 Used on the CPU for `Transformer` models in eval mode; everything else (GPUs, decoder-only models, attention
-maps) takes the module path.
+maps) takes the module path. The step is derived from the layers' own definitions: the activation from
+`layers.ACTIVATIONS`, the norm placement from `layers.residual_connection`, each norm from its module.
 
 Which way each product multiplies (`_choose`) must not make two processes decode the same input differently:
 - in int8 it is fixed by rule, never timed: every product takes this package's int8 kernel where it runs
   (`int8.available()`), else fbgemm, as `int8_weights` packs the modules' own weights. The candidates a timing
-  used to pick between per shape round differently (the kernel scales each input row, fbgemm the whole input;
-  fp32 does not round at all), so the pick changed outputs, and BLEU, from one process to the next. Measured
-  with the old timing at the bench's shapes (32 rows), it picked the kernel at every one of them anyway. The
-  kernel's own VNNI and AMX paths give the same bits, so its choice between them by row count is harmless;
+  could pick between per shape round differently (the kernel scales each input row, fbgemm the whole input;
+  fp32 does not round at all), so a timed pick would change outputs, and BLEU, from one process to the next.
+  The kernel's own VNNI and AMX paths give the same bits, so its choice between them by row count is harmless;
 - in fp32 and bf16 the timing stays, BLAS against oneDNN's packed layout (oneDNN wins the larger products by up
-  to 2x at decoding's shapes, so no fixed rule keeps the speed). They sum in different orders and differ in the
+  at decoding's shapes, so no fixed rule keeps the speed). They sum in different orders and differ in the
   last bits, so the winner at each shape is decided once per machine and recorded in a file under
-  `files.cache_root()` (`step-products/`, one file per CPU model and flags, torch version and thread count,
-  written by temporary file and rename under a lock): every later process on the machine takes the recorded
-  choice. Where that file cannot be written, BLAS is taken, fixed rather than timed anew.
+  this machine's record (`decisions`, the "step" section): every later process on the machine takes the
+  recorded choice. Where that record cannot be written, BLAS is taken, fixed rather than timed anew.
 `TRANSFORMER_STEP_PRODUCT=mkl|onednn|int8|vnni` forces one kind for every product where it is available.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
-import os
-import platform
-import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backend, int8
-from .files import cache_root, write_json_atomic
+from ..layers import ACTIVATIONS, residual_connection
+from . import decisions, int8, machine, timing
 from .linear import Linear
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: there, processes starting together may each time and record their own
-    fcntl = None
+from .paths import cpu_paths, onednn_usable
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +70,7 @@ class _Product:
     Under bf16 autocast the candidates take bf16 weights, converted once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
-        self.act_fn = _ACTIVATION_FNS[activation] if activation else None
+        self.act_fn = ACTIVATIONS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
         relu = activation == "relu"
         self.kind, self.fn = _choose(weight.detach(), None if bias is None else bias.detach(), mode, relu)
@@ -100,20 +88,16 @@ class _Product:
         return residual + y if self.promote else y.add_(residual)
 
 
-_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu_, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu}
-
-
 def _kinds(mode: str) -> list[str]:
     """The ways this machine can multiply in `mode` ("fp32", "bf16" or "int8"). oneDNN's packed layout is a
-    candidate wherever it works, even where `backend.cpu_paths()` found it slower at its one test shape: the
-    step times it at each of its own shapes (on the AVX2 kind it wins the largest ones by a few percent)."""
+    candidate wherever it works, even where `cpu_paths()` found it slower at its one test shape: the step
+    times it at each of its own shapes."""
     kinds = ["mkl"]
-    if backend.onednn_usable(torch.bfloat16 if mode == "bf16" else torch.float32):
+    if onednn_usable(torch.bfloat16 if mode == "bf16" else torch.float32):
         kinds.append("onednn")
     if mode == "int8":
         kinds.append("int8")
-        if int8.available():
+        if int8.kind() == "vnni":
             kinds.append("vnni")
     return kinds
 
@@ -145,7 +129,7 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
     return lambda x: torch.addmm(b, x.to(dtype), wt)
 
 
-# (machine, product) -> the kind recorded for it: `_recorded`'s file, read once per process and product
+# (machine, product) -> the kind recorded for it in `decisions`, read once per process and product
 _chosen: dict[tuple[str, str], str] = {}
 
 
@@ -155,7 +139,7 @@ def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
     `TRANSFORMER_STEP_PRODUCT` where it names one available; in int8 the kernel where it runs, else fbgemm, by
     rule; in fp32 and bf16 the fastest at this shape, as this machine recorded it (timed the first time)."""
     kinds = _kinds(mode)
-    forced = os.environ.get("TRANSFORMER_STEP_PRODUCT", "").strip().lower()
+    forced = machine.switch("STEP_PRODUCT")
     if forced in kinds:
         kind = forced
     elif mode == "int8":
@@ -164,7 +148,7 @@ def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
         kind = kinds[0]
     else:
         product = f"{mode} {weight.size(0)}x{weight.size(1)} bias={bias is not None} among {','.join(kinds)}"
-        key = (_machine(), product)
+        key = (machine.machine_key(), product)
         fns: dict[str, Callable[[Tensor], Tensor]] = {}
 
         def timed() -> str:
@@ -172,7 +156,7 @@ def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
             return _fastest(fns, weight.size(1))
 
         if key not in _chosen:
-            _chosen[key] = _recorded(key[0], product, kinds, timed)
+            _chosen[key] = _recorded(product, kinds, timed)
         kind = _chosen[key]
         if kind in fns:  # timed just now: already built
             return kind, fns[kind]
@@ -180,77 +164,21 @@ def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
 
 
 def _fastest(fns: dict[str, Callable[[Tensor], Tensor]], in_features: int) -> str:
-    """The fastest of `fns`, from interleaved best-of-5 timings at 32 rows (decoding's typical batch). Each timing
-    starts with the weights out of the core's caches, as a decoding step meets them (every other weight of the
-    step came in between): timed with them cached, fp32 won products that int8, with a quarter of the bytes to
-    read, wins in decoding."""
-    x = backend._fixed(32, in_features)
-    best = {k: float("inf") for k in fns}
-    evict = torch.zeros(_EVICT_BYTES // 4)
-    for fn in fns.values():
-        fn(x)  # warm-up: first calls allocate and pick kernels
-    for _ in range(5):
-        for k, fn in fns.items():
-            evict.add_(1.0)  # pushes the weights out of L1/L2 (they stay in L3, as in a step)
-            start = time.perf_counter()
-            fn(x)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return min(best, key=best.get)
+    """The fastest of `fns` at 32 rows (decoding's typical batch). Each timing starts with the weights out of
+    the core's caches, as a decoding step meets them (every other weight of the step came in between): timed
+    with them cached, fp32 won products that int8, with a quarter of the bytes to read, wins in decoding."""
+    x = timing.fixed(32, in_features)
+    return timing.fastest({k: functools.partial(fn, x) for k, fn in fns.items()}, before_each=timing.evicting())
 
 
-@functools.cache
-def _cpu() -> str:
-    """This CPU's model and flags, from /proc/cpuinfo's first processor (the platform's name elsewhere)."""
-    model = ""
+def _recorded(product: str, kinds: list[str], decide: Callable[[], str]) -> str:
+    """The kind this machine recorded for `product`, else `decide()`'s, recorded now for every later process.
+    Where the record cannot be read or written: BLAS (kinds[0]), fixed rather than this process's timing."""
     try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.processor()}; flags {' '.join(sorted(backend.cpu_flags()))}"
-
-
-def _machine() -> str:
-    """What a product's timing depends on: the CPU, the torch build and its kernels, the thread count."""
-    return (f"{_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
-            f"{torch.get_num_threads()} threads")
-
-
-def _decisions_file(machine: str) -> Path:
-    return cache_root() / "step-products" / f"{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
-
-
-def _recorded(machine: str, product: str, kinds: list[str], decide: Callable[[], str]) -> str:
-    """The kind `machine` recorded for `product`, else `decide()`'s, recorded now for every later process. The
-    file is locked from reading to writing, so that processes starting together do not each time and record
-    their own. Where it cannot be read or written: BLAS (kinds[0]), fixed rather than this process's timing."""
-    path = _decisions_file(machine)
-    try:
-        int8.make_private_dirs(path.parent)
-        with open(path.with_suffix(".lock"), "a") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            choices = _read_choices(path, machine)
-            if choices.get(product) not in kinds:  # absent, or a kind this process lacks: decide here
-                choices[product] = decide()
-                write_json_atomic(path, {"machine": machine, "choices": choices})  # temp, fsync, rename
-            return choices[product]
+        return decisions.recorded("step", product, decide, lambda kind: kind in kinds)
     except OSError as e:
-        log.debug("step products: %s unusable (%s); taking %s for %s", path, e, kinds[0], product)
+        log.debug("step products: %s unusable (%s); taking %s for %s", decisions.path(), e, kinds[0], product)
         return kinds[0]
-
-
-def _read_choices(path: Path, machine: str) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):  # none yet, or a damaged one: decided again and written whole
-        return {}
-    if not isinstance(data, dict) or data.get("machine") != machine or not isinstance(data.get("choices"), dict):
-        return {}
-    return {k: v for k, v in data["choices"].items() if isinstance(v, str)}
-
-
-_EVICT_BYTES = 16 << 20  # more than the L2 caches of all of this machine's cores together, for the usual 2-8
 
 
 def _mode(linear: Linear) -> str:
@@ -258,7 +186,7 @@ def _mode(linear: Linear) -> str:
     "fp32"."""
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return "bf16"
-    return "int8" if linear._int8 is not None else "fp32"
+    return "int8" if linear.prepared is not None and linear.prepared.int8 is not None else "fp32"
 
 
 def _scaled(linear: Linear, rows: int, scale: float) -> tuple[Tensor, Optional[Tensor]]:
@@ -286,8 +214,16 @@ class _Layer:
         self.cross_out = _make(layer.cross_attn.out_proj)
         self.ff1 = _make(layer.ff.linear1, activation=activation)
         self.ff2 = _make(layer.ff.linear2)
-        self.norms = [(n.normalized_shape, n.weight, n.bias, n.eps)
-                      for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ff_norm)]
+        self.norms = [_norm(n) for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ff_norm)]
+
+
+def _norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """`module` (a norm layer) as a function of x: a LayerNorm's arguments bound once (a module call costs more
+    Python time than the norm itself at a step's size); any other kind of norm is called as it is."""
+    if type(module) is nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: torch.layer_norm(x, shape, weight, bias, eps)
+    return module
 
 
 def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -373,8 +309,7 @@ class StepDecoder:
         self.embedding, self.embed_scale = dec.embed.embedding.weight.detach(), dec.embed.scale
         self.positions = dec.positions
         self.layers = [_Layer(layer, cfg.activation) for layer in dec.layers]
-        n = dec.norm
-        self.final_norm = None if n is None else (n.normalized_shape, n.weight, n.bias, n.eps)
+        self.final_norm = None if dec.norm is None else _norm(dec.norm)
         self.output = _make(model.output)
         self.output_module = model.output  # its forward hooks (logit processors) run on each step's logits
 
@@ -410,26 +345,25 @@ class StepDecoder:
         x = torch.add(state.positions.select(0, pos), torch.embedding(self.embedding, tokens), alpha=self.embed_scale)
         for layer, kv, flat, (ck, cv) in zip(self.layers, state.self_kv, state.flat, state.cross):
             norm_self, norm_cross, norm_ff = layer.norms
-            # self-attention: this step's key and value join the cache; the query attends to all of it
-            h = torch.layer_norm(x, *norm_self) if layer.norm_first else x
-            qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
-            # (explicit select/narrow: indexing with slices costs more Python time than the copy itself)
-            kv.select(3, pos).copy_(qkv.narrow(1, 1, 2).view(-1, K, 2, H, D).permute(2, 0, 3, 1, 4))
-            x = layer.self_out(self._self_attention(qkv.select(1, 0), flat, state), residual=x)
-            if not layer.norm_first:
-                x = torch.layer_norm(x, *norm_self)
-            # cross-attention to the source
-            h = torch.layer_norm(x, *norm_cross) if layer.norm_first else x
-            x = layer.cross_out(self._cross_attention(layer.cross_q(h), ck, cv, state), residual=x)
-            if not layer.norm_first:
-                x = torch.layer_norm(x, *norm_cross)
-            # feed-forward
-            h = torch.layer_norm(x, *norm_ff) if layer.norm_first else x
-            x = layer.ff2(layer.ff1(h), residual=x)
-            if not layer.norm_first:
-                x = torch.layer_norm(x, *norm_ff)
+
+            def self_attention(h: Tensor, residual: Tensor) -> Tensor:
+                """This step's key and value join the cache; the query attends to all of it."""
+                qkv = layer.qkv(h).view(n, 3, H, D)  # the query already scaled by 1/sqrt(D)
+                # (explicit select/narrow: indexing with slices costs more Python time than the copy itself)
+                kv.select(3, pos).copy_(qkv.narrow(1, 1, 2).view(-1, K, 2, H, D).permute(2, 0, 3, 1, 4))
+                return layer.self_out(self._self_attention(qkv.select(1, 0), flat, state), residual=residual)
+
+            def cross_attention(h: Tensor, residual: Tensor) -> Tensor:
+                return layer.cross_out(self._cross_attention(layer.cross_q(h), ck, cv, state), residual=residual)
+
+            def feed_forward(h: Tensor, residual: Tensor) -> Tensor:
+                return layer.ff2(layer.ff1(h), residual=residual)
+
+            x = residual_connection(x, norm_self, self_attention, layer.norm_first)
+            x = residual_connection(x, norm_cross, cross_attention, layer.norm_first)
+            x = residual_connection(x, norm_ff, feed_forward, layer.norm_first)
         if self.final_norm is not None:
-            x = torch.layer_norm(x, *self.final_norm)
+            x = self.final_norm(x)
         state.length += 1
         logits = self.output(x)
         for hook in self.output_module._forward_hooks.values():
@@ -490,9 +424,9 @@ def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or _hooked(model):
         return None
     linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
-    tokens = [m._pack_block if m._int8 is None else m._int8 for m in linears]
-    how = ([_mode(m) for m in linears], backend.cpu_paths())
-    found = getattr(model.output, "_step_cache", None)
+    tokens = [m.prepared for m in linears]
+    how = ([_mode(m) for m in linears], cpu_paths())
+    found = None if tokens[-1] is None else tokens[-1].derived.get("step")
     if found is not None and found[1] == how and all(a is b for a, b in zip(found[0], tokens)):
         return found[2]
     prepared = StepDecoder(model)
@@ -500,5 +434,5 @@ def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
     # next call, on the output layer, until the block ends (it clears it). Outside them, nothing is kept: an
     # optimizer's in-place step (the fused AdamW's) changes weights without bumping their version counters.
     if all(t is not None for t in tokens):
-        model.output._step_cache = (tokens, how, prepared)
+        model.output.prepared.derived["step"] = (tokens, how, prepared)
     return prepared

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from helpers import fp32_atol, model_depth
 
-from transformer import ModelConfig, Transformer, int8
-from transformer import incremental as I
+from transformer import ModelConfig, Transformer
+from transformer.cpu import decisions, int8, timing
+from transformer.layers import ACTIVATIONS
+from transformer.cpu import step as I
 from transformer.generate import argmax, beam_search, greedy, topk_beams
-from transformer.linear import Linear, int8_weights, packed_weights
+from transformer.cpu.linear import Linear, int8_weights, packed_weights
 
 CONFIGS = {
     "paper": dict(),  # post-norm, ReLU, sinusoidal positions, all embeddings tied
@@ -104,7 +106,7 @@ def test_every_product_of_the_step_applies_its_activation_and_residual(monkeypat
     forced in turn: which one the timing picks differs between machines)."""
     w, b = torch.randn(96, 64) * 0.2, torch.randn(96)
     x, residual = torch.randn(20, 64), torch.randn(20, 96)
-    act = I._ACTIVATION_FNS[activation] if activation else (lambda t: t)
+    act = ACTIVATIONS[activation] if activation else (lambda t: t)
     want = act(F.linear(x, w, b)) + residual
     for kind in I._kinds("int8"):
         monkeypatch.setenv("TRANSFORMER_STEP_PRODUCT", kind)
@@ -145,7 +147,7 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
         assert I.step_decoder(model) is first
         greedy(model, src, max_len_b=3)
         assert I.step_decoder(model) is first
-    assert model.output._step_cache is None  # what was prepared is released with the block
+    assert model.output.prepared is None  # what was prepared is released with the block
     assert I.step_decoder(model) is not first
     before = greedy(model, src, max_len_b=6)
     opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)  # fused: in place, versions untouched
@@ -159,7 +161,7 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
         assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8", "vnni"}
         greedy(model, src, max_len_b=3)  # its own packed_weights() block ends inside the int8 one
         assert I.step_decoder(model) is q
-    assert model.output._step_cache is None
+    assert model.output.prepared is None
 
 
 def test_output_hooks_run_and_other_hooks_take_the_module_path():
@@ -215,7 +217,7 @@ def _decide_afresh(monkeypatch, favourite):
     monkeypatch.delenv("TRANSFORMER_STEP_PRODUCT", raising=False)
     monkeypatch.setattr(I, "_chosen", {})
     clock = [0.0]
-    monkeypatch.setattr(I, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def build(kind, *args, **kwargs):
         fn = _BUILD(kind, *args, **kwargs)
@@ -276,7 +278,7 @@ def test_the_int8_product_is_the_rules_whatever_the_timing(monkeypatch, kernel, 
         assert I._Product(w, None, "int8", "relu").kind == want
     layer = Linear(64, 96).eval()
     with int8_weights(layer):
-        assert isinstance(layer._int8, int8.Int8Weight) == kernel
+        assert isinstance(layer.prepared.int8, int8.Int8Weight) == kernel
 
 
 def test_fp32_products_take_what_this_machine_recorded(monkeypatch, tmp_path):
@@ -294,9 +296,9 @@ def test_fp32_products_take_what_this_machine_recorded(monkeypatch, tmp_path):
     first, second = runs
     assert first[3] == second[3] == {kinds[1]}  # the first process's winner, everywhere
     assert torch.equal(first[0], second[0]) and first[1:3] == second[1:3]
-    recorded = I._decisions_file(I._machine())
+    recorded = decisions.path()
     assert sorted(p.name for p in recorded.parent.iterdir()) == sorted([recorded.name, recorded.stem + ".lock"])
-    assert set(json.loads(recorded.read_text())["choices"].values()) == {kinds[1]}
+    assert set(json.loads(recorded.read_text())["step"].values()) == {kinds[1]}
 
 
 def test_fp32_products_without_a_writable_record_take_blas(monkeypatch, tmp_path):

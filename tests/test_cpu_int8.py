@@ -1,4 +1,4 @@
-"""The int8 kernel (int8.py, int8_kernel.c): the exact int8 computation, within quantisation's bound of fp32,
+"""The int8 kernel (cpu/int8.py, cpu/int8_kernel.c): the exact int8 computation, within quantisation's bound of fp32,
 every tail of every size, a fallback that holds where it cannot run, and a library loaded only from where no
 one else could have written it."""
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer import backend, int8
-from transformer.linear import int8_weights
+from transformer import cpu
+from transformer.cpu import int8, machine
+from transformer.cpu.linear import int8_weights
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -46,7 +47,7 @@ def test_kernel_equals_the_exact_int8_computation(shape, relu, residual):
 
 def test_kernel_is_chosen_wherever_the_cpu_and_a_compiler_allow_it():
     """A kernel that failed its self-test would fall back silently (and skip the tests above): here it must not."""
-    if os.environ.get("TRANSFORMER_VNNI", "auto") in ("0", "off", "false") or not int8._cpu_supports():
+    if machine.switched_off("VNNI") or not int8._cpu_supports():
         pytest.skip("this CPU (or PyTorch's dispatch, or TRANSFORMER_VNNI=0) rules the kernel out")
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler to build the kernel")
@@ -163,14 +164,14 @@ def test_a_call_from_another_thread_gives_the_same_result():
 
 @needs_kernel
 def test_int8_weights_use_the_kernel_in_the_modules():
-    from transformer.linear import Linear
+    from transformer.cpu.linear import Linear
 
     torch.manual_seed(0)
     layer = Linear(48, 80).eval()
     x = torch.randn(5, 48)
     with torch.no_grad(), int8_weights(layer):
-        assert isinstance(layer._int8, int8.Int8Weight)
-        torch.testing.assert_close(layer(x), int8.linear(x, layer._int8), rtol=0, atol=0)
+        assert isinstance(layer.prepared.int8, int8.Int8Weight)
+        torch.testing.assert_close(layer(x), int8.linear(x, layer.prepared.int8), rtol=0, atol=0)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -178,12 +179,12 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
-@pytest.mark.skipif(not backend.int8_works(), reason="this PyTorch build or CPU has no fbgemm to fall back to")
+@pytest.mark.skipif(not cpu.int8.fbgemm_works(), reason="this PyTorch build or CPU has no fbgemm to fall back to")
 def test_turned_off_it_falls_back_to_fbgemm(tmp_path):
-    code = ("import torch; from transformer import int8; from transformer.linear import Linear, int8_weights; "
+    code = ("import torch; from transformer.cpu import int8; from transformer.cpu.linear import Linear, int8_weights; "
             "l = Linear(8, 4).eval(); "
             "with_block = int8_weights(l); with_block.__enter__(); "
-            "print(int8.available(), type(l._int8).__name__)")
+            "print(int8.available(), type(l.prepared.int8).__name__)")
     out = _python(code, TRANSFORMER_VNNI="0", TRANSFORMER_CACHE=str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "False" and out.stdout.split()[1] != "Int8Weight"
@@ -192,7 +193,7 @@ def test_turned_off_it_falls_back_to_fbgemm(tmp_path):
 
 @needs_kernel
 def test_the_library_is_built_once_into_the_cache(tmp_path):
-    code = "from transformer import int8; print(int8.available())"
+    code = "from transformer.cpu import int8; print(int8.available())"
     first = _python(code, TRANSFORMER_CACHE=str(tmp_path))
     assert first.stdout.strip() == "True", first.stderr[-2000:]
     built = list((tmp_path / "kernels").iterdir())
@@ -206,7 +207,7 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
 def test_another_librarys_openmp_does_not_turn_it_off():
     """CTranslate2 brings an OpenMP runtime of its own: the kernel still finds PyTorch's and links that one."""
     pytest.importorskip("ctranslate2")
-    out = _python("import ctranslate2, torch; from transformer import int8; "
+    out = _python("import ctranslate2, torch; from transformer.cpu import int8; "
                   "print(len(int8._openmp_runtimes()), int8.available())")
     assert out.stdout.split() == ["2", "True"], out.stderr[-2000:]
 
@@ -216,7 +217,7 @@ def test_an_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_pat
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")  # the cache's parent is a file: nothing can be written under it
     env = dict(TRANSFORMER_CACHE=str(blocked / "c"), TMPDIR=str(tmp_path))
-    code = "from transformer import int8; print(int8.available())"
+    code = "from transformer.cpu import int8; print(int8.available())"
     out = _python(code, **env)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
     private = tmp_path / f"transformer-{os.getuid()}"
@@ -368,7 +369,7 @@ def test_a_group_writable_cache_builds_in_a_private_directory(tmp_path):
     cache.mkdir(mode=0o775)
     cache.chmod(0o775)
     env = dict(TRANSFORMER_CACHE=str(cache), TMPDIR=str(tmp_path))
-    out = _python("from transformer import int8; print(int8.available())", **env)
+    out = _python("from transformer.cpu import int8; print(int8.available())", **env)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
     assert not (cache / "kernels").exists() or not any((cache / "kernels").iterdir())
     assert len(list((tmp_path / f"transformer-{os.getuid()}" / "kernels").iterdir())) == 1

@@ -3,13 +3,13 @@
 Decoding multiplies a few rows by every weight at every step, so in int8 it is bound by how fast a product of a
 few rows is. PyTorch's int8 linear (fbgemm's dynamic quantisation) spends much of such a product on fixed
 costs and multiplies with VNNI at best. The kernel quantises the rows and multiplies them in one pass, with AVX-512
-VNNI, and from 16 rows with AMX where the CPU has it: 1.4-2.6x faster than fbgemm per product at decoding's
-shapes on an AVX-512 Xeon with AMX (`python -m bench int8`). Weights are quantised as fbgemm's are (each output
+VNNI, and from 16 rows with AMX where the CPU has it (`python -m bench int8` times it against fbgemm at
+decoding's shapes). Weights are quantised as fbgemm's are (each output
 row scaled to [-127, 127]); inputs get a scale per row instead of fbgemm's one per tensor.
 
 The kernel is used only where all of these hold, and fbgemm is used otherwise: for every int8 product of the
 process alike, since the two round inputs differently (which one multiplies is decided by these rules, never
-by a timing, so that every process on a machine decodes alike; see incremental.py):
+by a timing, so that every process on a machine decodes alike: `kind()`):
 - Linux on x86-64, with PyTorch dispatching AVX-512 kernels and the CPU reporting AVX-512 VNNI and BW (so the
   kernel never meets a CPU without its instructions; `ATEN_CPU_CAPABILITY=avx2` turns it off too); AMX only
   where the CPU reports AMX-INT8 and Linux grants its tile state (`TRANSFORMER_AMX=0` keeps to VNNI);
@@ -51,7 +51,9 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .files import cache_root
+from ..files import cache_root, make_private_dirs
+from . import machine
+from .timing import fixed
 
 log = logging.getLogger(__name__)
 
@@ -210,21 +212,32 @@ def available() -> bool:
     return _library() is not None
 
 
+@functools.cache
+def fbgemm_works() -> bool:
+    """Can this build run an int8 linear (fbgemm's dynamic quantisation), giving F.linear's result within
+    8-bit rounding? Tried once."""
+    try:
+        x, w = fixed(3, 8), fixed(5, 8).cos()
+        out = torch.ops.quantized.linear_dynamic(x, pack_fbgemm(w, None))
+        return bool(torch.allclose(out, torch.nn.functional.linear(x, w), atol=0.05))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def kind() -> Optional[str]:
+    """How this machine multiplies in int8, by rule and never by a timing (the two round inputs differently):
+    "vnni", this package's kernel, where it runs; else "fbgemm" where PyTorch's int8 kernels work; else None."""
+    if available():
+        return "vnni"
+    return "fbgemm" if fbgemm_works() else None
+
+
 def _cpu_supports() -> bool:
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if platform.system() != "Linux" or not machine.x86_64():
         return False
     if torch.backends.cpu.get_cpu_capability() != "AVX512":  # PyTorch's own check (CPU and OS), or the user's cap
         return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
-
-
-@functools.cache
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return frozenset()
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= machine.cpu_flags()
 
 
 def _openmp_runtimes() -> list[str]:
@@ -245,17 +258,6 @@ def _torch_openmp(runtimes: list[str]) -> Optional[str]:
     if len(inside) == 1:
         return inside[0]
     return runtimes[0] if len(runtimes) == 1 else None
-
-
-def make_private_dirs(directory: Path) -> None:
-    """Create `directory` and its missing parents, each 0700 (`mkdir(parents=True)` would make the parents with
-    the umask's mode, group-writable under umask 002, and `_unsafe_directory` would then refuse our own cache)."""
-    missing = []
-    while not directory.exists() and directory != directory.parent:
-        missing.append(directory)
-        directory = directory.parent
-    for d in reversed(missing):
-        d.mkdir(mode=0o700, exist_ok=True)
 
 
 def _cache_dir() -> Path:
@@ -364,7 +366,7 @@ def _private(directory: Path) -> None:
 
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
-    if os.environ.get("TRANSFORMER_VNNI", "auto").strip().lower() in ("0", "off", "false") or not _cpu_supports():
+    if machine.switched_off("VNNI") or not _cpu_supports():
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     runtimes = _openmp_runtimes()
@@ -395,9 +397,9 @@ def _library() -> Optional[ctypes.CDLL]:
 
 def _amx_wanted() -> bool:
     """AMX where the CPU has it, unless TRANSFORMER_AMX=0 (the kernel then multiplies with VNNI only)."""
-    if os.environ.get("TRANSFORMER_AMX", "auto").strip().lower() in ("0", "off", "false"):
+    if machine.switched_off("AMX"):
         return False
-    return {"amx_tile", "amx_int8"} <= _cpu_flags()
+    return {"amx_tile", "amx_int8"} <= machine.cpu_flags()
 
 
 def _set_amx(lib: ctypes.CDLL, on: bool) -> bool:

@@ -1,4 +1,4 @@
-"""transformer.linear.Linear computes what nn.Linear computes, on every path (training, packed inference,
+"""transformer.cpu.linear.Linear computes what nn.Linear computes, on every path (training, packed inference,
 fallbacks), and its packed weight follows the parameter."""
 
 import copy
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from transformer import backend
-from transformer.linear import Linear, packed_weights
+from transformer import cpu
+from transformer.cpu.linear import Linear, packed_weights
 
-FP32_WORKS, BF16_WORKS = backend._works(torch.float32), backend._works(torch.bfloat16)
-ALL_ON = backend.CpuPaths(FP32_WORKS, FP32_WORKS, BF16_WORKS, why="test: every path that works here")
+FP32_WORKS, BF16_WORKS = cpu.paths.works(torch.float32), cpu.paths.works(torch.bfloat16)
+ALL_ON = cpu.CpuPaths(FP32_WORKS, FP32_WORKS, BF16_WORKS, why="test: every path that works here")
 needs_onednn = pytest.mark.skipif(not FP32_WORKS, reason="this PyTorch build or CPU has no usable oneDNN linear")
 
 
@@ -20,12 +20,12 @@ needs_onednn = pytest.mark.skipif(not FP32_WORKS, reason="this PyTorch build or 
 def paths(request):
     """Every test runs twice: with every oneDNN path this CPU supports, and with none (plain F.linear), whatever
     this machine's own timing chose."""
-    chosen = ALL_ON if request.param == "onednn" else backend.CpuPaths(why="test: plain")
+    chosen = ALL_ON if request.param == "onednn" else cpu.CpuPaths(why="test: plain")
     if request.param == "onednn" and not FP32_WORKS:
         pytest.skip("this PyTorch build or CPU has no usable oneDNN linear")
-    backend.set_cpu_paths(chosen)
+    cpu.set_cpu_paths(chosen)
     yield chosen
-    backend.set_cpu_paths(None)
+    cpu.set_cpu_paths(None)
 
 
 def _eval_pair(rows):
@@ -75,11 +75,11 @@ def test_packed_weights_equal_f_linear_and_are_dropped_after_the_block(paths):
     ours, ref, x = _eval_pair(6)
     with torch.no_grad(), packed_weights(ours):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-        assert set(ours._packed) == ({torch.float32} if paths.packed else set())
+        assert set(ours.prepared.packed) == ({torch.float32} if paths.packed else set())
         with packed_weights(ours):  # nested: the inner block's end keeps the outer block's pack
             ours(x)
-        assert bool(ours._packed) == paths.packed
-    assert ours._packed == {} and ours._pack_depth == 0
+        assert bool(ours.prepared.packed) == paths.packed
+    assert ours.prepared is None
 
 
 def test_weights_changed_between_blocks_are_seen():
@@ -114,7 +114,7 @@ def test_copies_and_pickles_leave_the_packed_weight_behind():
         twin = copy.deepcopy(ours)
         again = pickle.loads(pickle.dumps(ours))
     for m in (twin, again):
-        assert m._packed == {} and m._pack_depth == 0
+        assert m.prepared is None
     with torch.no_grad():
         torch.testing.assert_close(twin(x), ref(x), rtol=1e-5, atol=1e-5)
 
@@ -154,7 +154,7 @@ def test_packed_under_bf16_autocast_matches_f_linear(paths):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = ours(x)
             assert y.dtype == torch.bfloat16
-            assert (torch.bfloat16 in ours._packed) == paths.packed_bf16  # only where this CPU packs bf16
+            assert (torch.bfloat16 in ours.prepared.packed) == paths.packed_bf16  # only where this CPU packs bf16
             torch.testing.assert_close(y, ref(x))  # both bf16 products: bf16 tolerances
         # and in fp32 within the same block: a separate fp32 pack, not the bf16 one
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -176,15 +176,15 @@ def test_importing_leaves_the_global_random_state_alone():
 
 
 def test_int8_weights_are_close_and_dropped_after_the_block(paths):
-    from transformer.linear import int8_weights
+    from transformer.cpu.linear import int8_weights
 
     ours, ref, x = _eval_pair(6)
     with torch.no_grad():
         want = ref(x)
         with int8_weights(ours):
             got = ours(x)
-            assert ours._int8 is not None
-        assert ours._int8 is None
+            assert ours.prepared.int8 is not None
+        assert ours.prepared is None
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)  # fp32 again after the block
     # 8-bit weights (per row) and inputs (per row or per tensor): errors of a few hundredths of a unit-scale output
     assert (got - want).abs().max() < 0.05 * want.abs().max() and not torch.equal(got, want)
@@ -194,13 +194,14 @@ def test_int8_weights_are_close_and_dropped_after_the_block(paths):
 
 
 def test_int8_is_refused_by_name_where_nothing_runs_it(monkeypatch):
-    from transformer import TransformerError, backend, int8
-    from transformer.linear import int8_weights
+    from transformer import TransformerError, cpu
+    from transformer.cpu import int8
+    from transformer.cpu.linear import int8_weights
 
     monkeypatch.setattr(int8, "available", lambda: False)
-    monkeypatch.setattr(backend, "int8_works", lambda: False)
+    monkeypatch.setattr(cpu.int8, "fbgemm_works", lambda: False)
     ours, _ = _pair()
     with pytest.raises(TransformerError, match="fbgemm.*AVX-512 VNNI"):
         with int8_weights(ours):
             pass
-    assert ours._int8 is None
+    assert ours.prepared is None
