@@ -147,14 +147,14 @@ def offline(ckpt: str, sentences: list[str], beam: int, int8: bool = False) -> d
     import contextlib
 
     from transformer.checkpoint import load_checkpoint
-    from transformer.generate import translate_texts
+    from transformer.generate import DecodingSettings, translate_texts
     from transformer.cpu.linear import int8_weights
 
     c = load_checkpoint(ckpt)
     with int8_weights(c.model) if int8 else contextlib.nullcontext():
-        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], beam_size=beam)  # warm-up
+        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], DecodingSettings(beam_size=beam))  # warm-up
         start = time.perf_counter()
-        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, beam_size=beam, batch_size=64)
+        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, DecodingSettings(beam_size=beam), batch_size=64)
     return {"sentences_per_s": round(len(sentences) / (time.perf_counter() - start), 1)}
 
 

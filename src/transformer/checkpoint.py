@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig, from_dict
 from .tokenizers import Tokenizer, load_tokenizer
+from .task_registry import loadable_as
 from .errors import CheckpointError, ConfigError, TransformerError
 from .files import (
     check_output_dir,
@@ -157,7 +158,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
 
     directory = Path(directory)
     config = read_config(directory)
-    if task is not None and config["task"] not in _compatible(task):
+    if task is not None and config["task"] not in loadable_as(task):
         raise CheckpointError(f"{directory}: is a '{config['task']}' checkpoint, but this command needs a '{task}' one")
     try:
         model_cfg = from_dict(ModelConfig, config["model"], prefix="model.")
@@ -243,11 +244,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _compatible(task: str) -> tuple[str, ...]:
-    # the built-in synthetic task is a translation task on made-up data; a classifier also embeds sentences
-    return {"translation": ("translation", "synthetic"), "embedding": ("embedding", "classification")}.get(task, (task,))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

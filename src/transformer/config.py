@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
+from .task_registry import TRAINABLE
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 Positional = Literal["sinusoidal", "sinusoidal_halves", "learned"]
@@ -121,6 +122,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def max_source_len(self) -> Optional[int]:
+        """The longest source the model can read, in tokens: a learned positional table's size (longer inputs
+        are truncated, with a warning), else None (sinusoidal encodings take any length)."""
+        return self.max_positions if self.positional == "learned" else None
+
     def check_vocab(self) -> None:
         """Raise unless the vocabulary sizes are set (a model cannot be built before they are)."""
         names = {"encoder-decoder": ("src_vocab_size", "tgt_vocab_size"), "decoder-only": ("tgt_vocab_size",),
@@ -155,7 +162,7 @@ class DataConfig:
     texts longer than `max_len` tokens are truncated.
     """
 
-    task: Literal["translation", "lm", "synthetic", "classification"] = "translation"
+    task: str = "translation"  # one of task_registry.TRAINABLE
     train_src: Optional[str] = None
     train_tgt: Optional[str] = None
     train_tsv: Optional[str] = None
@@ -180,6 +187,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        _check(self.task in TRAINABLE, "task", self.task, f"must be one of {', '.join(map(repr, TRAINABLE))}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
         for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size",
                      "synthetic_min_len", "synthetic_max_len", "tokenizer_sample_lines"):

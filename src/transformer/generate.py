@@ -7,12 +7,14 @@ Sentences that finish leave the active batch, so the work per step shrinks as de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .batching import pad_batch
 from .tokenizers import PAD, Tokenizer
@@ -22,6 +24,38 @@ from .cpu.linear import packed_weights
 from .model import Transformer, TransformerLM
 
 log = logging.getLogger("transformer")
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode a translation: the settings the command line, the server and `translate_texts` share.
+
+    beam_size: 1 is greedy. length_penalty: beam hypotheses are ranked by log-probability / length**penalty.
+    max_len_a, max_len_b: at most a * source tokens + b output tokens (before </s>)."""
+
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise TransformerError(f"beam size must be >= 1, got {self.beam_size}")
+        _check_lengths(self.max_len_a, self.max_len_b)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample a language model's continuation (`sample`): the command line's and the server's."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # the k most probable tokens only (0: all)
+    top_p: float = 1.0  # the smallest set of tokens with probability >= p
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
 
 
 def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD) -> Tensor:
@@ -142,16 +176,32 @@ def topk_beams(x: Tensor, offset: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     return values, beam, tok
 
 
-class _Recompute:
+class DecodingSteps:
+    """What greedy and beam search ask of a model, one step at a time (`_SourceSteps`, `_PromptSteps`,
+    `_Recompute`): `logits(last)` takes the (rows, 1) newest tokens and gives (rows, V) next-token logits;
+    `keep(rows, sentence_rows)` continues with batch rows `rows` (beams that survive; `sentence_rows`, the rows
+    of the sentences still decoding, when some ended); `packed()` is the block inside which the weights stay
+    prepared for decoding."""
+
+    model: nn.Module
+
+    def logits(self, last: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def keep(self, rows: Tensor, sentence_rows: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    def packed(self) -> contextlib.AbstractContextManager:
+        return packed_weights(self.model.decoder, self.model.output)
+
+
+class _Recompute(DecodingSteps):
     """Greedy steps without a cache: the whole decoder runs again over every token so far (for comparison)."""
 
     def __init__(self, model: Transformer, src: Tensor) -> None:
         self.model = model
         self.memory, self.mask = model.encode(src)
         self.tokens: Optional[Tensor] = None
-
-    def packed(self):
-        return packed_weights(self.model.decoder, self.model.output)
 
     def logits(self, last: Tensor) -> Tensor:
         self.tokens = last if self.tokens is None else torch.cat([self.tokens, last], dim=1)
@@ -161,7 +211,7 @@ class _Recompute:
         self.tokens, self.memory, self.mask = self.tokens[rows], self.memory[rows], self.mask[rows]
 
 
-class _SourceSteps:
+class _SourceSteps(DecodingSteps):
     """Steps of an encoder-decoder: the source is encoded once (and repeated for each of K beams); each step
     runs the decoder on the newest tokens, by the lean `StepDecoder` where it applies, else by the modules."""
 
@@ -176,9 +226,6 @@ class _SourceSteps:
             if K > 1:
                 memory, mask = memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)  # (B*K, S, E)
             self.memory, self.mask, self.cache = memory, mask, model.decoder.new_cache(capacity)
-
-    def packed(self):
-        return packed_weights(self.model.decoder, self.model.output)
 
     def logits(self, last: Tensor) -> Tensor:
         """(rows, 1) newest tokens -> (rows, V) next-token logits."""
@@ -197,7 +244,7 @@ class _SourceSteps:
             self.memory, self.mask = self.memory[sentence_rows], self.mask[sentence_rows]
 
 
-class _PromptSteps:
+class _PromptSteps(DecodingSteps):
     """Beam-search steps of a decoder-only model: the first step reads the whole prompt (repeated per beam)."""
 
     def __init__(self, model: TransformerLM, prompt: Tensor, K: int, capacity: int) -> None:
@@ -211,9 +258,6 @@ class _PromptSteps:
 
     def keep(self, rows: Tensor, sentence_rows: Optional[Tensor]) -> None:
         self.cache.reorder(rows)
-
-    def packed(self):
-        return packed_weights(self.model.decoder, self.model.output)
 
 
 @torch.no_grad()
@@ -386,8 +430,8 @@ def sample(
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     cfg = model.config
-    if cfg.positional == "learned":
-        context = min(context or cfg.max_positions, cfg.max_positions)
+    if cfg.max_source_len is not None:  # a learned table: no position beyond it
+        context = min(context or cfg.max_source_len, cfg.max_source_len)
     tokens = prompt if context is None else prompt[:, -context:]
     capacity = context or tokens.size(1) + max_new_tokens
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
@@ -438,22 +482,18 @@ def translate_texts(
     src_tok: Tokenizer,
     tgt_tok: Tokenizer,
     texts: Sequence[str],
-    beam_size: int = 1,
+    settings: DecodingSettings = DecodingSettings(),
     batch_size: int = 64,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    max_src_len: Optional[int] = None,
 ) -> list[str]:
-    """Translate plain sentences: tokenised, batched by length (`batch_size` sentences), decoded (greedy, or
-    beam search for beam_size > 1), detokenised, returned in input order. An empty sentence translates to an
-    empty string; sources longer than `max_src_len` tokens are truncated with a warning."""
-    if beam_size < 1:
-        raise TransformerError(f"beam size must be >= 1, got {beam_size}")
+    """Translate plain sentences: tokenised, batched by length (`batch_size` sentences), decoded as `settings`
+    say (greedy, or beam search for beam_size > 1), detokenised, returned in input order. An empty sentence
+    translates to an empty string; sources longer than the model can read (`ModelConfig.max_source_len`) are
+    truncated with a warning."""
     if batch_size < 1:
         raise TransformerError(f"batch size must be >= 1, got {batch_size}")
     model.eval()
     ids = src_tok.encode_batch(list(texts))
+    max_src_len = model.config.max_source_len
     if max_src_len is not None:
         long = sum(len(s) > max_src_len for s in ids)
         if long:
@@ -464,18 +504,18 @@ def translate_texts(
     todo = [i for i in order if ids[i]]  # an empty source translates to an empty line
     with packed_weights(model.decoder, model.output):  # weights prepared for decoding once, for all batches
         for start in range(0, len(todo), batch_size):
-            _translate_chunk(model, tgt_tok, ids, todo[start : start + batch_size], results, beam_size, length_penalty,
-                             max_len_a, max_len_b)
+            _translate_chunk(model, tgt_tok, ids, todo[start : start + batch_size], results, settings)
     return results
 
 
 def _translate_chunk(model: Transformer, tgt_tok: Tokenizer, ids: list, chunk: list[int], results: list[str],
-                     beam_size: int, length_penalty: float, max_len_a: float, max_len_b: int) -> None:
+                     settings: DecodingSettings) -> None:
     """Decode the sentences `chunk` (indices into `ids`) as one batch, writing their texts into `results`."""
     src = pad_batch([ids[i] for i in chunk], model.config.pad_id).to(next(model.parameters()).device)
-    if beam_size == 1:
-        out = greedy(model, src, max_len_a, max_len_b)
+    s = settings
+    if s.beam_size == 1:
+        out = greedy(model, src, s.max_len_a, s.max_len_b)
     else:
-        out = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b)
+        out = beam_search(model, src, s.beam_size, s.length_penalty, s.max_len_a, s.max_len_b)
     for i, toks in zip(chunk, out):
         results[i] = tgt_tok.decode(toks)

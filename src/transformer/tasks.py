@@ -23,8 +23,9 @@ from .batching import Batch, ClassBatch, EpochBatches, LMBatch, collate, lm_bloc
 from .config import RunConfig
 from .data import SyntheticTask, encode_pairs, label_names, read_labelled, read_parallel
 from .errors import DataError
-from .evaluate import accuracy, bleu_score, exact_match, macro_f1
+from .metrics import accuracy, bleu_score, exact_match, macro_f1
 from .prepare import prepare
+from .task_registry import TASKS
 from .tokenizers import CharTokenizer, Tokenizer
 
 log = logging.getLogger("transformer")
@@ -74,7 +75,7 @@ class TranslationTask:
         self.batches = EpochBatches(pairs.lengths(), run.train)
         self.val_src, self.val_tgt = list(val_src), list(val_tgt)
         self.val_pairs, _ = encode_pairs(src_tok, tgt_tok, self.val_src, self.val_tgt, run.data.max_len)
-        self.metric = "exact_match" if name == "synthetic" else "bleu"
+        self.metric = TASKS[name].metric
 
     @property
     def tokenizers(self) -> dict[str, Tokenizer]:
@@ -129,7 +130,7 @@ class LanguageModelTask:
     """
 
     name = "lm"
-    metric = "val_loss"
+    metric = TASKS["lm"].metric
 
     def __init__(self, run: RunConfig, tok: Tokenizer, train_ids: Tensor, val_ids: Tensor, eval_batches: int = 20) -> None:
         self.run, self.tok = run, tok
@@ -188,7 +189,7 @@ class ClassificationTask:
     """
 
     name = "classification"
-    metric = "accuracy"
+    metric = TASKS["classification"].metric
 
     def __init__(self, run: RunConfig, tok: Tokenizer, labels: Sequence[str], train: Sequence[tuple[list[int], int]],
                  val_texts: Sequence[str], val_labels: Sequence[int]) -> None:
@@ -224,7 +225,7 @@ class ClassificationTask:
     @torch.no_grad()
     def validate(self, model: nn.Module, translate: Any = None) -> dict[str, Any]:
         """Validation loss, accuracy and macro-F1 over all validation texts."""
-        from .encoding import classify_texts
+        from .classify import classify_texts
 
         probs = classify_texts(model, self.tok, self.val_texts, batch_size=64)
         gold = torch.tensor(self.val_labels)

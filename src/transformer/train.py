@@ -40,7 +40,7 @@ from .distributed import (
 )
 from .errors import CheckpointError, TransformerError
 from .files import check_output_dir
-from .generate import translate_texts
+from .generate import DecodingSettings, translate_texts
 from .model import build_model, count_parameters
 from .tasks import build_task
 
@@ -391,7 +391,7 @@ class Trainer:
         """Translate with the model being trained (as validation does): the run's precision and beam."""
         with backend.autocast(self.device, self.precision):
             return translate_texts(model or self.model, self.task.src_tok, self.task.tgt_tok, texts,
-                                   beam_size=self.run.train.eval_beam)
+                                   DecodingSettings(beam_size=self.run.train.eval_beam))
 
     def _validate(self, start: float, window: Optional[_Window]) -> dict[str, Any]:
         """Score the model, append the figures to metrics.jsonl and save the step and best checkpoints (the main

@@ -11,6 +11,7 @@ import torch
 
 from .errors import TransformerError
 from .files import atomic_path, write_text_atomic
+from .templates import template
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -190,83 +191,6 @@ def plot_attention(
     return _save_figure(plt, fig, out, dpi=110)
 
 
-_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Attention explorer</title>
-<style>
- body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
- .controls label { margin-right: 1.2em; }
- #grid { margin-top: 1em; border-collapse: collapse; }
- #grid td, #grid th { width: 26px; height: 26px; padding: 0; text-align: center; font-weight: normal; }
- #grid th.col { height: 80px; vertical-align: bottom; }
- #grid th.col span { display: inline-block; transform: rotate(-60deg); transform-origin: left bottom;
-                     white-space: nowrap; width: 26px; }
- #grid th.row { text-align: right; padding-right: 6px; width: auto; white-space: nowrap; }
- #grid th.hl { background: #ffe08a; }
- #grid td.hl { outline: 2px solid #e8590c; outline-offset: -2px; }
- #note { color: #666; margin-top: .6em; }
-</style></head><body>
-<h2>Attention explorer</h2>
-<div class="controls">
- <label>attention <select id="kind"></select></label>
- <label>layer <select id="layer"></select></label>
- <label>head <select id="head"></select></label>
-</div>
-<div id="note">Rows are queries (the token doing the looking), columns are keys. Hover a row token to see
-where it attends, a column token to see what attends to it.</div>
-<table id="grid"></table>
-<script>
-const DATA = __DATA__;
-const kindSel = document.getElementById("kind"), layerSel = document.getElementById("layer"),
-      headSel = document.getElementById("head"), grid = document.getElementById("grid");
-function options(sel, values, labels) {
-  sel.innerHTML = "";
-  values.forEach((v, i) => { const o = document.createElement("option"); o.value = v; o.textContent = labels[i]; sel.appendChild(o); });
-}
-options(kindSel, Object.keys(DATA.kinds), Object.keys(DATA.kinds).map(k => DATA.kinds[k].title));
-function layersAndHeads() {
-  const k = DATA.kinds[kindSel.value];
-  options(layerSel, k.weights.map((_, i) => i), k.weights.map((_, i) => String(i + 1)));
-  options(headSel, k.weights[0].map((_, i) => i), k.weights[0].map((_, i) => String(i + 1)));
-}
-function color(w) {  // white -> dark blue
-  const t = Math.max(0, Math.min(1, w));
-  const r = Math.round(255 - 230 * t), g = Math.round(255 - 190 * t), b = Math.round(255 - 100 * t);
-  return `rgb(${r},${g},${b})`;
-}
-function clearHighlight() { grid.querySelectorAll(".hl").forEach(e => e.classList.remove("hl")); }
-function draw() {
-  const k = DATA.kinds[kindSel.value];
-  const w = k.weights[+layerSel.value][+headSel.value];
-  grid.innerHTML = "";
-  const head = grid.insertRow();
-  head.appendChild(document.createElement("th"));
-  k.keys.forEach((tok, j) => {
-    const th = document.createElement("th"); th.className = "col"; th.dataset.col = j;
-    th.innerHTML = "<span></span>"; th.firstChild.textContent = tok; head.appendChild(th);
-    th.addEventListener("mouseenter", () => { clearHighlight(); th.classList.add("hl");
-      grid.querySelectorAll(`td[data-col="${j}"]`).forEach(td => { if (+td.dataset.w > 0.1) td.classList.add("hl"); }); });
-  });
-  k.queries.forEach((tok, i) => {
-    const tr = grid.insertRow();
-    const th = document.createElement("th"); th.className = "row"; th.textContent = tok; th.dataset.row = i;
-    tr.appendChild(th);
-    th.addEventListener("mouseenter", () => { clearHighlight(); th.classList.add("hl");
-      tr.querySelectorAll("td").forEach(td => { if (+td.dataset.w > 0.1) td.classList.add("hl"); }); });
-    w[i].forEach((v, j) => {
-      const td = tr.insertCell(); td.dataset.col = j; td.dataset.w = v;
-      td.style.background = color(v); td.title = `${tok} -> ${k.keys[j]}: ${v.toFixed(3)}`;
-    });
-  });
-  grid.addEventListener("mouseleave", clearHighlight);
-}
-kindSel.addEventListener("change", () => { layersAndHeads(); draw(); });
-layerSel.addEventListener("change", draw);
-headSel.addEventListener("change", draw);
-kindSel.value = Object.keys(DATA.kinds).includes("cross") ? "cross" : Object.keys(DATA.kinds)[0];
-layersAndHeads();
-draw();
-</script></body></html>
-"""
 
 
 def attention_html(maps: AttentionMaps, out: str | Path) -> Path:
@@ -287,4 +211,4 @@ def attention_page(maps: AttentionMaps) -> str:
             "weights": [[[[round(float(x), 4) for x in row] for row in head] for head in layer] for layer in weights],
         }
     # JSON inside <script>: escape "</" so a token can never close the script element
-    return _HTML.replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))
+    return template("attention.html").replace("__DATA__", json.dumps(data, ensure_ascii=False).replace("</", "<\\/"))

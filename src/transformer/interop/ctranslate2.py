@@ -54,7 +54,7 @@ def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = 
         activation=getattr(common_spec.Activation, _ACTIVATIONS[cfg.activation]))
     weights = {k: v.detach().float().cpu().numpy() for k, v in ckpt.model.state_dict().items()}
     model = ckpt.model
-    n = max(max_positions, cfg.max_positions if cfg.positional == "learned" else 0)
+    n = max(max_positions, cfg.max_source_len or 0)
     for side, stack in (("encoder", spec.encoder), ("decoder", spec.decoder)):
         module = getattr(model, side)
         stack.scale_embeddings = module.embed.scale

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 log = logging.getLogger("transformer")
 
@@ -24,11 +24,12 @@ log = logging.getLogger("transformer")
 @dataclass
 class Job:
     """Work for the model: `kind` ("translate", "classify", "embed", "generate", "attention"), its `texts`,
-    the `params` that must match for jobs to share a batch, and the source `tokens` it adds to a batch."""
+    the `settings` that must match for jobs to share a batch (`generate.DecodingSettings`, `SamplingSettings` or
+    None), and the source `tokens` it adds to a batch."""
 
     kind: str
     texts: list[str]
-    params: tuple = ()
+    settings: Hashable = None
     tokens: int = 1
     loop: Optional[asyncio.AbstractEventLoop] = None
     future: Optional[asyncio.Future] = None
@@ -54,10 +55,10 @@ class Job:
 
 
 class Batcher:
-    """The worker thread and its queue. `run(kind, params, texts, jobs)` computes one group: it returns one
+    """The worker thread and its queue. `run(kind, settings, texts, jobs)` computes one group: it returns one
     result per text (sliced back to the jobs here), or streams through the single job it is given."""
 
-    def __init__(self, run: Callable[[str, tuple, list[str], list[Job]], Optional[list]], max_batch_tokens: int,
+    def __init__(self, run: Callable[[str, Hashable, list[str], list[Job]], Optional[list]], max_batch_tokens: int,
                  max_wait_ms: float, max_batch: int) -> None:
         self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -115,7 +116,7 @@ class Batcher:
         """Jobs that can be one call: the same kind and settings; generation and attention one at a time."""
         groups: dict[tuple, list[Job]] = {}
         for j in jobs:
-            key = (j.kind, j.params) if j.kind in ("translate", "classify", "embed") else (j.kind, id(j))
+            key = (j.kind, j.settings) if j.kind in ("translate", "classify", "embed") else (j.kind, id(j))
             groups.setdefault(key, []).append(j)
         return list(groups.values())
 
@@ -125,7 +126,7 @@ class Batcher:
             return
         texts = [t for j in group for t in j.texts]
         try:
-            results = self.run(group[0].kind, group[0].params, texts, group)
+            results = self.run(group[0].kind, group[0].settings, texts, group)
             self.batches += 1
         except Exception as e:  # the handlers turn it into an error response; the worker goes on
             log.exception("decoding failed")

@@ -9,7 +9,7 @@
 
 Every error is JSON {"detail": "..."}: malformed JSON 400, a wrong or missing field 422 naming it, too many or
 too long texts and too large a body 413 with the limit, an unknown route 404. The handlers run the same
-library functions as the command line, through one batching worker (`batcher.py`).
+library functions as the command line, through one batching worker (`serve/batcher.py`).
 """
 
 import asyncio
@@ -23,10 +23,13 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import Checkpoint
+from ..cpu.linear import int8_weights, packed_weights
+from ..errors import TransformerError
+from ..generate import DecodingSettings, SamplingSettings
+from ..task_registry import routes
+from ..templates import template
 from .batcher import Batcher, Job
-from .checkpoint import Checkpoint
-from .errors import TransformerError
-from .cpu.linear import int8_weights, packed_weights
 
 log = logging.getLogger("transformer")
 
@@ -40,11 +43,6 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_beam: int = 16
     max_new_tokens: int = 512
-
-
-def _tasks(ckpt: Checkpoint) -> set[str]:
-    return {"translation": {"translate", "attention"}, "synthetic": {"translate", "attention"}, "lm": {"generate"},
-            "classification": {"classify", "embed"}, "embedding": {"embed"}}.get(ckpt.task, set())
 
 
 class Runner:
@@ -63,45 +61,44 @@ class Runner:
         """Drop what was prepared: the model multiplies by its own weights again."""
         self._prepared.close()
 
-    def __call__(self, kind: str, params: tuple, texts: list[str], jobs: list[Job]) -> Optional[list]:
-        from .backend import decoding_precision
+    def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> Optional[list]:
+        """`settings`: a `DecodingSettings` (translate), a `SamplingSettings` (generate) or None."""
+        from ..backend import decoding_precision
 
         ck = self.ckpt
         with torch.inference_mode(), decoding_precision(ck.model, self.bf16):
             if kind == "translate":
-                from .generate import translate_texts
+                from ..generate import translate_texts
 
-                beam, lp, a, b = params
-                max_src = ck.config.max_positions if ck.config.positional == "learned" else None
-                return translate_texts(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, beam_size=beam,
-                                       batch_size=len(texts), length_penalty=lp, max_len_a=a, max_len_b=b,
-                                       max_src_len=max_src)
+                return translate_texts(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, settings,
+                                       batch_size=len(texts))
             if kind in ("classify", "embed"):
-                from .encoding import classify_texts, embed_texts
+                from ..classify import classify_texts, embed_texts
 
                 fn = classify_texts if kind == "classify" else embed_texts
                 return fn(ck.model, ck.src_tokenizer, texts, batch_size=len(texts)).tolist()
             if kind == "attention":
-                from .generate import translate_texts
-                from .viz import attention_maps, attention_page
+                from ..generate import translate_texts
+                from ..viz import attention_maps, attention_page
 
                 maps = attention_maps(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts[0])
                 translation = translate_texts(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts[:1])[0]
                 return [{"translation": translation, "page": attention_page(maps)}]
-            return self._generate(params, texts[0], jobs[0])
+            return self._generate(settings, texts[0], jobs[0])
 
-    def _generate(self, params: tuple, prompt: str, job: Job) -> Optional[list]:
-        from .generate import TextStream, sample
+    def _generate(self, settings, prompt: str, job: Job) -> Optional[list]:
+        from ..generate import TextStream, sample
 
         ck = self.ckpt
-        max_new, temperature, top_k, top_p, seed = params
+        s = settings
         tok = ck.tgt_tokenizer
         ids = tok.encode(prompt or "\n") or [ck.config.bos_id]
         device = next(ck.model.parameters()).device
         context = ck.meta.get("run", {}).get("data", {}).get("block_size")
         stream, pieces = TextStream(tok, ids), []
-        gen = torch.Generator().manual_seed(seed)
-        for token in sample(ck.model, torch.tensor([ids], device=device), max_new, temperature, top_k, top_p, gen, context):
+        gen = torch.Generator().manual_seed(s.seed)
+        for token in sample(ck.model, torch.tensor([ids], device=device), s.max_new_tokens, s.temperature, s.top_k,
+                            s.top_p, gen, context):
             if job.cancelled:
                 break
             if int(token[0]) == ck.config.eos_id:  # the model ended its text
@@ -121,7 +118,7 @@ class _Service:
 
     def __init__(self, ckpt: Checkpoint, limits: Limits, batching: dict, bf16: bool, int8: bool = False) -> None:
         self.ckpt, self.limits, self.batching, self.bf16, self.int8 = ckpt, limits, batching, bf16, int8
-        self.kinds = _tasks(ckpt)
+        self.kinds = set(routes(ckpt.task))
         self.batcher: Optional[Batcher] = None  # started with the app's lifespan
 
     def require(self, kind: str) -> None:
@@ -173,7 +170,7 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
     `int8`, the model multiplies by int8 weights (CPU) while the app runs."""
     from fastapi import FastAPI
 
-    from . import __version__
+    from .. import __version__
 
     if int8 and bf16:
         raise TransformerError("choose one of --bf16 and --int8")
@@ -240,13 +237,13 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
     async def translate(body: TranslateBody, request: Request):
         svc.require("translate")
         tokens = svc.check_texts(body.texts)
-        params = (body.beam, body.length_penalty, body.max_len_a, body.max_len_b)
-        return {"translations": await svc.run(request, Job("translate", list(body.texts), params, tokens))}
+        settings = DecodingSettings(body.beam, body.length_penalty, body.max_len_a, body.max_len_b)
+        return {"translations": await svc.run(request, Job("translate", list(body.texts), settings, tokens))}
 
     @app.post("/v1/classify")
     async def classify(body: TextsBody, request: Request):
         svc.require("classify")
-        probs = await svc.run(request, Job("classify", list(body.texts), (), svc.check_texts(body.texts)))
+        probs = await svc.run(request, Job("classify", list(body.texts), None, svc.check_texts(body.texts)))
         labels = ckpt.meta.get("labels") or [str(i) for i in range(ckpt.config.num_labels)]
         return {"predictions": [{"label": labels[max(range(len(p)), key=p.__getitem__)],
                                  "probabilities": dict(zip(labels, p))} for p in probs]}
@@ -254,7 +251,7 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
     @app.post("/v1/embed")
     async def embed(body: TextsBody, request: Request):
         svc.require("embed")
-        vectors = await svc.run(request, Job("embed", list(body.texts), (), svc.check_texts(body.texts)))
+        vectors = await svc.run(request, Job("embed", list(body.texts), None, svc.check_texts(body.texts)))
         return {"embeddings": vectors, "dim": ckpt.config.d_model}
 
     @app.post("/v1/attention")
@@ -267,7 +264,7 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return _PAGE if "attention" in svc.kinds else _API_PAGE.replace("__TASK__", ckpt.task)
+        return template("serve.html") if "attention" in svc.kinds else template("serve-api.html").replace("__TASK__", ckpt.task)
 
 
 def _add_generate_route(app, svc: _Service, GenerateBody) -> None:
@@ -279,8 +276,8 @@ def _add_generate_route(app, svc: _Service, GenerateBody) -> None:
     async def generate(body: GenerateBody, request: Request):
         svc.require("generate")
         svc.check_texts([body.prompt])
-        params = (body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
-        job = Job("generate", [body.prompt], params)
+        settings = SamplingSettings(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
+        job = Job("generate", [body.prompt], settings)
         if not body.stream:
             return {"text": (await svc.run(request, job))[0]}
         loop = asyncio.get_running_loop()
@@ -378,8 +375,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
         import uvicorn
     except ImportError:
         raise TransformerError("serving needs FastAPI and uvicorn: pip install 'transformer[serve]'") from None
-    from .backend import resolve_device
-    from .checkpoint import load_checkpoint
+    from ..backend import resolve_device
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, device=resolve_device(device))
     app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16, int8)
@@ -410,38 +407,3 @@ def _server_class():
 
 def _Server(config):
     return _server_class()(config)
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>transformer: translate</title>
-<style>
- body { font: 15px system-ui, sans-serif; margin: 1.5em; color: #222; }
- textarea { width: 40em; height: 3em; font: inherit; }
- #out { font-size: 1.2em; margin: .8em 0; min-height: 1.2em; }
- iframe { width: 100%; height: 42em; border: 1px solid #ccc; }
-</style></head><body>
-<h1>Translate</h1>
-<textarea id="src" placeholder="Type a sentence">Two dogs are playing in the snow.</textarea><br>
-<button id="go">Translate</button>
-<div id="out"></div>
-<iframe id="explorer" title="attention explorer"></iframe>
-<script>
-const go = document.getElementById("go"), out = document.getElementById("out");
-go.onclick = async () => {
-  out.textContent = "...";
-  const r = await fetch("/v1/attention", {method: "POST", headers: {"content-type": "application/json"},
-                                          body: JSON.stringify({text: document.getElementById("src").value})});
-  const body = await r.json();
-  if (!r.ok) { out.textContent = "error: " + body.detail; return; }
-  out.textContent = body.translation;
-  document.getElementById("explorer").srcdoc = body.page;
-};
-</script></body></html>
-"""
-
-_API_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>transformer</title></head>
-<body style="font: 15px system-ui, sans-serif; margin: 1.5em">
-<h1>transformer</h1><p>This server holds a '__TASK__' checkpoint. The API is described at <a href="/docs">/docs</a>;
-what is loaded at <a href="/v1/model">/v1/model</a>.</p></body></html>
-"""

@@ -26,7 +26,7 @@ def _batches(model: TransformerEncoder, tok: Tokenizer, texts: Sequence[str], ba
         raise TransformerError(f"batch size must be >= 1, got {batch_size}")
     cfg = model.config
     ids = tok.encode_batch(list(texts))
-    limit = cfg.max_positions if cfg.positional == "learned" else None
+    limit = cfg.max_source_len
     if limit is not None:
         long = sum(len(s) > limit for s in ids)
         if long:

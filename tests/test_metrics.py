@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from transformer.evaluate import bleu_chrf, bleu_score, exact_match
+from transformer.metrics import bleu_chrf, bleu_score, exact_match
 
 HYPS = ["the cat sat on a mat", "hello there world", "Ein Hund läuft im Schnee.", ""]
 REFS = ["the cat sat on the mat", "hello world", "Ein Hund rennt durch den Schnee.", "nothing"]
