@@ -98,9 +98,7 @@ def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: 
         f"model.init_from={ckpt}", f"data.train_tsv={DATA / 'train.tsv'}", f"data.val_tsv={DATA / 'dev.tsv'}",
         f"train.eval_every={eval_every}", "train.max_minutes=0", "train.keep_checkpoints=1",
         f"train.precision={precision}"])
-    trainer = Trainer(run, out)
-    real_done = trainer._done
-    trainer._done = lambda start: real_done(start) or trainer.position.step_seconds >= minutes * 60
+    trainer = Trainer(run, out, stop_when=lambda position: position.step_seconds >= minutes * 60)
     trainer.train()
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     points = []

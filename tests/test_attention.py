@@ -65,7 +65,7 @@ def test_a_query_with_no_key_allowed_gets_zeros(autocast):
         for need in (False, True):
             out, _ = attention(q, k, v, mask, need_weights=need)
             assert torch.isfinite(out).all()
-            assert (out[0, :, 2] == 0).all() and (out[1] == 0).all()  # zeros, as the README promises
+            assert (out[0, :, 2] == 0).all() and (out[1] == 0).all()  # zeros, as docs/architecture.md promises
             assert (out[0, :, [0, 1, 3, 4]] != 0).any()  # and the others are not
     mha = MultiHeadAttention(12, 3).eval()
     x = torch.randn(2, 5, 12)

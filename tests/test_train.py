@@ -160,3 +160,19 @@ def test_max_minutes_ends_training_on_time(tmp_path):
     record = trainer.train()
     assert trainer.position.step >= 1 and record["step"] == trainer.position.step
     assert record["minutes"] >= 0.02  # stopped by the budget (1.2 s), and then validated once
+
+
+def test_stop_when_ends_training_at_the_step_it_names(tmp_path):
+    """A caller's own limit (the fine-tuning bench stops on pure training time) ends the run like the recipe's
+    limits do: at the first step it holds, with `last/` saved there."""
+    seen = []
+
+    def stop(position):
+        seen.append(position.step)
+        return position.step >= 7
+
+    trainer = Trainer(tiny_run_config(max_steps=50, eval_every=1000, eval_bleu_sentences=10), tmp_path / "run",
+                      stop_when=stop)
+    trainer.train()
+    assert trainer.position.step == 7 and seen[-1] == 7
+    assert json.loads((tmp_path / "run" / "last" / "training_state.json").read_text())["position"]["step"] == 7

@@ -61,8 +61,8 @@ def attention_reference(
 
 
 def _use_matmul_path(q: Tensor, k: Tensor) -> bool:
-    # For bf16 on CPU the fused kernel's backward is several times slower than
-    # plain matrix products at the lengths of sentences (<= 256 keys), and its forward ~2x. fp32 and long
+    # For bf16 on CPU the fused kernel, forward and backward, is slower than plain matrix products at the
+    # lengths of sentences (<= 256 keys; `python -m bench train-small` measures the difference). fp32 and long
     # sequences stay on the fused kernel.
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.size(-2) <= 256
 
@@ -87,7 +87,7 @@ def attention(
         return out, (weights if need_weights else None)
     if q.is_cuda and _NOT_CUDNN is not None:
         # cuDNN's kernel (picked for bf16 by recent torch) builds a plan for every new shape: decoding, whose
-        # shapes change at every step, spent most of its time building plans (README: "What runs where").
+        # shapes change at every step, would spend most of its time building plans (docs/decoding.md).
         with sdpa_kernel(_NOT_CUDNN):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
     else:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .cpu import machine
+from .cpu.linear import int8_weights
 from .cpu.paths import cpu_paths
 from .errors import TransformerError
 
@@ -145,10 +146,27 @@ def autocast(device: torch.device, precision: Precision):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16)
 
 
+def check_decoding(model: torch.nn.Module, bf16: bool, int8: bool) -> None:
+    """Refuse, naming the options, a precision `decoding` cannot give `model`."""
+    if int8 and bf16:
+        raise TransformerError("choose one of --bf16 and --int8")
+    if int8 and next(model.parameters()).device.type != "cpu":
+        raise TransformerError("--int8 decodes on the CPU (use --device cpu); on a GPU use --bf16")
+
+
+def decoding(model: torch.nn.Module, bf16: bool = False, int8: bool = False):
+    """The context to decode with `model` in: fp32, bf16 (`decoding_precision`) or int8 weights on the CPU
+    (`cpu.int8_weights`). What `--bf16`/`--int8` mean to every command and to the server."""
+    check_decoding(model, bf16, int8)
+    if int8:
+        return int8_weights(model)
+    return decoding_precision(model, bf16) if bf16 else contextlib.nullcontext()
+
+
 def decoding_precision(model: torch.nn.Module, bf16: bool):
     """A context to decode with `model` in bf16 (when `bf16`) on its device. On a GPU the weights themselves
     are cast to bf16, once: at decoding sizes a step is bound by kernel launches, and autocast's per-op casts
-    made bf16 decoding slower than fp32 (README, "What runs where"). On a CPU it is bf16 autocast, where
+    made bf16 decoding slower than fp32 (docs/decoding.md). On a CPU it is bf16 autocast, where
     `Linear` packs bf16 weights once per decoding call. The model is changed in place on a GPU: for a model
     loaded to decode, as the command line does."""
     device = next(model.parameters()).device

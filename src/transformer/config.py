@@ -174,7 +174,7 @@ class DataConfig:
     tokenizer: Literal["bpe", "bytebpe", "char", "sentencepiece"] = "bpe"
     tokenizer_from: Optional[str] = None  # reuse a tokenizer: a checkpoint directory or a tokenizer file
     tokenizer_sample_lines: int = 1_000_000  # lines of each training file the tokenizer is trained on
-    cache_dir: Optional[str] = None  # where prepared corpora go (default $TRANSFORMER_CACHE or ~/.cache/...)
+    cache_dir: Optional[str] = None  # where prepared corpora go (default: files.cache_root() / prepared)
     vocab_size: int = 8000
     joint_vocab: bool = True
     max_len: int = 128

@@ -44,6 +44,12 @@ def _process_device(spec: str, local_rank: int, local_world: int) -> torch.devic
     return torch.device("cuda", local_rank)
 
 
+def is_main_process() -> bool:
+    """Is this process rank 0 of torchrun's (or not under torchrun at all)? Only rank 0 shows progress, prints
+    results and writes the run's files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class Distributed:
     """Data-parallel context from torchrun's environment: this process's rank, the number of processes, its
     device, and the few collectives the trainer needs. Without torchrun: rank 0 of 1, and nothing happens."""

@@ -12,7 +12,7 @@ def dropout(x: Tensor, p: float) -> Tensor:
     Same as `F.dropout`, but with a cheaper random mask: 16 random bits per element, drawn 64 at a time with
     `random_` over the whole int64 range, instead of `F.dropout`'s `bernoulli_`, which draws and compares a
     float per element: on a CPU dropout is a large share of a bf16 training step, and this mask costs several
-    times less (README, Performance). p is resolved to 1/65536.
+    times less. p is resolved to 1/65536.
     """
     if p == 0.0:
         return x

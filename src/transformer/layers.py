@@ -89,7 +89,7 @@ class LearnedPositionalEncoding(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(max_positions, d_model)
         # As large as the sinusoidal encoding (RMS 1/sqrt(2)), since token embeddings are scaled up to ~1: a
-        # small init leaves position drowned out (a worse validation loss on the Shakespeare recipe, README).
+        # small init leaves position drowned out (a worse validation loss on the Shakespeare recipe).
         nn.init.normal_(self.embedding.weight, std=2**-0.5)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:

@@ -7,8 +7,8 @@ every token, so for one row of logits z with log-sum-exp L:
     d loss / d z = softmax(z) - eps / V - (1 - eps) * onehot(target)
 
 This is what `F.cross_entropy(z.float(), target, label_smoothing=eps)` computes. Doing it by hand avoids what
-that costs on a (tokens x vocabulary) matrix, a large share of the non-matmul time of a bf16 training step
-(README, Performance): a float32 copy of the logits, the saved log-probabilities, a zero-filled gradient and a separate
+that costs on a (tokens x vocabulary) matrix, a large share of the non-matmul time of a bf16 training step:
+a float32 copy of the logits, the saved log-probabilities, a zero-filled gradient and a separate
 smoothing term, each a full pass over memory. Here the forward keeps one number per row (L) and the backward
 writes the gradient straight into one output, both working on blocks of rows small enough to stay in cache.
 On GPUs `F.cross_entropy` is used as it is.

@@ -18,8 +18,8 @@ at a time through it (the `tokenizers` library encodes a block on all cores), dr
 
 `<key>` digests the data files' identity (path, size, modification and change times, inode), the content of a
 reused tokenizer (`data.tokenizer_from`) and every setting that changes the tokens, so a second run, or a
-resumed one, finds the corpus prepared and starts at once. CACHE is `data.cache_dir`, else $TRANSFORMER_CACHE,
-else ~/.cache/transformer/prepared. A preparation holds a lock (`CACHE/.lock-<key>`, flock) while it works: a
+resumed one, finds the corpus prepared and starts at once. CACHE is `data.cache_dir`, else the package's
+cache root (`files.cache_root()`) / prepared. A preparation holds a lock (`CACHE/.lock-<key>`, flock) while it works: a
 second process preparing the same corpus waits, then uses it. Training reads batches from the memory maps
 (see `tasks.py`), so its memory does not grow with the corpus.
 """
@@ -51,6 +51,7 @@ from .config import RunConfig
 from .data import iter_lines
 from .tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from .errors import DataError
+from . import files
 from .files import fsync_dir, read_json, write_json_atomic
 
 log = logging.getLogger("transformer")
@@ -60,11 +61,10 @@ CHUNK = 20_000  # lines encoded at a time
 
 
 def cache_root(run: RunConfig) -> Path:
+    """Where `run`'s prepared corpora go: `data.cache_dir`, else `files.cache_root()` / prepared."""
     if run.data.cache_dir:
         return Path(run.data.cache_dir)
-    if os.environ.get("TRANSFORMER_CACHE"):
-        return Path(os.environ["TRANSFORMER_CACHE"])
-    return Path.home() / ".cache" / "transformer" / "prepared"
+    return files.cache_root() / "prepared"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -175,6 +175,8 @@ class Trainer:
         progress: called with a dict (step, epoch, loss, lr, tokens_per_s, minutes) every `log_every` steps.
         overwrite: a new run may replace the run already in `out_dir` (what a run writes there is removed when
             training starts; other files are kept). A directory that holds anything but a run is never written.
+        stop_when: called with the training position after each step; True ends training there, as the
+            recipe's own limits do (e.g. a budget of pure training time: `position.step_seconds`).
     """
 
     def __init__(
@@ -184,9 +186,10 @@ class Trainer:
         resume: bool = False,
         progress: Optional[Callable[[dict[str, Any]], None]] = None,
         overwrite: bool = False,
+        stop_when: Optional[Callable[[Any], bool]] = None,
     ) -> None:
         self.out = Path(out_dir)
-        self.progress = progress
+        self.progress, self.stop_when = progress, stop_when
         self.dist = Distributed(run.train.device)
         # checked first, before any corpus is prepared; by the main process, the one that writes the directory
         self.clear = not resume and self.dist.main and (self.out / rundir.CONFIG).exists()
@@ -374,6 +377,8 @@ class Trainer:
         if t.max_epochs and epochs >= t.max_epochs:
             return True
         if t.max_minutes and time.perf_counter() - start >= t.max_minutes * 60:
+            return True
+        if self.stop_when is not None and self.stop_when(p):
             return True
         return self.position.reached_target
 

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..distributed import is_main_process
 from ..errors import TransformerError
 from ..generate import DecodingSettings
 
 log = logging.getLogger("transformer")
-
-
-def is_main_process() -> bool:
-    """False on every torchrun process but rank 0: only rank 0 shows progress and prints results."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 class _StderrHandler(logging.Handler):
@@ -152,13 +146,6 @@ def load(args: argparse.Namespace, task: str):
 def decoding(ckpt, args: argparse.Namespace):
     """The precision to decode in: fp32, --bf16 (bf16 autocast, or bf16 weights on a GPU) or --int8 (int8
     weights on the CPU)."""
-    from ..backend import decoding_precision
-    from ..cpu.linear import int8_weights
+    from ..backend import decoding as decoding_context
 
-    if getattr(args, "int8", False):
-        if args.bf16:
-            raise TransformerError("choose one of --bf16 and --int8")
-        if next(ckpt.model.parameters()).device.type != "cpu":
-            raise TransformerError("--int8 decodes on the CPU (use --device cpu); on a GPU use --bf16")
-        return int8_weights(ckpt.model)
-    return decoding_precision(ckpt.model, args.bf16) if args.bf16 else contextlib.nullcontext()
+    return decoding_context(ckpt.model, args.bf16, getattr(args, "int8", False))

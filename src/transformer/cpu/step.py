@@ -58,10 +58,10 @@ class _Product:
     """y = act(x W^T + b) (+ residual) for one projection of the step, by one of this machine's ways of
     multiplying (chosen by `_choose`: by rule in int8, by a timing recorded once per machine in fp32 and bf16):
 
-    - "mkl": torch.addmm with the weight stored transposed, (in, out): BLAS's cheapest call (about 6 us of
-      fixed cost here);
-    - "onednn": the weight packed into oneDNN's blocked layout (about 25 us of fixed cost per call, but faster
-      products from about a million weights up), where it works on this CPU;
+    - "mkl": torch.addmm with the weight stored transposed, (in, out): BLAS's cheapest call (the least fixed
+      cost);
+    - "onednn": the weight packed into oneDNN's blocked layout (more fixed cost per call, but faster products
+      for large weights), where it works on this CPU;
     - "int8" (inside `int8_weights()`, where the kernel below does not run): fbgemm with int8 weights, each
       output row scaled to [-127, 127], the input quantised on the fly with one scale for all its rows;
     - "vnni" (inside `int8_weights()`, where `int8.available()`): the same int8 weights through this package's

@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 from ..checkpoint import Checkpoint
-from ..cpu.linear import int8_weights, packed_weights
+from ..backend import check_decoding, decoding
+from ..cpu.linear import packed_weights
 from ..errors import TransformerError
 from ..generate import DecodingSettings, SamplingSettings
 from ..task_registry import routes
@@ -53,7 +54,7 @@ class Runner:
         # The served weights never change: decoding prepares them (packed, transposed, int8) once, not per batch.
         self._prepared = contextlib.ExitStack()
         if int8:
-            self._prepared.enter_context(int8_weights(ckpt.model))
+            self._prepared.enter_context(decoding(ckpt.model, int8=True))
         elif hasattr(ckpt.model, "decoder") and hasattr(ckpt.model, "encoder"):
             self._prepared.enter_context(packed_weights(ckpt.model.decoder, ckpt.model.output))
 
@@ -63,10 +64,9 @@ class Runner:
 
     def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> Optional[list]:
         """`settings`: a `DecodingSettings` (translate), a `SamplingSettings` (generate) or None."""
-        from ..backend import decoding_precision
-
         ck = self.ckpt
-        with torch.inference_mode(), decoding_precision(ck.model, self.bf16):
+        # bf16 autocast is per thread: entered here, in the worker's, for each batch
+        with torch.inference_mode(), decoding(ck.model, bf16=self.bf16):
             if kind == "translate":
                 from ..generate import translate_texts
 
@@ -172,10 +172,7 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
 
     from .. import __version__
 
-    if int8 and bf16:
-        raise TransformerError("choose one of --bf16 and --int8")
-    if int8 and next(ckpt.model.parameters()).device.type != "cpu":
-        raise TransformerError("--int8 decodes on the CPU (use --device cpu); on a GPU use --bf16")
+    check_decoding(ckpt.model, bf16, int8)
     svc = _Service(ckpt, limits, {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms,
                                   "max_batch": max_batch}, bf16, int8)
 
