@@ -31,14 +31,25 @@ ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "int8", "lm", "mfu"
 
 # Targets from the issues: (workload row, peer) -> minimum ratio
 TARGETS = {
-    ("train small fp32", "nn.Transformer"): 1.25, ("train small bf16", "nn.Transformer"): 1.25,
-    ("train base fp32", "nn.Transformer"): 1.25, ("train base bf16", "nn.Transformer"): 1.25,
-    ("train small fp32", "HF Marian"): 1.0, ("train small bf16", "HF Marian"): 1.0,
-    ("train base fp32", "HF Marian"): 1.0, ("train base bf16", "HF Marian"): 1.0,
-    ("greedy base", "HF generate"): 1.5, ("greedy base", "naive recompute"): 8.0,
-    ("beam5 base", "HF generate"): 1.5, ("lm step", "HF GPT-2"): 1.0, ("train base bf16", "ours fp32"): 1.5,
-    **{(f"ct2 {kind} {size} {q}", "CTranslate2"): 1.0 for kind in ("greedy", "beam5") for size in ("small", "base")
-       for q in ("fp32", "int8")},
+    ("train small fp32", "nn.Transformer"): 1.25,
+    ("train small bf16", "nn.Transformer"): 1.25,
+    ("train base fp32", "nn.Transformer"): 1.25,
+    ("train base bf16", "nn.Transformer"): 1.25,
+    ("train small fp32", "HF Marian"): 1.0,
+    ("train small bf16", "HF Marian"): 1.0,
+    ("train base fp32", "HF Marian"): 1.0,
+    ("train base bf16", "HF Marian"): 1.0,
+    ("greedy base", "HF generate"): 1.5,
+    ("greedy base", "naive recompute"): 8.0,
+    ("beam5 base", "HF generate"): 1.5,
+    ("lm step", "HF GPT-2"): 1.0,
+    ("train base bf16", "ours fp32"): 1.5,
+    **{
+        (f"ct2 {kind} {size} {q}", "CTranslate2"): 1.0
+        for kind in ("greedy", "beam5")
+        for size in ("small", "base")
+        for q in ("fp32", "int8")
+    },
 }
 
 
@@ -58,14 +69,25 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, name: str, result: dict, unit_work: float, unit: str, ours: str = "ours",
-            info: Optional[dict[str, dict]] = None) -> None:
+    def add(
+        self,
+        name: str,
+        result: dict,
+        unit_work: float,
+        unit: str,
+        ours: str = "ours",
+        info: Optional[dict[str, dict]] = None,
+    ) -> None:
         """One row per contender; `info` adds fields to a contender's row (its threads, ISA, backend)."""
         block = []
         for peer in result:
             r = result[peer]
-            row = {"workload": name, "contender": peer, "median_s": round(r["median_s"], 5),
-                   unit: round(unit_work / r["median_s"], 1)}
+            row = {
+                "workload": name,
+                "contender": peer,
+                "median_s": round(r["median_s"], 5),
+                unit: round(unit_work / r["median_s"], 1),
+            }
             if "alone_s" in r:  # the sanity figure: the same calls back to back, the other contenders idle
                 row["alone_s"] = round(statistics.median(r["alone_s"]), 5)
             if "settle_s" in r:  # how long the race's threads stayed busy after this contender's calls
@@ -91,8 +113,11 @@ class Table:
     def put(self, block: list[dict]) -> None:
         self.rows += block
         for r in block:
-            extra = "  ".join(f"{k}={v}" for k, v in r.items()
-                              if k not in ("workload", "contender", "unreliable", "ratio_as_measured"))
+            extra = "  ".join(
+                f"{k}={v}"
+                for k, v in r.items()
+                if k not in ("workload", "contender", "unreliable", "ratio_as_measured")
+            )
             if "unreliable" in r:
                 extra += f"  ratio=UNRELIABLE ({r['ratio_as_measured']} as measured: {r['unreliable']})"
             print(f"{r['workload']:<26} {r['contender']:<18} {extra}", flush=True)
@@ -116,17 +141,21 @@ def main(argv=None) -> int:
     # bf16 only where the CPU does bf16 arithmetic: elsewhere it is emulated, and every contender's bf16 step
     # takes many times its fp32 time (rows about emulation, not about the libraries)
     bf16_modes = (False, True) if backend.native_bf16_cpu() else (False,)
-    print(f"# bench {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"cpu: {cpu_name()} ({backend.cpu_description()})  HF transformers: "
-          f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {cpu.cpu_paths().describe()}"
-          f"\n# allocator keeps freed memory (cpu.memory.tune_allocator): {'yes' if tuned else 'no'}"
-          f"\n# int8 products (--int8): {_int8_kind()}")
+    print(
+        f"# bench {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+        f"cpu: {cpu_name()} ({backend.cpu_description()})  HF transformers: "
+        f"{'yes' if hf else 'not installed (pip install .[bench])'}\n# our CPU paths: {cpu.cpu_paths().describe()}"
+        f"\n# allocator keeps freed memory (cpu.memory.tune_allocator): {'yes' if tuned else 'no'}"
+        f"\n# int8 products (--int8): {_int8_kind()}"
+    )
     ours_info = W.ours_info()
-    print(f"# ours: {ours_info['threads']} threads, PyTorch kernels {ours_info['isa']}, OpenMP "
-          f"{', '.join(ours_info['openmp']) or 'none seen'}, settings {ours_info['env'] or 'none set'} (libgomp "
-          "spin-waits 300,000 spins after each parallel region unless OMP_WAIT_POLICY/GOMP_SPINCOUNT say otherwise)"
-          f"\n# a ratio is UNRELIABLE where a contender's alone and interleaved medians are over {AGREE}x apart, "
-          f"the ratio's IQR is over {SPREAD:.0%} of it, or other processes took over {BUSY} cores during its calls")
+    print(
+        f"# ours: {ours_info['threads']} threads, PyTorch kernels {ours_info['isa']}, OpenMP "
+        f"{', '.join(ours_info['openmp']) or 'none seen'}, settings {ours_info['env'] or 'none set'} (libgomp "
+        "spin-waits 300,000 spins after each parallel region unless OMP_WAIT_POLICY/GOMP_SPINCOUNT say otherwise)"
+        f"\n# a ratio is UNRELIABLE where a contender's alone and interleaved medians are over {AGREE}x apart, "
+        f"the ratio's IQR is over {SPREAD:.0%} of it, or other processes took over {BUSY} cores during its calls"
+    )
     if len(bf16_modes) == 1:
         print("# bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 would be emulated")
     table = Table()
@@ -170,23 +199,40 @@ def main(argv=None) -> int:
     if "memory" in chosen:
         for bf16 in bf16_modes:
             table.put(_memory(base, bf16, hf, batch, length))
-    meta = {"date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": cpu_name(), "cpu_kind": backend.cpu_description(), "cpu_paths": cpu.cpu_paths().describe(),
-            "python": sys.version.split()[0], "hf": hf, "smoke": args.smoke, "rounds": rounds,
-            "int8_products": _int8_kind(), "ours": ours_info, "ctranslate2": ct2_info,
-            "unreliable_if": {"alone_vs_interleaved_over": AGREE, "ratio_iqr_over_fraction": SPREAD,
-                              "others_cores_over": BUSY}}
+    meta = {
+        "date": str(datetime.date.today()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_kind": backend.cpu_description(),
+        "cpu_paths": cpu.cpu_paths().describe(),
+        "python": sys.version.split()[0],
+        "hf": hf,
+        "smoke": args.smoke,
+        "rounds": rounds,
+        "int8_products": _int8_kind(),
+        "ours": ours_info,
+        "ctranslate2": ct2_info,
+        "unreliable_if": {
+            "alone_vs_interleaved_over": AGREE,
+            "ratio_iqr_over_fraction": SPREAD,
+            "others_cores_over": BUSY,
+        },
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": table.rows}, indent=1))
     missed = [r for r in table.rows if r.get("met") is False]
     flagged = sum(1 for r in table.rows if "unreliable" in r)
-    print(f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}, "
-          f"rows unreliable (no ratio, target not judged): {flagged}")
+    print(
+        f"# wrote {args.json}; targets met: {sum(1 for r in table.rows if r.get('met'))}, missed: {len(missed)}, "
+        f"rows unreliable (no ratio, target not judged): {flagged}"
+    )
     return 0
 
 
-def _ct2_race(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int,
-              ct2_info: dict[str, dict]) -> None:
+def _ct2_race(
+    table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: int, warmup: int, ct2_info: dict[str, dict]
+) -> None:
     """Ours against CTranslate2's worker process. After every call both processes are waited on until idle
     (harness.Quiet), so neither's spinning OpenMP threads take cores from the other's timed call; each
     contender is also run alone, back to back, as the sanity figure beside its interleaved median."""
@@ -203,23 +249,34 @@ def _ct2_race(table: Table, small: W.Size, base: W.Size, smoke: bool, rounds: in
                         info = worker.info
                         if info["compute_type"] not in ct2_info:
                             ct2_info[info["compute_type"]] = info
-                            print(f"# CTranslate2 {info['version']} ({info['compute_type_asked']} asked, "
-                                  f"{info['compute_type']} chosen): {info['intra_threads']} intra / "
-                                  f"{info['inter_threads']} inter threads, its kernels {info.get('isa')}, MKL "
-                                  f"{info.get('mkl')}, SGEMM {info.get('sgemm')}, GEMM_S8 {info.get('gemm_s8')}, "
-                                  f"OpenMP {', '.join(info['openmp']) or 'none seen'}, settings {info['env']}; "
-                                  f"CPU {info.get('cpu')}; supported here: {', '.join(info['supported_compute_types'])}",
-                                  flush=True)
+                            print(
+                                f"# CTranslate2 {info['version']} ({info['compute_type_asked']} asked, "
+                                f"{info['compute_type']} chosen): {info['intra_threads']} intra / "
+                                f"{info['inter_threads']} inter threads, its kernels {info.get('isa')}, MKL "
+                                f"{info.get('mkl')}, SGEMM {info.get('sgemm')}, GEMM_S8 {info.get('gemm_s8')}, "
+                                f"OpenMP {', '.join(info['openmp']) or 'none seen'}, settings {info['env']}; "
+                                f"CPU {info.get('cpu')}; supported here: {', '.join(info['supported_compute_types'])}",
+                                flush=True,
+                            )
                         settle = Quiet([os.getpid(), worker.pid])
                         res = compare(contenders, rounds, warmup, settle=settle, alone=1 if smoke else 3)
                     finally:
                         worker.close()
                 gemm = info.get("gemm_s8" if int8 else "sgemm")
-                theirs = {"threads": info["intra_threads"], "isa": info.get("isa"),
-                          "compute_type": info["compute_type"], "gemm": gemm}
+                theirs = {
+                    "threads": info["intra_threads"],
+                    "isa": info.get("isa"),
+                    "compute_type": info["compute_type"],
+                    "gemm": gemm,
+                }
                 kind = "greedy" if beam == 1 else "beam5"
-                table.add(f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}", res, sentences * n, "tokens/s",
-                          info={"ours": ours_row, "CTranslate2": theirs})
+                table.add(
+                    f"ct2 {kind} {size_name} {'int8' if int8 else 'fp32'}",
+                    res,
+                    sentences * n,
+                    "tokens/s",
+                    info={"ours": ours_row, "CTranslate2": theirs},
+                )
 
 
 def _int8_kind() -> str:
@@ -254,10 +311,16 @@ def _mfu(size: W.Size, bf16: bool, batch: int, length: int, rounds: int, warmup:
     measured = max(res["peak"]["work"])
     achieved = flops / res["ours"]["median_s"]
     nominal, how = W.nominal_peak(bf16)
-    row = {"workload": f"mfu base {'bf16' if bf16 else 'fp32'}", "contender": "ours",
-           "model_tflops": round(achieved / 1e12, 4), "peak_tflops": round(measured / 1e12, 4),
-           "mfu": round(achieved / measured, 3), "nominal_tflops": round(nominal / 1e12, 4) if nominal else None,
-           "nominal_mfu": round(achieved / nominal, 3) if nominal else None, "nominal": how}
+    row = {
+        "workload": f"mfu base {'bf16' if bf16 else 'fp32'}",
+        "contender": "ours",
+        "model_tflops": round(achieved / 1e12, 4),
+        "peak_tflops": round(measured / 1e12, 4),
+        "mfu": round(achieved / measured, 3),
+        "nominal_tflops": round(nominal / 1e12, 4) if nominal else None,
+        "nominal_mfu": round(achieved / nominal, 3) if nominal else None,
+        "nominal": how,
+    }
     return row
 
 
@@ -265,8 +328,14 @@ def _memory(size: W.Size, bf16: bool, hf: bool, batch: int, length: int) -> list
     contenders = W.train_contenders(size, bf16, hf, batch, length)
     for c in contenders.values():
         c()  # the first step allocates the optimizer state: measure a steady one
-    return [{"workload": f"memory base {'bf16' if bf16 else 'fp32'}", "contender": name,
-             "peak_mib": round(W.peak_memory(step) / 2**20, 1)} for name, step in contenders.items()]
+    return [
+        {
+            "workload": f"memory base {'bf16' if bf16 else 'fp32'}",
+            "contender": name,
+            "peak_mib": round(W.peak_memory(step) / 2**20, 1),
+        }
+        for name, step in contenders.items()
+    ]
 
 
 if __name__ == "__main__":

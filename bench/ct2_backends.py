@@ -19,13 +19,19 @@ import torch
 
 from . import workloads as W
 
-VARIANTS = [{}, {"CT2_USE_MKL": "1"}, {"CT2_FORCE_CPU_ISA": "AVX512"},
-            {"CT2_USE_MKL": "1", "CT2_FORCE_CPU_ISA": "AVX512"}]
+VARIANTS = [
+    {},
+    {"CT2_USE_MKL": "1"},
+    {"CT2_FORCE_CPU_ISA": "AVX512"},
+    {"CT2_USE_MKL": "1", "CT2_FORCE_CPU_ISA": "AVX512"},
+]
 
 
 def main() -> None:
-    print(f"# CTranslate2 alone, base model, {torch.get_num_threads()} threads, median of 5 after 1 warm-up; CPU "
-          f"vendor {W.cpu_vendor()}")
+    print(
+        f"# CTranslate2 alone, base model, {torch.get_num_threads()} threads, median of 5 after 1 warm-up; CPU "
+        f"vendor {W.cpu_vendor()}"
+    )
     for int8 in (False, True):
         for beam, sentences in ((1, 32), (5, 8)):
             for variant in VARIANTS:
@@ -51,10 +57,12 @@ def main() -> None:
                             os.environ.pop(k, None)
                         else:
                             os.environ[k] = v
-                print(f"{'int8' if int8 else 'fp32'} beam{beam:<2} {str(variant or 'its own choice'):<48} "
-                      f"median {statistics.median(times):.3f} s  ISA {info.get('isa')}  "
-                      f"{'GEMM_S8 ' + str(info.get('gemm_s8')) if int8 else 'SGEMM ' + str(info.get('sgemm'))}",
-                      flush=True)
+                print(
+                    f"{'int8' if int8 else 'fp32'} beam{beam:<2} {str(variant or 'its own choice'):<48} "
+                    f"median {statistics.median(times):.3f} s  ISA {info.get('isa')}  "
+                    f"{'GEMM_S8 ' + str(info.get('gemm_s8')) if int8 else 'SGEMM ' + str(info.get('sgemm'))}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

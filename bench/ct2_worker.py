@@ -46,9 +46,14 @@ def openmp_runtime() -> list[str]:
 
 def parse_report(log: str) -> dict[str, str]:
     """The backend choices in CTranslate2's info-level start-up log."""
-    keys = {"cpu": r"\] CPU: (.+)", "isa": r"Selected ISA: (.+)", "mkl": r"Use Intel MKL: (.+)",
-            "sgemm": r"SGEMM backend: (.+)", "gemm_s8": r"GEMM_S8 backend: (.+)",
-            "compute_type": r"Selected compute type: (.+)"}
+    keys = {
+        "cpu": r"\] CPU: (.+)",
+        "isa": r"Selected ISA: (.+)",
+        "mkl": r"Use Intel MKL: (.+)",
+        "sgemm": r"SGEMM backend: (.+)",
+        "gemm_s8": r"GEMM_S8 backend: (.+)",
+        "compute_type": r"Selected compute type: (.+)",
+    }
     found = {}
     for key, pattern in keys.items():
         m = re.search(pattern, log)
@@ -57,8 +62,14 @@ def parse_report(log: str) -> dict[str, str]:
     return found
 
 
-def _serve(conn: Connection, directory: str, compute_type: str, threads: int,
-           mallopt: tuple[tuple[int, int], ...], env: dict[str, str]) -> None:
+def _serve(
+    conn: Connection,
+    directory: str,
+    compute_type: str,
+    threads: int,
+    mallopt: tuple[tuple[int, int], ...],
+    env: dict[str, str],
+) -> None:
     os.environ.update(env)  # before the import: CTranslate2 reads CT2_* once
     for param, value in mallopt:  # the allocator settings of our process (empty: glibc's defaults)
         ctypes.CDLL(None).mallopt(param, value)
@@ -70,18 +81,26 @@ def _serve(conn: Connection, directory: str, compute_type: str, threads: int,
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 2)
         try:
-            translator = ctranslate2.Translator(directory, device="cpu", compute_type=compute_type,
-                                                intra_threads=threads, inter_threads=1)
+            translator = ctranslate2.Translator(
+                directory, device="cpu", compute_type=compute_type, intra_threads=threads, inter_threads=1
+            )
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             ctranslate2.set_log_level(logging.WARNING)
         log.seek(0)
         report = parse_report(log.read().decode(errors="replace"))
-    info = {"version": ctranslate2.__version__, "compute_type_asked": compute_type,
-            "compute_type": translator.compute_type, "intra_threads": threads, "inter_threads": 1,
-            "supported_compute_types": sorted(ctranslate2.get_supported_compute_types("cpu")),
-            "openmp": openmp_runtime(), "env": settings(), **{k: v for k, v in report.items() if k != "compute_type"}}
+    info = {
+        "version": ctranslate2.__version__,
+        "compute_type_asked": compute_type,
+        "compute_type": translator.compute_type,
+        "intra_threads": threads,
+        "inter_threads": 1,
+        "supported_compute_types": sorted(ctranslate2.get_supported_compute_types("cpu")),
+        "openmp": openmp_runtime(),
+        "env": settings(),
+        **{k: v for k, v in report.items() if k != "compute_type"},
+    }
     conn.send(("ready", info))
     while True:
         request = conn.recv()
@@ -97,12 +116,19 @@ class Translator:
     written (the best hypothesis of each sentence). `info` says what it runs with (version, compute type asked
     and chosen, threads, ISA and GEMM backends, OpenMP runtime, CT2_*/OMP_* settings); `pid` is its process."""
 
-    def __init__(self, directory: str, compute_type: str, threads: int,
-                 mallopt: tuple[tuple[int, int], ...] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        compute_type: str,
+        threads: int,
+        mallopt: tuple[tuple[int, int], ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, directory, compute_type, threads, mallopt,
-                                                         dict(env or {})), daemon=True)
+        self._process = ctx.Process(
+            target=_serve, args=(child, directory, compute_type, threads, mallopt, dict(env or {})), daemon=True
+        )
         self._process.start()
         reply = self._conn.recv() if self._conn.poll(120) else None
         if not (isinstance(reply, tuple) and reply[0] == "ready"):

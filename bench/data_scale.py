@@ -53,28 +53,49 @@ def build(n: int, out: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def sets(src: Path, tgt: Path, cache: Path) -> list[str]:
-    return [f"data.train_src={src}", f"data.train_tgt={tgt}", f"data.val_src={DATA / 'val.en'}",
-            f"data.val_tgt={DATA / 'val.de'}", f"data.cache_dir={cache}"]
+    return [
+        f"data.train_src={src}",
+        f"data.train_tgt={tgt}",
+        f"data.val_src={DATA / 'val.en'}",
+        f"data.val_tgt={DATA / 'val.de'}",
+        f"data.cache_dir={cache}",
+    ]
 
 
 def prepare(src: Path, tgt: Path, cache: Path) -> dict:
     args = [arg for s in sets(src, tgt, cache) for arg in ("--set", s)]
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "transformer", "prepare", str(RECIPE), *args, "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "transformer", "prepare", str(RECIPE), *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seconds = time.perf_counter() - start
     meta = json.loads(out.stdout)
-    return {"prepare_s": round(seconds, 1), "lines_per_s": round(meta["lines"] / seconds), "cache_mb": round(meta["bytes"] / 1e6, 1),
-            "pairs": meta["kept"]}
+    return {
+        "prepare_s": round(seconds, 1),
+        "lines_per_s": round(meta["lines"] / seconds),
+        "cache_mb": round(meta["bytes"] / 1e6, 1),
+        "pairs": meta["kept"],
+    }
 
 
 def train(src: Path, tgt: Path, cache: Path, steps: int = 200) -> dict:
     launched = time.time()
-    out = subprocess.run([sys.executable, "-m", "bench.data_scale", "probe", str(src), str(tgt), str(cache), str(steps)],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.data_scale", "probe", str(src), str(tgt), str(cache), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     probe = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"first_step_s": round(probe["first_step_at"] - launched, 1), "peak_rss_mib": round(probe["peak_rss_mib"]),
-            "tokens_per_s": round(probe["tokens_per_s"])}
+    return {
+        "first_step_s": round(probe["first_step_at"] - launched, 1),
+        "peak_rss_mib": round(probe["peak_rss_mib"]),
+        "tokens_per_s": round(probe["tokens_per_s"]),
+    }
 
 
 def probe(src: str, tgt: str, cache: str, steps: int) -> None:
@@ -82,15 +103,31 @@ def probe(src: str, tgt: str, cache: str, steps: int) -> None:
     from transformer.config import load_run_config
     from transformer.train import Trainer
 
-    run = load_run_config(RECIPE, sets(Path(src), Path(tgt), Path(cache)) + [
-        f"train.max_steps={steps}", "train.max_minutes=0", "train.eval_every=1000000", "train.average_last=0",
-        "train.eval_bleu_sentences=20", "train.log_every=1"])
+    run = load_run_config(
+        RECIPE,
+        sets(Path(src), Path(tgt), Path(cache))
+        + [
+            f"train.max_steps={steps}",
+            "train.max_minutes=0",
+            "train.eval_every=1000000",
+            "train.average_last=0",
+            "train.eval_bleu_sentences=20",
+            "train.log_every=1",
+        ],
+    )
     seen: list[tuple[float, float]] = []
     trainer = Trainer(run, tempfile.mkdtemp(prefix="scale-run-"))
     trainer.progress = lambda info: seen.append((time.time(), info["tokens_per_s"]))
     trainer.train()
-    print(json.dumps({"first_step_at": seen[0][0], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "tokens_per_s": statistics.median(r for _, r in seen[20:])}))
+    print(
+        json.dumps(
+            {
+                "first_step_at": seen[0][0],
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "tokens_per_s": statistics.median(r for _, r in seen[20:]),
+            }
+        )
+    )
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ wall-clock budget of training, one after the other on this machine.
 The peer, as the issue sets it: `AutoModelForSequenceClassification` from the same directory, AdamW lr 5e-5,
 weight decay 0.01 (not on biases and LayerNorm), batch 32 in random order, texts truncated to 64 tokens and
 padded to the longest of the batch, linear decay after 6% warmup (over one epoch), gradient clipping 1.0, fp32.
-Ours: `configs/sst2-minilm.yaml` as it is (precision auto, or --precision), validated often. Dev accuracy is taken at each
-checkpoint of training time (evaluation time excluded from both clocks); examples/s counts training examples
-over training time.
+Ours: `configs/sst2-minilm.yaml` as it is (precision auto, or --precision), validated often. Dev accuracy is
+taken at each checkpoint of training time (evaluation time excluded from both clocks); examples/s counts
+training examples over training time.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def hf_race(model_dir: Path, minutes: float, checkpoints: list[float]) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=5e-5)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=5e-5
+    )
     steps_per_epoch = math.ceil(len(texts) / 32)
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps_per_epoch), steps_per_epoch)
     order = list(range(len(texts)))
@@ -68,7 +69,7 @@ def hf_race(model_dir: Path, minutes: float, checkpoints: list[float]) -> dict:
     pending = sorted(checkpoints)
     model.train()
     while pending:
-        batch = order[(step * 32) % len(order):][:32] or order[:32]
+        batch = order[(step * 32) % len(order) :][:32] or order[:32]
         t = time.perf_counter()
         enc = tok([texts[i] for i in batch], truncation=True, max_length=64, padding=True, return_tensors="pt")
         loss = model(**enc, labels=torch.tensor([labels[i] for i in batch])).loss
@@ -86,18 +87,25 @@ def hf_race(model_dir: Path, minutes: float, checkpoints: list[float]) -> dict:
     return {"examples_per_s": round(examples / trained, 1), "points": points}
 
 
-def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: int,
-              precision: str = "auto") -> dict:
+def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: int, precision: str = "auto") -> dict:
     """Our recipe for `minutes` of training time, validated every `eval_every` steps; at each checkpoint the
     accuracy of the last validation at or before it."""
     from transformer.config import load_run_config
     from transformer.train import Trainer
 
     out = Path(tempfile.mkdtemp(prefix="sst2-"))
-    run = load_run_config(ROOT / "configs" / "sst2-minilm.yaml", [
-        f"model.init_from={ckpt}", f"data.train_tsv={DATA / 'train.tsv'}", f"data.val_tsv={DATA / 'dev.tsv'}",
-        f"train.eval_every={eval_every}", "train.max_minutes=0", "train.keep_checkpoints=1",
-        f"train.precision={precision}"])
+    run = load_run_config(
+        ROOT / "configs" / "sst2-minilm.yaml",
+        [
+            f"model.init_from={ckpt}",
+            f"data.train_tsv={DATA / 'train.tsv'}",
+            f"data.val_tsv={DATA / 'dev.tsv'}",
+            f"train.eval_every={eval_every}",
+            "train.max_minutes=0",
+            "train.keep_checkpoints=1",
+            f"train.precision={precision}",
+        ],
+    )
     trainer = Trainer(run, out, stop_when=lambda position: position.step_seconds >= minutes * 60)
     trainer.train()
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,10 +116,14 @@ def ours_race(ckpt: Path, minutes: float, checkpoints: list[float], eval_every: 
             points.append({"minutes": m, "step": seen[-1]["step"], "accuracy": seen[-1]["accuracy"]})
             print(f"ours  {points[-1]}", flush=True)
     pos, task = trainer.position, trainer.task
-    examples = sum(len(b) for e in range(pos.epoch + 1)
-                   for b in task.batches.of(e)[: pos.batch if e == pos.epoch else None])
-    return {"examples_per_s": round(examples / (trainer.position.step_seconds or 1), 1), "points": points,
-            "run_dir": str(out)}
+    examples = sum(
+        len(b) for e in range(pos.epoch + 1) for b in task.batches.of(e)[: pos.batch if e == pos.epoch else None]
+    )
+    return {
+        "examples_per_s": round(examples / (trainer.position.step_seconds or 1), 1),
+        "points": points,
+        "run_dir": str(out),
+    }
 
 
 def main(argv=None) -> int:

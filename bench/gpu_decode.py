@@ -5,9 +5,8 @@ tokens in batches of 64, beam 5 and greedy, each precision timed after a warm-up
 """
 
 import copy
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,14 +32,31 @@ def sources(device: torch.device) -> list[torch.Tensor]:
 def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(src_vocab_size=8000, tgt_vocab_size=8000, d_model=256, n_heads=4,
-                                    n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, norm_first=True,
-                                    tie_embeddings="all")).to(device).eval()
+    model = (
+        Transformer(
+            ModelConfig(
+                src_vocab_size=8000,
+                tgt_vocab_size=8000,
+                d_model=256,
+                n_heads=4,
+                n_encoder_layers=3,
+                n_decoder_layers=3,
+                d_ff=1024,
+                norm_first=True,
+                tie_embeddings="all",
+            )
+        )
+        .to(device)
+        .eval()
+    )
     srcs = sources(device)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)  # what `--bf16` decodes with on a GPU
     for name, decode in (("beam 5", lambda m, s: beam_search(m, s, 5)), ("greedy", lambda m, s: greedy(m, s))):
-        for label, m, autocast in (("fp32", model, False), ("bf16 autocast", model, True),
-                                   ("bf16 weights (--bf16)", bf16_model, False)):
+        for label, m, autocast in (
+            ("fp32", model, False),
+            ("bf16 autocast", model, True),
+            ("bf16 weights (--bf16)", bf16_model, False),
+        ):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 for s in srcs:  # warm-up: every shape once
                     decode(m, s)
@@ -70,21 +86,33 @@ def race_hf() -> None:
             W.suppress_eos(h.lm_head)
 
             def run_ours() -> int:
-                out = (greedy(m, src, max_len_a=0, max_len_b=64) if beam == 1 else
-                       beam_search(m, src, beam, max_len_a=0, max_len_b=64))
+                out = (
+                    greedy(m, src, max_len_a=0, max_len_b=64)
+                    if beam == 1
+                    else beam_search(m, src, beam, max_len_a=0, max_len_b=64)
+                )
                 return sum(map(len, out))
 
             def run_hf() -> int:
                 with torch.no_grad():
-                    seqs = h.generate(input_ids=src, attention_mask=src != W.PAD, max_new_tokens=64,
-                                      num_beams=beam, do_sample=False, early_stopping=False)[:, 1:]
+                    seqs = h.generate(
+                        input_ids=src,
+                        attention_mask=src != W.PAD,
+                        max_new_tokens=64,
+                        num_beams=beam,
+                        do_sample=False,
+                        early_stopping=False,
+                    )[:, 1:]
                 return int((seqs != W.PAD).sum() - (seqs == W.EOS).sum())
 
             res = compare({"ours": run_ours, "HF generate": run_hf}, rounds=5, warmup=1)
             med, iqr = ratio(res, "ours", "HF generate")
             name = "greedy" if beam == 1 else "beam 5"
-            print(f"base {name:7s} {str(dtype)[6:]:9s}: ours {res['ours']['median_s']:.3f} s, HF generate "
-                  f"{res['HF generate']['median_s']:.3f} s, HF/ours {med:.2f}x ±{iqr:.2f}", flush=True)
+            print(
+                f"base {name:7s} {str(dtype)[6:]:9s}: ours {res['ours']['median_s']:.3f} s, HF generate "
+                f"{res['HF generate']['median_s']:.3f} s, HF/ours {med:.2f}x ±{iqr:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -93,9 +93,15 @@ class Quiet:
             before = now
 
 
-def compare(contenders: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 2,
-            same_work: bool = True, settle: Optional[Quiet] = None, alone: int = 0,
-            pids: Optional[Iterable[int]] = None) -> dict[str, dict]:
+def compare(
+    contenders: dict[str, Callable[[], object]],
+    rounds: int = 7,
+    warmup: int = 2,
+    same_work: bool = True,
+    settle: Optional[Quiet] = None,
+    alone: int = 0,
+    pids: Optional[Iterable[int]] = None,
+) -> dict[str, dict]:
     """Time each contender `rounds` times, interleaved. A contender returns the work it did (tokens); with
     `same_work`, every contender must return the same work in every round, or UnequalWork is raised.
 
@@ -124,7 +130,7 @@ def compare(contenders: dict[str, Callable[[], object]], rounds: int = 7, warmup
         return done, elapsed
 
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             done, elapsed = timed(n)
             work[n].append(done)
@@ -132,8 +138,9 @@ def compare(contenders: dict[str, Callable[[], object]], rounds: int = 7, warmup
             if settle:
                 waits[n].append(settle())
         if same_work and len({work[n][-1] for n in names}) > 1:
-            raise UnequalWork(f"round {r}: the contenders did different work: "
-                              + ", ".join(f"{n}={work[n][-1]}" for n in names))
+            raise UnequalWork(
+                f"round {r}: the contenders did different work: " + ", ".join(f"{n}={work[n][-1]}" for n in names)
+            )
     out = {n: {"median_s": statistics.median(ts), "times_s": ts, "work": work[n]} for n, ts in times.items()}
     for n in names:
         if alone:

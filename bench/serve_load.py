@@ -7,7 +7,8 @@ the offline figure (`translate_texts` over the same sentences, in this process, 
 after the servers, and their mean taken). For each server
 run: sentences/s, latency p50/p95/p99, errors (anything but a 200 with one translation), 5xx, and the server's
 RSS: cold (loaded, no request yet), at the start (after 10 s of warm-up at the full load) and at the end, the
-largest of samples every 2 s in between, and the growth from start to end. Bounded in time: the clients stop after --seconds, the run after that.
+largest of samples every 2 s in between, and the growth from start to end. Bounded in time: the clients stop
+after --seconds, the run after that.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class Connection:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         await self.writer.drain()
         status = int((await self.reader.readline()).split()[1])
         length = 0
@@ -80,7 +84,9 @@ async def clients(url: str, sentences: list[str], n: int, seconds: float, beam: 
             k += n
             start = time.perf_counter()
             try:
-                status, body = await asyncio.wait_for(conn.post("/v1/translate", {"texts": [sentence], "beam": beam}), 120)
+                status, body = await asyncio.wait_for(
+                    conn.post("/v1/translate", {"texts": [sentence], "beam": beam}), 120
+                )
                 ok = status == 200 and len(json.loads(body)["translations"]) == 1
                 server_errors += status >= 500
             except Exception:  # a refused, dropped or timed-out connection counts as an error
@@ -96,9 +102,15 @@ async def clients(url: str, sentences: list[str], n: int, seconds: float, beam: 
     await asyncio.gather(*(one(i) for i in range(n)))
     elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"sentences_per_s": round(len(latencies) / elapsed, 1), "requests": len(latencies) + errors,
-            "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
-            "errors": errors, "5xx": server_errors}
+    return {
+        "sentences_per_s": round(len(latencies) / elapsed, 1),
+        "requests": len(latencies) + errors,
+        "p50_ms": round(q[49] * 1000, 1),
+        "p95_ms": round(q[94] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "errors": errors,
+        "5xx": server_errors,
+    }
 
 
 def sample_rss(pid: int, samples: list[float], seconds: float, every: float = 2.0) -> None:
@@ -108,13 +120,16 @@ def sample_rss(pid: int, samples: list[float], seconds: float, every: float = 2.
         time.sleep(every)
 
 
-def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, seconds: float, beam: int,
-               warmup: float = 10.0) -> dict:
+def run_server(
+    ckpt: str, extra: list[str], sentences: list[str], n: int, seconds: float, beam: int, warmup: float = 10.0
+) -> dict:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu",
-                             *extra], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu", *extra],
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -132,8 +147,12 @@ def run_server(ckpt: str, extra: list[str], sentences: list[str], n: int, second
         sampler.start()
         result = asyncio.run(clients(url, sentences, n, seconds, beam))
         sampler.join()
-        result.update(rss_cold_mib=round(cold_rss, 1), rss_start_mib=round(start_rss, 1),
-                      rss_end_mib=round(rss_mib(proc.pid), 1), rss_max_mib=round(max(samples, default=start_rss), 1))
+        result.update(
+            rss_cold_mib=round(cold_rss, 1),
+            rss_start_mib=round(start_rss, 1),
+            rss_end_mib=round(rss_mib(proc.pid), 1),
+            rss_max_mib=round(max(samples, default=start_rss), 1),
+        )
         result["rss_growth"] = round(result["rss_end_mib"] / result["rss_start_mib"] - 1, 3)
         proc.send_signal(signal.SIGTERM)
         result["exit_code"] = proc.wait(timeout=120)
@@ -147,14 +166,18 @@ def offline(ckpt: str, sentences: list[str], beam: int, int8: bool = False) -> d
     import contextlib
 
     from transformer.checkpoint import load_checkpoint
-    from transformer.generate import DecodingSettings, translate_texts
     from transformer.cpu.linear import int8_weights
+    from transformer.generate import DecodingSettings, translate_texts
 
     c = load_checkpoint(ckpt)
     with int8_weights(c.model) if int8 else contextlib.nullcontext():
-        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], DecodingSettings(beam_size=beam))  # warm-up
+        translate_texts(
+            c.model, c.src_tokenizer, c.tgt_tokenizer, sentences[:64], DecodingSettings(beam_size=beam)
+        )  # warm-up
         start = time.perf_counter()
-        translate_texts(c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, DecodingSettings(beam_size=beam), batch_size=64)
+        translate_texts(
+            c.model, c.src_tokenizer, c.tgt_tokenizer, sentences, DecodingSettings(beam_size=beam), batch_size=64
+        )
     return {"sentences_per_s": round(len(sentences) / (time.perf_counter() - start), 1)}
 
 
@@ -175,12 +198,16 @@ def main(argv=None) -> int:
     before = offline(args.checkpoint, sentences, args.beam, args.int8)
     table["batching"] = run_server(args.checkpoint, extra, sentences, args.clients, args.seconds, args.beam)
     print("batching   ", table["batching"], flush=True)
-    table["no_batching"] = run_server(args.checkpoint, ["--max-batch", "1", *extra], sentences, args.clients,
-                                      args.seconds, args.beam)
+    table["no_batching"] = run_server(
+        args.checkpoint, ["--max-batch", "1", *extra], sentences, args.clients, args.seconds, args.beam
+    )
     print("max batch 1", table["no_batching"], flush=True)
     after = offline(args.checkpoint, sentences, args.beam, args.int8)
-    table["offline"] = {"sentences_per_s": round((before["sentences_per_s"] + after["sentences_per_s"]) / 2, 1),
-                        "before": before["sentences_per_s"], "after": after["sentences_per_s"]}
+    table["offline"] = {
+        "sentences_per_s": round((before["sentences_per_s"] + after["sentences_per_s"]) / 2, 1),
+        "before": before["sentences_per_s"],
+        "after": after["sentences_per_s"],
+    }
     print("offline    ", table["offline"], flush=True)
     b = table["batching"]["sentences_per_s"]
     table["vs_no_batching"] = round(b / table["no_batching"]["sentences_per_s"], 2)

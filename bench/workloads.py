@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer import ModelConfig, Transformer, TransformerLM, backend, cpu
-from transformer.tokenizers import BOS, EOS, PAD
-from transformer.generate import beam_search, greedy
 from transformer.cpu.linear import packed_weights
+from transformer.generate import beam_search, greedy
+from transformer.tokenizers import BOS, EOS, PAD
 
 
 @dataclass
@@ -74,10 +74,21 @@ def _dropouts(setting: str) -> tuple[float, float, float]:
 
 def ours(size: Size, dropouts: str = ALL) -> Transformer:
     residual, attention, ffn = _dropouts(dropouts)
-    return Transformer(ModelConfig(
-        src_vocab_size=size.vocab, tgt_vocab_size=size.vocab, d_model=size.d_model, n_heads=size.heads,
-        n_encoder_layers=size.layers, n_decoder_layers=size.layers, d_ff=size.d_ff, dropout=residual,
-        attention_dropout=attention, activation_dropout=ffn, tie_embeddings="all"))
+    return Transformer(
+        ModelConfig(
+            src_vocab_size=size.vocab,
+            tgt_vocab_size=size.vocab,
+            d_model=size.d_model,
+            n_heads=size.heads,
+            n_encoder_layers=size.layers,
+            n_decoder_layers=size.layers,
+            d_ff=size.d_ff,
+            dropout=residual,
+            attention_dropout=attention,
+            activation_dropout=ffn,
+            tie_embeddings="all",
+        )
+    )
 
 
 class TorchTransformerModel(nn.Module):
@@ -87,12 +98,15 @@ class TorchTransformerModel(nn.Module):
     def __init__(self, size: Size, dropout: float = 0.1) -> None:
         super().__init__()
         self.embed = nn.Embedding(size.vocab, size.d_model, padding_idx=PAD)
-        self.core = nn.Transformer(size.d_model, size.heads, size.layers, size.layers, size.d_ff, dropout,
-                                   batch_first=True)
+        self.core = nn.Transformer(
+            size.d_model, size.heads, size.layers, size.layers, size.d_ff, dropout, batch_first=True
+        )
         self.out = nn.Linear(size.d_model, size.vocab, bias=False)
         self.out.weight = self.embed.weight
         self.drop = nn.Dropout(dropout)
-        pos = torch.arange(1024)[:, None] * torch.exp(torch.arange(0, size.d_model, 2) * (-math.log(1e4) / size.d_model))
+        pos = torch.arange(1024)[:, None] * torch.exp(
+            torch.arange(0, size.d_model, 2) * (-math.log(1e4) / size.d_model)
+        )
         pe = torch.zeros(1024, size.d_model)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
         self.register_buffer("pe", pe)
@@ -103,11 +117,18 @@ class TorchTransformerModel(nn.Module):
 
     def loss(self, src, tgt_in, tgt_out, label_smoothing):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.size(1), dtype=torch.bool)
-        h = self.core(self._in(src), self._in(tgt_in), tgt_mask=causal, src_key_padding_mask=src == PAD,
-                      memory_key_padding_mask=src == PAD, tgt_is_causal=True)
+        h = self.core(
+            self._in(src),
+            self._in(tgt_in),
+            tgt_mask=causal,
+            src_key_padding_mask=src == PAD,
+            memory_key_padding_mask=src == PAD,
+            tgt_is_causal=True,
+        )
         logits = self.out(h)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD,
-                               label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing
+        )
 
 
 def marian(size: Size, dropouts: str = ALL):
@@ -115,19 +136,36 @@ def marian(size: Size, dropouts: str = ALL):
 
     residual, attention, ffn = _dropouts(dropouts)
     cfg = MarianConfig(
-        vocab_size=size.vocab, d_model=size.d_model, encoder_layers=size.layers, decoder_layers=size.layers,
-        encoder_attention_heads=size.heads, decoder_attention_heads=size.heads, encoder_ffn_dim=size.d_ff,
-        decoder_ffn_dim=size.d_ff, dropout=residual, attention_dropout=attention, activation_dropout=ffn,
-        activation_function="relu", scale_embedding=True, pad_token_id=PAD, eos_token_id=EOS,
-        decoder_start_token_id=BOS, forced_eos_token_id=None, bos_token_id=BOS, max_position_embeddings=1024,
-        share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+        vocab_size=size.vocab,
+        d_model=size.d_model,
+        encoder_layers=size.layers,
+        decoder_layers=size.layers,
+        encoder_attention_heads=size.heads,
+        decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.d_ff,
+        decoder_ffn_dim=size.d_ff,
+        dropout=residual,
+        attention_dropout=attention,
+        activation_dropout=ffn,
+        activation_function="relu",
+        scale_embedding=True,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+        forced_eos_token_id=None,
+        bos_token_id=BOS,
+        max_position_embeddings=1024,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
     return MarianMTModel(cfg)
 
 
 def marian_loss(model, src, tgt_in, tgt_out, label_smoothing):
     out = model(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt_in, use_cache=False)
-    return F.cross_entropy(out.logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        out.logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +195,15 @@ def _train_step(model, loss_fn, bf16: bool, tokens: int) -> Callable[[], int]:
     return step
 
 
-def train_contenders(size: Size, bf16: bool, with_hf: bool, batch: int = 32, length: int = 32,
-                     with_ours_fp32: bool = False, dropouts: str = ALL) -> dict:
+def train_contenders(
+    size: Size,
+    bf16: bool,
+    with_hf: bool,
+    batch: int = 32,
+    length: int = 32,
+    with_ours_fp32: bool = False,
+    dropouts: str = ALL,
+) -> dict:
     """Training steps of each contender; `with_ours_fp32` adds our own fp32 step to a bf16 comparison."""
     torch.manual_seed(0)
     src, tgt_in, tgt_out = _batch(size, batch, length)
@@ -196,8 +241,9 @@ def _under_autocast(fn: Callable[[], int]) -> Callable[[], int]:
     return run
 
 
-def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_hf: bool, naive: bool,
-                      bf16: bool = False) -> dict:
+def decode_contenders(
+    size: Size, new_tokens: int, batch: int, beam: int, with_hf: bool, naive: bool, bf16: bool = False
+) -> dict:
     """Decoding of each contender; `bf16` runs every one under bf16 autocast (our `translate --bf16`). Each
     returns the number of tokens it wrote (without <s>/</s>)."""
     torch.manual_seed(0)
@@ -212,8 +258,9 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
     if beam == 1:
         out["ours"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens)))
         if naive:
-            out["naive recompute"] = lambda: sum(map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens,
-                                                                 use_cache=False)))
+            out["naive recompute"] = lambda: sum(
+                map(len, greedy(m, src, max_len_a=0, max_len_b=new_tokens, use_cache=False))
+            )
     else:
         out["ours"] = lambda: sum(map(len, beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)))
     if with_hf:
@@ -222,8 +269,14 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
 
         def hf() -> int:
             with torch.no_grad():
-                seqs = h.generate(input_ids=src, attention_mask=src != PAD, max_new_tokens=new_tokens,
-                                  num_beams=beam, do_sample=False, early_stopping=False)
+                seqs = h.generate(
+                    input_ids=src,
+                    attention_mask=src != PAD,
+                    max_new_tokens=new_tokens,
+                    num_beams=beam,
+                    do_sample=False,
+                    early_stopping=False,
+                )
             written = seqs[:, 1:]  # after the decoder start token
             return int((written != PAD).sum() - (written == EOS).sum())
 
@@ -231,25 +284,48 @@ def decode_contenders(size: Size, new_tokens: int, batch: int, beam: int, with_h
     return {name: _under_autocast(fn) for name, fn in out.items()} if bf16 else out
 
 
-def lm_contenders(with_hf: bool, vocab: int = 69, layers: int = 4, heads: int = 4, d: int = 128, block: int = 64,
-                  batch: int = 12) -> dict:
+def lm_contenders(
+    with_hf: bool, vocab: int = 69, layers: int = 4, heads: int = 4, d: int = 128, block: int = 64, batch: int = 12
+) -> dict:
     """A language-model training step (the shakespeare-char shape): ours against GPT-2 with the same erf GELU
     ("HF GPT-2"), and GPT-2 at its own default activation, gelu_new, a tanh formula ("HF GPT-2 gelu_new")."""
     torch.manual_seed(0)
     x = torch.randint(4, vocab, (batch, block))
     y = torch.randint(4, vocab, (batch, block))
-    m = TransformerLM(ModelConfig(tgt_vocab_size=vocab, d_model=d, n_heads=heads, n_decoder_layers=layers,
-                                  d_ff=4 * d, dropout=0.0, activation="gelu", norm_first=True,
-                                  positional="learned", max_positions=block, tie_embeddings="decoder",
-                                  arch="decoder-only"))
+    m = TransformerLM(
+        ModelConfig(
+            tgt_vocab_size=vocab,
+            d_model=d,
+            n_heads=heads,
+            n_decoder_layers=layers,
+            d_ff=4 * d,
+            dropout=0.0,
+            activation="gelu",
+            norm_first=True,
+            positional="learned",
+            max_positions=block,
+            tie_embeddings="decoder",
+            arch="decoder-only",
+        )
+    )
     out = {"ours": _train_step(m, lambda: m.loss(x, y), False, y.numel())}
     if with_hf:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         for name, activation in (("HF GPT-2", "gelu"), ("HF GPT-2 gelu_new", "gelu_new")):
-            h = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=block, n_embd=d, n_layer=layers,
-                                           n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           activation_function=activation))
+            h = GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=vocab,
+                    n_positions=block,
+                    n_embd=d,
+                    n_layer=layers,
+                    n_head=heads,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                    activation_function=activation,
+                )
+            )
 
             def hf_loss(h=h):
                 logits = h(input_ids=x).logits
@@ -281,8 +357,9 @@ def product_peak(shapes: list[tuple[int, int, int]], bf16: bool) -> Callable[[],
     dt = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator().manual_seed(0)
     distinct = sorted(set(shapes))
-    mats = {s: (torch.randn(s[0], s[1], generator=g).to(dt), torch.randn(s[2], s[1], generator=g).to(dt))
-            for s in distinct}
+    mats = {
+        s: (torch.randn(s[0], s[1], generator=g).to(dt), torch.randn(s[2], s[1], generator=g).to(dt)) for s in distinct
+    }
     libraries = [F.linear] + ([lambda a, w: _onednn(a, w, None)] if cpu.paths.works(dt) else [])
     count = {s: shapes.count(s) for s in distinct}
 
@@ -428,10 +505,14 @@ def ours_info() -> dict:
 
     from .ct2_worker import openmp_runtime, settings
 
-    return {"threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(),
-            "cpu_paths": cpu.cpu_paths().describe(),
-            "int8": "kernel" + (" (VNNI and AMX)" if int8.uses_amx() else " (VNNI)") if int8.available() else "fbgemm",
-            "openmp": openmp_runtime(), "env": settings()}
+    return {
+        "threads": torch.get_num_threads(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_paths": cpu.cpu_paths().describe(),
+        "int8": "kernel" + (" (VNNI and AMX)" if int8.uses_amx() else " (VNNI)") if int8.available() else "fbgemm",
+        "openmp": openmp_runtime(),
+        "env": settings(),
+    }
 
 
 def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: bool, directory: Path):
@@ -442,21 +523,25 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     new_tokens per sentence. Returns (contenders, the worker): the caller closes the worker, and its pid is
     the race's second process (the harness waits for both to be idle between calls)."""
     from transformer.checkpoint import Checkpoint
+    from transformer.cpu.linear import int8_weights
+    from transformer.interop.ctranslate2 import export_ct2
 
     from . import ct2_worker
-    from transformer.interop.ctranslate2 import export_ct2
-    from transformer.cpu.linear import int8_weights
 
     torch.manual_seed(0)
     src, _, _ = _batch(size, batch, 24)
     m = ours(size).eval()
     vocab = _NamedVocabulary(size.vocab)
-    export_ct2(Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}), directory,
-               quantization="int8" if int8 else None)
+    export_ct2(
+        Checkpoint(m, m.config, "translation", {"src": vocab, "tgt": vocab}),
+        directory,
+        quantization="int8" if int8 else None,
+    )
     mallopt = cpu.memory.ALLOCATOR_SETTINGS if cpu.memory.tune_allocator() else ()  # its allocator set as ours
     # compute types named, not "default": on an int8 model "default" would keep int8 for the fp32 row
-    translator = ct2_worker.Translator(str(directory), "int8" if int8 else "float32", torch.get_num_threads(),
-                                       mallopt, ct2_env())
+    translator = ct2_worker.Translator(
+        str(directory), "int8" if int8 else "float32", torch.get_num_threads(), mallopt, ct2_env()
+    )
     suppress_eos(m.output)
     tokens = [[vocab.token_text(i) for i in row.tolist()] for row in src]
 
@@ -466,13 +551,17 @@ def ct2_contenders(size: Size, new_tokens: int, batch: int, beam: int, int8: boo
     prepared.enter_context(int8_weights(m) if int8 else packed_weights(m.decoder, m.output))
 
     def run_ours(prepared=prepared) -> int:
-        out = greedy(m, src, max_len_a=0, max_len_b=new_tokens) if beam == 1 else \
-            beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)
+        out = (
+            greedy(m, src, max_len_a=0, max_len_b=new_tokens)
+            if beam == 1
+            else beam_search(m, src, beam, max_len_a=0, max_len_b=new_tokens)
+        )
         return sum(map(len, out))
 
     def run_ct2() -> int:
-        return translator.translate(tokens, beam_size=beam, max_decoding_length=new_tokens,
-                                    min_decoding_length=new_tokens)
+        return translator.translate(
+            tokens, beam_size=beam, max_decoding_length=new_tokens, min_decoding_length=new_tokens
+        )
 
     return {"ours": run_ours, "CTranslate2": run_ct2}, translator
 
@@ -508,6 +597,7 @@ def int8_product_contenders(rows: int, k: int, n: int, bytes_cycled: float = 64e
             for i in range(calls):
                 fn(x, packed[i % count])
             return calls
+
         return run
 
     return {"ours": cycle(int8.linear, ours_w), "fbgemm": cycle(torch.ops.quantized.linear_dynamic, fbgemm_w)}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dropout import dropout
 from .cpu.linear import Linear
+from .dropout import dropout
 
 # ----------------------------------------------------------------------------------------------------------
 # Masks
@@ -98,8 +98,11 @@ def attention(
 try:  # every fused backend but cuDNN's, where this torch knows them
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _NOT_CUDNN: Optional[list] = [b for b in (getattr(SDPBackend, n, None) for n in
-                                              ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")) if b is not None]
+    _NOT_CUDNN: Optional[list] = [
+        b
+        for b in (getattr(SDPBackend, n, None) for n in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"))
+        if b is not None
+    ]
 except ImportError:  # pragma: no cover - torch < 2.3
     _NOT_CUDNN = None
 

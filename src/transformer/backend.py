@@ -31,7 +31,7 @@ log = logging.getLogger("transformer")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """"auto" (the GPU when one is visible, else the CPU), "cpu", "cuda" or "cuda:N". A GPU that is asked for
+    """ "auto" (the GPU when one is visible, else the CPU), "cpu", "cuda" or "cuda:N". A GPU that is asked for
     but missing is a TransformerError saying why."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
@@ -46,8 +46,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise TransformerError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise TransformerError(f"--device {spec}: no CUDA GPU is visible (torch {torch.__version__} is {build}); "
-                               "use --device cpu")
+        raise TransformerError(
+            f"--device {spec}: no CUDA GPU is visible (torch {torch.__version__} is {build}); use --device cpu"
+        )
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise TransformerError(f"--device {spec}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
@@ -118,9 +119,12 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
         return Precision(torch.float32, "fp32 as set")
     if setting == "bf16":
         if not native:
-            log.warning("bf16 on %s is emulated (no %s): expect it to be many times slower than fp32; "
-                        "precision auto or fp32 avoids it", where,
-                        "bf16 support" if device.type == "cuda" else "AVX512-BF16 or AMX")
+            log.warning(
+                "bf16 on %s is emulated (no %s): expect it to be many times slower than fp32; "
+                "precision auto or fp32 avoids it",
+                where,
+                "bf16 support" if device.type == "cuda" else "AVX512-BF16 or AMX",
+            )
         return Precision(torch.bfloat16, "bf16 as set")
     if setting != "auto":
         raise TransformerError(f"precision {setting!r}: must be auto, fp32 or bf16")

@@ -64,8 +64,9 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int = PAD) -> Tensor:
     return out
 
 
-def collate(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = PAD, bos_id: int = BOS,
-            eos_id: int = EOS) -> Batch:
+def collate(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = PAD, bos_id: int = BOS, eos_id: int = EOS
+) -> Batch:
     """(source ids, target ids) pairs -> a Batch padded with `pad_id`; targets start with `bos_id` and end with
     `eos_id` (the model's ids)."""
     src = pad_batch([s for s, _ in pairs], pad_id)
@@ -107,8 +108,15 @@ def pair_lengths(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[i
     return [max(len(s), len(t) + 1) for s, t in pairs]
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int, seed: int, epoch: int,
-                 window: int = 200_000, block: int = 2048) -> list[np.ndarray]:
+def plan_batches(
+    lengths: np.ndarray,
+    max_tokens: int,
+    max_sentences: int,
+    seed: int,
+    epoch: int,
+    window: int = 200_000,
+    block: int = 2048,
+) -> list[np.ndarray]:
     """An epoch's batches (arrays of example indices) over `lengths` (N,). A corpus of at most `window`
     examples gets exactly `token_batches`' batches: all examples sorted by length (ties broken at random),
     cut into batches of at most `max_tokens` padded positions, the batches shuffled. A larger one is cut into
@@ -117,12 +125,17 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, max_sentences: int, seed:
     mapped files at a time (what is read stays small). Deterministic in (seed, epoch)."""
     n = len(lengths)
     if n <= window:
-        return [np.asarray(b, dtype=np.int64) for b in token_batches(lengths.tolist(), max_tokens, max_sentences, seed, epoch)]
+        return [
+            np.asarray(b, dtype=np.int64)
+            for b in token_batches(lengths.tolist(), max_tokens, max_sentences, seed, epoch)
+        ]
     blocks = np.random.default_rng([seed, epoch]).permutation((n + block - 1) // block)
     per_window = max(1, window // block)
     out: list[np.ndarray] = []
     for w, start in enumerate(range(0, len(blocks), per_window)):
-        idx = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in blocks[start : start + per_window]])
+        idx = np.concatenate(
+            [np.arange(b * block, min((b + 1) * block, n)) for b in blocks[start : start + per_window]]
+        )
         local = token_batches(lengths[idx].tolist(), max_tokens, max_sentences, seed * 7919 + w, epoch)
         out += [idx[np.asarray(b, dtype=np.int64)] for b in local]
     return out

@@ -1,10 +1,10 @@
 """The checkpoint directory: saved atomically, loaded safely (JSON + safetensors only, nothing unpickled).
 
-    CHECKPOINT/
-      config.json          format version, task, model config, tokenizer file names, anything else (`meta`)
-      model.safetensors    the weights (tied weights stored once)
-      *tokenizer.json      the vocabulary the task needs
-      training_state.*     optimizer, schedule, RNG and data position: only where training can resume
+CHECKPOINT/
+  config.json          format version, task, model config, tokenizer file names, anything else (`meta`)
+  model.safetensors    the weights (tied weights stored once)
+  *tokenizer.json      the vocabulary the task needs
+  training_state.*     optimizer, schedule, RNG and data position: only where training can resume
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, from_dict
-from .tokenizers import Tokenizer, load_tokenizer
-from .task_registry import loadable_as
 from .errors import CheckpointError, ConfigError, TransformerError
 from .files import (
     check_output_dir,
@@ -34,6 +32,8 @@ from .files import (
     write_json_atomic,
 )
 from .model import build_model
+from .task_registry import loadable_as
+from .tokenizers import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -142,7 +142,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format version {version!r} is not supported (this package reads version {FORMAT_VERSION})"
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this package reads version {FORMAT_VERSION})"
         )
     for key in ("task", "model", "tokenizers"):
         if key not in config:
@@ -150,7 +151,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", task: Optional[str] = None) -> Checkpoint:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", task: Optional[str] = None
+) -> Checkpoint:
     """Load a checkpoint directory. Raises CheckpointError naming the file (and tensor) for anything missing,
     corrupt or of the wrong shape; `task` checks that the checkpoint is of the expected kind."""
     from safetensors import SafetensorError
@@ -176,8 +179,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", t
         raise CheckpointError(f"{weights}: corrupt or truncated weights file ({e})") from None
     expected = config.get("weights_sha256")  # absent in checkpoints written before it was recorded
     if expected is not None and file_sha256(weights) != expected:
-        raise CheckpointError(f"{weights}: the file differs from the one saved with this checkpoint (its SHA-256 "
-                              f"does not match {CONFIG}); it was changed or damaged after saving")
+        raise CheckpointError(
+            f"{weights}: the file differs from the one saved with this checkpoint (its SHA-256 "
+            f"does not match {CONFIG}); it was changed or damaged after saving"
+        )
     load_weights(model, state, weights)
     model.to(device).eval()
     files = {name: load_tokenizer(directory / name) for name in set(config["tokenizers"].values())}
@@ -195,15 +200,18 @@ def _check_files(directory: Path, config: dict[str, Any]) -> None:
         raise CheckpointError(f"{directory / CONFIG}: 'tokenizers' must map roles to file names")
     for role, name in names.items():
         if Path(name).name != name or name in ("", ".", ".."):  # absolute, or with a directory part
-            raise CheckpointError(f"{directory / CONFIG}: tokenizers.{role} = {name!r} is not a file name inside "
-                                  f"{directory}")
+            raise CheckpointError(
+                f"{directory / CONFIG}: tokenizers.{role} = {name!r} is not a file name inside {directory}"
+            )
     for name, expected in (config.get("files_sha256") or {}).items():
         path = directory / Path(str(name)).name
         if expected is None or not path.is_file():
             continue  # a missing file is reported by whoever reads it
         if file_sha256(path) != expected:
-            raise CheckpointError(f"{path}: the file differs from the one saved with this checkpoint (its SHA-256 "
-                                  f"does not match {CONFIG}); it was changed or damaged after saving")
+            raise CheckpointError(
+                f"{path}: the file differs from the one saved with this checkpoint (its SHA-256 "
+                f"does not match {CONFIG}); it was changed or damaged after saving"
+            )
 
 
 def _check_shapes(cfg: ModelConfig, weights: Path) -> None:
@@ -218,24 +226,31 @@ def _check_shapes(cfg: ModelConfig, weights: Path) -> None:
         raise CheckpointError(f"{weights}: corrupt or truncated weights file ({e})") from None
     layers = cfg.n_encoder_layers + cfg.n_decoder_layers
     if layers > len(shapes):  # every layer has tensors of its own: a config this deep cannot be these weights
-        raise CheckpointError(f"{weights}: the configuration has {layers} layers but the file holds only "
-                              f"{len(shapes)} tensors (a different model?)")
+        raise CheckpointError(
+            f"{weights}: the configuration has {layers} layers but the file holds only "
+            f"{len(shapes)} tensors (a different model?)"
+        )
     with torch.device("meta"):
         expected = build_model(cfg).state_dict()
     for name, shape in shapes.items():
         if name in expected and tuple(expected[name].shape) != shape:
-            raise CheckpointError(f"{weights}: tensor '{name}' has shape {shape}, the configuration in {CONFIG} "
-                                  f"implies {tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{weights}: tensor '{name}' has shape {shape}, the configuration in {CONFIG} "
+                f"implies {tuple(expected[name].shape)}"
+            )
 
 
-def _check_vocabularies(cfg: ModelConfig, tokenizers: dict[str, Tokenizer], names: dict[str, str],
-                        directory: Path) -> None:
+def _check_vocabularies(
+    cfg: ModelConfig, tokenizers: dict[str, Tokenizer], names: dict[str, str], directory: Path
+) -> None:
     """A tokenizer may not give ids the model has no embedding for (a swapped tokenizer file)."""
     for role, tok in tokenizers.items():
         size = getattr(cfg, f"{role}_vocab_size", 0)
         if size and tok.vocab_size > size:
-            raise CheckpointError(f"{directory / names[role]}: the {role} tokenizer has {tok.vocab_size} tokens "
-                                  f"but the model's {role}_vocab_size is {size} (a tokenizer of another model?)")
+            raise CheckpointError(
+                f"{directory / names[role]}: the {role} tokenizer has {tok.vocab_size} tokens "
+                f"but the model's {role}_vocab_size is {size} (a tokenizer of another model?)"
+            )
 
 
 def file_sha256(path: Path) -> str:
@@ -264,7 +279,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
             tensor, target = state[found[0]], params[names[0]]
             if tensor.shape != target.shape:
                 raise CheckpointError(
-                    f"{source}: tensor '{found[0]}' has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+                    f"{source}: tensor '{found[0]}' has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
                 )
             target.copy_(tensor)
 
@@ -335,14 +351,18 @@ def read_training_state(directory: str | Path) -> TrainingState:
         tensors = load_file(str(directory / STATE_TENSORS))
         meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
         opt = meta.pop("optimizer")
-        state = {name: {k: tensors[f"optimizer.{name}.{k}"] if v == "tensor" else v for k, v in entry.items()}
-                 for name, entry in opt["state"].items()}
+        state = {
+            name: {k: tensors[f"optimizer.{name}.{k}"] if v == "tensor" else v for k, v in entry.items()}
+            for name, entry in opt["state"].items()
+        }
         for g in opt["param_groups"]:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
         meta["position"]["step"]  # noqa: B018 - present, or the state is not one this package wrote
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
-        raise CheckpointError(f"{directory}: unreadable training state ({type(e).__name__}: {e}); resume from "
-                              "another checkpoint or start the run afresh") from None
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+        raise CheckpointError(
+            f"{directory}: unreadable training state ({type(e).__name__}: {e}); resume from "
+            "another checkpoint or start the run afresh"
+        ) from None
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
     return TrainingState(ckpt, {"state": state, "param_groups": opt["param_groups"]}, rng, meta)

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from .batching import pad_batch
-from .tokenizers import Tokenizer
 from .errors import TransformerError
 from .model import TransformerEncoder
+from .tokenizers import Tokenizer
 
 log = logging.getLogger("transformer")
 

@@ -95,7 +95,9 @@ class ModelConfig:
         if self.arch != "encoder-only":
             _check(self.n_decoder_layers > 0, "n_decoder_layers", self.n_decoder_layers, "must be > 0")
         _check(
-            self.d_model % self.n_heads == 0, "d_model", self.d_model,
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            self.d_model,
             f"must be divisible by n_heads={self.n_heads}",
         )
         for name in ("dropout", "attention_dropout", "activation_dropout"):
@@ -105,10 +107,14 @@ class ModelConfig:
         vocab = max(self.tgt_vocab_size, self.src_vocab_size)
         if vocab:
             for name in ("pad_id", "bos_id", "eos_id"):
-                _check(0 <= getattr(self, name) < vocab, name, getattr(self, name), f"must be a token id in [0, {vocab})")
+                _check(
+                    0 <= getattr(self, name) < vocab, name, getattr(self, name), f"must be a token id in [0, {vocab})"
+                )
         if self.tie_embeddings == "all" and enc_dec:
             _check(
-                self.src_vocab_size == self.tgt_vocab_size, "tie_embeddings", self.tie_embeddings,
+                self.src_vocab_size == self.tgt_vocab_size,
+                "tie_embeddings",
+                self.tie_embeddings,
                 f"'all' needs one joint vocabulary, but src_vocab_size={self.src_vocab_size} "
                 f"!= tgt_vocab_size={self.tgt_vocab_size}",
             )
@@ -130,8 +136,11 @@ class ModelConfig:
 
     def check_vocab(self) -> None:
         """Raise unless the vocabulary sizes are set (a model cannot be built before they are)."""
-        names = {"encoder-decoder": ("src_vocab_size", "tgt_vocab_size"), "decoder-only": ("tgt_vocab_size",),
-                 "encoder-only": ("src_vocab_size",)}[self.arch]
+        names = {
+            "encoder-decoder": ("src_vocab_size", "tgt_vocab_size"),
+            "decoder-only": ("tgt_vocab_size",),
+            "encoder-only": ("src_vocab_size",),
+        }[self.arch]
         for name in names:
             _check(getattr(self, name) > 0, name, getattr(self, name), "must be > 0 to build a model")
 
@@ -141,8 +150,16 @@ class ModelConfig:
 
 # What a fine-tuning recipe sets for a model that `init_from` provides: the head and the regularisation.
 # Everything else (sizes, vocabulary, norms, positions) is the starting checkpoint's.
-HEAD_FIELDS = ("dropout", "attention_dropout", "activation_dropout", "num_labels", "pooling", "pooler",
-               "normalize_embeddings", "init_from")
+HEAD_FIELDS = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "num_labels",
+    "pooling",
+    "pooler",
+    "normalize_embeddings",
+    "init_from",
+)
 
 
 def fine_tuned(base: ModelConfig, recipe: ModelConfig, **changes: Any) -> ModelConfig:
@@ -189,8 +206,16 @@ class DataConfig:
         _check_literals(self)
         _check(self.task in TRAINABLE, "task", self.task, f"must be one of {', '.join(map(repr, TRAINABLE))}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
-        for name in ("vocab_size", "max_len", "block_size", "synthetic_train_size", "synthetic_val_size",
-                     "synthetic_min_len", "synthetic_max_len", "tokenizer_sample_lines"):
+        for name in (
+            "vocab_size",
+            "max_len",
+            "block_size",
+            "synthetic_train_size",
+            "synthetic_val_size",
+            "synthetic_min_len",
+            "synthetic_max_len",
+            "tokenizer_sample_lines",
+        ):
             _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "must be > 0")
 
 
@@ -233,28 +258,52 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_literals(self)
-        for name in ("max_tokens", "accumulate", "eval_every", "log_every", "eval_beam", "keep_checkpoints",
-                     "max_bad_steps"):
+        for name in (
+            "max_tokens",
+            "accumulate",
+            "eval_every",
+            "log_every",
+            "eval_beam",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ):
             _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be > 0")
-        for name in ("batch_size", "warmup_steps", "max_steps", "max_epochs", "threads", "eval_bleu_sentences",
-                     "average_last"):
+        for name in (
+            "batch_size",
+            "warmup_steps",
+            "max_steps",
+            "max_epochs",
+            "threads",
+            "eval_bleu_sentences",
+            "average_last",
+        ):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(0 <= self.min_lr <= self.lr, "train.min_lr", self.min_lr, "must be in [0, lr]")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "must be >= 0 (0 disables clipping)")
         _check(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "must be >= 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be two numbers in [0, 1)")
         _check(
-            all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be two numbers in [0, 1)"
+            self.device.split(":")[0] in ("auto", "cpu", "cuda"),
+            "train.device",
+            self.device,
+            "must be auto, cpu, cuda or cuda:N",
         )
-        _check(self.device.split(":")[0] in ("auto", "cpu", "cuda"), "train.device", self.device,
-               "must be auto, cpu, cuda or cuda:N")
         if self.schedule in ("cosine", "linear"):
-            _check(self.max_steps > 0 or self.max_epochs > 0, "train.schedule", self.schedule,
-                   f"{self.schedule!r} decays to the last step: it needs train.max_steps or train.max_epochs")
+            _check(
+                self.max_steps > 0 or self.max_epochs > 0,
+                "train.schedule",
+                self.schedule,
+                f"{self.schedule!r} decays to the last step: it needs train.max_steps or train.max_epochs",
+            )
         _check(self.head_lr is None or self.head_lr > 0, "train.head_lr", self.head_lr, "must be > 0")
-        _check(self.average_last <= self.keep_checkpoints, "train.average_last", self.average_last,
-               f"cannot exceed train.keep_checkpoints={self.keep_checkpoints}")
+        _check(
+            self.average_last <= self.keep_checkpoints,
+            "train.average_last",
+            self.average_last,
+            f"cannot exceed train.keep_checkpoints={self.keep_checkpoints}",
+        )
 
 
 @dataclass
@@ -384,10 +433,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 T = typing.TypeVar("T")
 
+
 def _bf16_to_precision(value: Any) -> str:
     if not isinstance(value, bool):
-        raise ConfigError(f"train.bf16={value!r}: expected true or false (or the newer train.precision: auto, fp32 "
-                          "or bf16)")
+        raise ConfigError(
+            f"train.bf16={value!r}: expected true or false (or the newer train.precision: auto, fp32 or bf16)"
+        )
     return "bf16" if value else "fp32"
 
 

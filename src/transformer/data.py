@@ -48,7 +48,9 @@ def _decode_line(raw: bytes, path: Path, number: int, strip: bool) -> str:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{number}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8") from None
+        raise DataError(
+            f"{path}:{number}: invalid UTF-8 (byte {raw[e.start]:#04x}); convert the file to UTF-8"
+        ) from None
     if number == 1 and line.startswith("\ufeff"):
         line = line[1:]
     return line.strip() if strip else line.removesuffix("\r")
@@ -62,7 +64,9 @@ def read_lines(path: str | Path, what: str = "data file", strip: bool = True) ->
     return lines
 
 
-def read_parallel(src: Optional[str], tgt: Optional[str], tsv: Optional[str], split: str) -> tuple[list[str], list[str]]:
+def read_parallel(
+    src: Optional[str], tgt: Optional[str], tsv: Optional[str], split: str
+) -> tuple[list[str], list[str]]:
     """Line-aligned source/target files, or one tab-separated file of pairs."""
     if tsv:
         src_lines, tgt_lines = [], []

@@ -32,15 +32,22 @@ def _process_device(spec: str, local_rank: int, local_world: int) -> torch.devic
         if gpus >= local_world:
             return torch.device("cuda", local_rank)
         if gpus:
-            log.warning("%d processes on this machine but %d GPU(s): training on the CPU (gloo); "
-                        "launch one process per GPU to use them", local_world, gpus)
+            log.warning(
+                "%d processes on this machine but %d GPU(s): training on the CPU (gloo); "
+                "launch one process per GPU to use them",
+                local_world,
+                gpus,
+            )
         return torch.device("cpu")
     if spec != "cuda":
-        raise TransformerError(f"device {spec!r}: under torchrun each process takes the GPU of its local rank; "
-                               "use cuda (or auto)")
+        raise TransformerError(
+            f"device {spec!r}: under torchrun each process takes the GPU of its local rank; use cuda (or auto)"
+        )
     if gpus < local_world:
-        raise TransformerError(f"device cuda: {local_world} processes on this machine need {local_world} GPUs, "
-                               f"found {gpus}; use --nproc-per-node {max(gpus, 1)} or device cpu")
+        raise TransformerError(
+            f"device cuda: {local_world} processes on this machine need {local_world} GPUs, "
+            f"found {gpus}; use --nproc-per-node {max(gpus, 1)} or device cpu"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -170,10 +177,12 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
         set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
         return
     index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
-    optimizer.load_state_dict({
-        "state": {index[n]: v for n, v in named["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
-    })
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: v for n, v in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+        }
+    )
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -67,8 +67,9 @@ def fsync_dir(path: Path) -> None:
 # Output directories: a command writes only where it may, and replaces a directory whole or not at all
 
 
-def check_output_dir(path: str | Path, kind: str, holds: Callable[[Path], Optional[str]], overwrite: bool,
-                     flag: str = "--overwrite") -> Path:
+def check_output_dir(
+    path: str | Path, kind: str, holds: Callable[[Path], Optional[str]], overwrite: bool, flag: str = "--overwrite"
+) -> Path:
     """Check that a command may write a `kind` (e.g. "checkpoint") to the directory `path`, before it writes
     anything. A missing or empty directory may be written; one that already holds a `kind` only with
     `overwrite` (the message names `flag`); anything else never, whatever the flag: the command would delete
@@ -80,8 +81,9 @@ def check_output_dir(path: str | Path, kind: str, holds: Callable[[Path], Option
     path = Path(path)
     real, cwd = path.resolve(), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        raise TransformerError(f"{path}: is the current directory (or one above it); write the {kind} to a new "
-                               "directory instead")
+        raise TransformerError(
+            f"{path}: is the current directory (or one above it); write the {kind} to a new directory instead"
+        )
     if not path.exists():
         return path
     if not path.is_dir():
@@ -92,8 +94,10 @@ def check_output_dir(path: str | Path, kind: str, holds: Callable[[Path], Option
     other = holds(path)
     if other is not None:
         held = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise TransformerError(f"{path}: is not empty and does not hold a {kind} ({other}; it holds {held}); "
-                               "nothing was written: choose a new or empty directory")
+        raise TransformerError(
+            f"{path}: is not empty and does not hold a {kind} ({other}; it holds {held}); "
+            "nothing was written: choose a new or empty directory"
+        )
     if not overwrite:
         raise TransformerError(f"{path}: already holds a {kind}; {flag} replaces it")
     return path
@@ -161,8 +165,9 @@ def make_private_dirs(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def new_directory(directory: str | Path, kind: str, holds: Callable[[Path], Optional[str]],
-                  overwrite: bool) -> Iterator[Path]:
+def new_directory(
+    directory: str | Path, kind: str, holds: Callable[[Path], Optional[str]], overwrite: bool
+) -> Iterator[Path]:
     """Write a whole directory of output: check `directory` may take a `kind` (`check_output_dir`), yield an
     empty temporary sibling to write into, and put it in `directory`'s place only when the block ends without
     an exception (else it is removed and `directory` is untouched)."""

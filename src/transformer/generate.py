@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .batching import pad_batch
-from .tokenizers import PAD, Tokenizer
-from .errors import TransformerError
-from .cpu.step import step_decoder
 from .cpu.linear import packed_weights
+from .cpu.step import step_decoder
+from .errors import TransformerError
 from .model import Transformer, TransformerLM
+from .tokenizers import PAD, Tokenizer
 
 log = logging.getLogger("transformer")
 
@@ -323,8 +323,7 @@ def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: flo
             logp = torch.where(must_end[:, None], logp + forced, logp)
         # the 2K best continuations of each sentence over its K beams (enough to keep K after </s>)
         top_scores, beam_idx, tok = topk_beams(logp, scores, 2 * K)  # (n, 2K) each
-        ended = _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos,
-                                (step + 1) ** length_penalty)
+        ended = _end_hypotheses(finished, hyps, active, top_scores, beam_idx, tok, K, eos, (step + 1) ** length_penalty)
 
         # Keep the K best candidates that did not end.
         alive_score, order = top_scores.masked_fill(tok == eos, float("-inf")).topk(K, dim=1)  # (n, K)
@@ -347,8 +346,17 @@ def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: flo
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
-def _end_hypotheses(finished: list, hyps: Tensor, active: list[int], top_scores: Tensor, beam_idx: Tensor,
-                    tok: Tensor, K: int, eos: int, norm: float) -> bool:
+def _end_hypotheses(
+    finished: list,
+    hyps: Tensor,
+    active: list[int],
+    top_scores: Tensor,
+    beam_idx: Tensor,
+    tok: Tensor,
+    K: int,
+    eos: int,
+    norm: float,
+) -> bool:
     """End the hypotheses whose </s> is among the top K candidates of their sentence: each goes into its
     sentence's `finished` list (until that has K) with its score / `norm` (length ** length_penalty, the
     length counting </s>). top_scores, beam_idx, tok: (n, 2K) candidates of the n active sentences.
@@ -508,8 +516,9 @@ def translate_texts(
     return results
 
 
-def _translate_chunk(model: Transformer, tgt_tok: Tokenizer, ids: list, chunk: list[int], results: list[str],
-                     settings: DecodingSettings) -> None:
+def _translate_chunk(
+    model: Transformer, tgt_tok: Tokenizer, ids: list, chunk: list[int], results: list[str], settings: DecodingSettings
+) -> None:
     """Decode the sentences `chunk` (indices into `ids`) as one batch, writing their texts into `results`."""
     src = pad_batch([ids[i] for i in chunk], model.config.pad_id).to(next(model.parameters()).device)
     s = settings

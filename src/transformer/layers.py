@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention
-from .dropout import Dropout
 from .config import ModelConfig
-from .errors import TransformerError
 from .cpu.linear import Linear
+from .dropout import Dropout
+from .errors import TransformerError
 
 
 class TokenEmbedding(nn.Module):
@@ -132,8 +132,9 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
-def residual_connection(x: Tensor, norm: Callable[[Tensor], Tensor], add: Callable[[Tensor, Tensor], Tensor],
-                        norm_first: bool) -> Tensor:
+def residual_connection(
+    x: Tensor, norm: Callable[[Tensor], Tensor], add: Callable[[Tensor, Tensor], Tensor], norm_first: bool
+) -> Tensor:
     """A sublayer's residual connection, normalised where `norm_first` puts it: pre-norm x + f(norm(x)),
     post-norm (the paper) norm(x + f(x)). `add(h, x)` computes x + f(h). The one rule of norm placement: the
     layers and the CPU decoding step (cpu/step.py) both take it from here."""

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from .attention import KVCache, causal_mask, padding_mask
 from .config import ModelConfig
+from .cpu.linear import Linear
 from .dropout import Dropout
 from .errors import TransformerError
 from .layers import TokenEmbedding, TransformerLayer, positional_encoding
-from .cpu.linear import Linear
 from .loss import label_smoothed_loss
 
 
@@ -41,8 +41,13 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
 
-    def forward(self, src: Tensor, mask: Optional[Tensor], attn_maps: Optional[list] = None,
-                token_types: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor],
+        attn_maps: Optional[list] = None,
+        token_types: Optional[Tensor] = None,
+    ) -> Tensor:
         x = self.positions(self.embed(src))
         if self.token_types is not None:  # no types given: every token is of type 0, as in BERT
             x = x + (self.token_types(token_types) if token_types is not None else self.token_types.weight[0])
@@ -250,8 +255,9 @@ class TransformerEncoder(nn.Module):
             x = torch.tanh(self.pooler(x))
         return self.classifier(self.dropout(x))
 
-    def loss(self, ids: Tensor, labels: Tensor, label_smoothing: float = 0.0,
-             token_types: Optional[Tensor] = None) -> Tensor:
+    def loss(
+        self, ids: Tensor, labels: Tensor, label_smoothing: float = 0.0, token_types: Optional[Tensor] = None
+    ) -> Tensor:
         """Mean cross entropy of the (B,) labels."""
         return label_smoothed_loss(self.classify(ids, token_types), labels, label_smoothing)
 

@@ -47,12 +47,12 @@ try:
 except ImportError:  # Windows: preparations are not serialised there (`_finish` still keeps a complete corpus)
     fcntl = None
 
+from . import files
 from .config import RunConfig
 from .data import iter_lines
-from .tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from .errors import DataError
-from . import files
 from .files import fsync_dir, read_json, write_json_atomic
+from .tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("transformer")
 
@@ -81,7 +81,10 @@ class PreparedPairs:
 
     def __post_init__(self) -> None:
         d, dtype = self.directory, np.dtype(self.stats["dtype"])
-        self.src, self.tgt = np.memmap(d / "src.bin", dtype=dtype, mode="r"), np.memmap(d / "tgt.bin", dtype=dtype, mode="r")
+        self.src, self.tgt = (
+            np.memmap(d / "src.bin", dtype=dtype, mode="r"),
+            np.memmap(d / "tgt.bin", dtype=dtype, mode="r"),
+        )
         self.index = np.load(d / "index.npy", mmap_mode="r")  # (N, 4): source offset, length, target offset, length
 
     def __len__(self) -> int:
@@ -155,8 +158,10 @@ def _locked(target: Path) -> Iterator[None]:
         target.parent.mkdir(parents=True, exist_ok=True)
         f = open(target.parent / f".lock-{target.name}", "ab")
     except OSError as e:
-        raise DataError(f"{target.parent}: cannot write the prepared-corpus cache ({e.strerror}); "
-                        "set data.cache_dir or $TRANSFORMER_CACHE to a writable directory") from None
+        raise DataError(
+            f"{target.parent}: cannot write the prepared-corpus cache ({e.strerror}); "
+            "set data.cache_dir or $TRANSFORMER_CACHE to a writable directory"
+        ) from None
     with f:
         if fcntl is not None:
             try:
@@ -193,12 +198,15 @@ def _key(run: RunConfig, tokenizer_digest: Optional[str]) -> str:
     d = run.data
     files = [p for p in (d.train_src, d.train_tgt, d.train_tsv, d.text) if p]
     identity = [_file_identity(Path(name)) for name in files]
-    settings = {k: getattr(d, k) for k in ("task", "tokenizer", "vocab_size", "joint_vocab", "max_len",
-                                           "val_fraction", "tokenizer_sample_lines")}
+    settings = {
+        k: getattr(d, k)
+        for k in ("task", "tokenizer", "vocab_size", "joint_vocab", "max_len", "val_fraction", "tokenizer_sample_lines")
+    }
     # a reused tokenizer by what it holds, not where it lies: another one saved over the same path is another corpus
     settings["tokenizer_from"] = _tokenizer_source_digest(d.tokenizer_from) if d.tokenizer_from else None
-    blob = json.dumps({"format": FORMAT, "files": identity, "settings": settings, "tokenizer": tokenizer_digest},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"format": FORMAT, "files": identity, "settings": settings, "tokenizer": tokenizer_digest}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -258,8 +266,10 @@ def _finish(tmp: Path, target: Path, meta: dict) -> None:
             return
         except OSError as e:  # the target is there (a non-empty directory cannot be replaced)
             if not (target / "meta.json").is_file():
-                raise DataError(f"{target}: cannot move the prepared corpus into place ({e.strerror}); "
-                                "remove that directory and prepare again") from None
+                raise DataError(
+                    f"{target}: cannot move the prepared corpus into place ({e.strerror}); "
+                    "remove that directory and prepare again"
+                ) from None
     shutil.rmtree(tmp, ignore_errors=True)  # another process prepared it meanwhile: keep theirs
 
 
@@ -275,8 +285,10 @@ def _tokenizers(run: RunConfig, tokenizers, sample_src: list[str], sample_tgt: O
     if d.joint_vocab:
         tok = train_tokenizer(d.tokenizer, [*sample_src, *sample_tgt], d.vocab_size)
         return {"src": tok, "tgt": tok}
-    return {"src": train_tokenizer(d.tokenizer, sample_src, d.vocab_size),
-            "tgt": train_tokenizer(d.tokenizer, sample_tgt, d.vocab_size)}
+    return {
+        "src": train_tokenizer(d.tokenizer, sample_src, d.vocab_size),
+        "tgt": train_tokenizer(d.tokenizer, sample_tgt, d.vocab_size),
+    }
 
 
 def tokenizers_from(path: str | Path, joint: bool = True) -> dict[str, Tokenizer]:
@@ -318,7 +330,9 @@ def _pair_lines(run: RunConfig) -> Iterator[tuple[str, str, int]]:
                 continue
             parts = line.split("\t")
             if len(parts) != 2:
-                raise DataError(f"{d.train_tsv}:{n}: expected 'source<TAB>target', found {len(parts)} tab-separated fields")
+                raise DataError(
+                    f"{d.train_tsv}:{n}: expected 'source<TAB>target', found {len(parts)} tab-separated fields"
+                )
             yield parts[0].strip(), parts[1].strip(), n
         return
     if not d.train_src or not d.train_tgt:
@@ -330,8 +344,9 @@ def _pair_lines(run: RunConfig) -> Iterator[tuple[str, str, int]]:
     for n, (s, t) in enumerate(zip_longest(src, tgt), 1):
         if s is None or t is None:  # one file ended first
             count = [sum(1 for _ in iter_lines(f)) for f in (d.train_src, d.train_tgt)]
-            raise DataError(f"{d.train_src} has {count[0]} lines but {d.train_tgt} has {count[1]}: "
-                            "the files must be line-aligned")
+            raise DataError(
+                f"{d.train_src} has {count[0]} lines but {d.train_tgt} has {count[1]}: the files must be line-aligned"
+            )
         yield s, t, n
 
 
@@ -377,16 +392,31 @@ def _prepare_pairs(run: RunConfig, tokenizers, target: Path, digest: Optional[st
         np.save(tmp / "index.npy", np.stack(cols, axis=1))
         np.save(tmp / "lengths.npy", np.maximum(cols[1], cols[3] + 1).astype(np.int32))
         seconds = time.perf_counter() - started
-        meta = {"format": FORMAT, "kind": "pairs", "dtype": dtype.name, "tokenizers": _save_tokenizers(tmp, toks),
-                "tokenizer_digest": digest or _digest(toks), "seconds": round(seconds, 1), **stats,
-                "bytes": sum(f.stat().st_size for f in tmp.iterdir())}
+        meta = {
+            "format": FORMAT,
+            "kind": "pairs",
+            "dtype": dtype.name,
+            "tokenizers": _save_tokenizers(tmp, toks),
+            "tokenizer_digest": digest or _digest(toks),
+            "seconds": round(seconds, 1),
+            **stats,
+            "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
+        }
         _finish(tmp, target, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("prepared %d pairs (%d blank and %d longer than %d tokens dropped) in %.1f s, %.0f lines/s, %.1f MB: %s",
-             stats["kept"], stats["blank"], stats["too_long"], d.max_len, seconds, stats["lines"] / max(seconds, 1e-9),
-             meta["bytes"] / 1e6, target)
+    log.info(
+        "prepared %d pairs (%d blank and %d longer than %d tokens dropped) in %.1f s, %.0f lines/s, %.1f MB: %s",
+        stats["kept"],
+        stats["blank"],
+        stats["too_long"],
+        d.max_len,
+        seconds,
+        stats["lines"] / max(seconds, 1e-9),
+        meta["bytes"] / 1e6,
+        target,
+    )
     return _open(target, None) or _open(target, digest)
 
 
@@ -402,8 +432,10 @@ def _text_blocks(path: Path, start: int, end: int, block: int = 1 << 20) -> Iter
         while left > 0:
             data = f.read(min(block, left))
             if not data:  # the file ends before `end`: it was cut since its size was taken (reading on would spin)
-                raise DataError(f"{path}: the file changed while being prepared (it is shorter than when "
-                                "preparation began); prepare again once nothing writes to it")
+                raise DataError(
+                    f"{path}: the file changed while being prepared (it is shorter than when "
+                    "preparation began); prepare again once nothing writes to it"
+                )
             left -= len(data)
             data = rest + data
             cut = data.rfind(b"\n") + 1 if left > 0 else len(data)  # the last block takes what is left
@@ -444,9 +476,16 @@ def _prepare_text(run: RunConfig, tokenizers, target: Path, digest: Optional[str
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     n += len(ids)
             counts[name] = n
-        meta = {"format": FORMAT, "kind": "text", "dtype": dtype.name, "tokenizers": _save_tokenizers(tmp, {"tgt": tok}),
-                "tokenizer_digest": digest or _digest({"tgt": tok}), "tokens": counts,
-                "seconds": round(time.perf_counter() - started, 1), "bytes": size}
+        meta = {
+            "format": FORMAT,
+            "kind": "text",
+            "dtype": dtype.name,
+            "tokenizers": _save_tokenizers(tmp, {"tgt": tok}),
+            "tokenizer_digest": digest or _digest({"tgt": tok}),
+            "tokens": counts,
+            "seconds": round(time.perf_counter() - started, 1),
+            "bytes": size,
+        }
         _finish(tmp, target, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

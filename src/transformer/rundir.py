@@ -1,12 +1,12 @@
 """The run directory a training run writes, and reading it back:
 
-    RUN_DIR/
-      run_config.json        the recipe as it ran (vocabulary sizes and precision resolved)
-      metrics.jsonl          one JSON line per validation
-      last/                  newest checkpoint, with its training state (what `--resume RUN_DIR` reads)
-      best/                  best validation checkpoint so far
-      checkpoints/step-N/    the last `keep_checkpoints` checkpoints' weights (for averaging)
-      averaged/              with `train.average_last: k`, the mean of the last k of them
+RUN_DIR/
+  run_config.json        the recipe as it ran (vocabulary sizes and precision resolved)
+  metrics.jsonl          one JSON line per validation
+  last/                  newest checkpoint, with its training state (what `--resume RUN_DIR` reads)
+  best/                  best validation checkpoint so far
+  checkpoints/step-N/    the last `keep_checkpoints` checkpoints' weights (for averaging)
+  averaged/              with `train.average_last: k`, the mean of the last k of them
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def step_of(path: Path) -> Optional[int]:
     """N for a `step-N` directory, else None."""
-    number = path.name[len("step-"):]
+    number = path.name[len("step-") :]
     return int(number) if path.name.startswith("step-") and number.isdigit() else None
 
 
@@ -90,8 +90,9 @@ RUN_ENTRIES = (CONFIG, METRICS, "last", "best", "checkpoints", "averaged")
 def _is_run_entry(name: str) -> bool:
     # a checkpoint's leftovers of an interrupted save (.last.1a2b3c4d.tmp) and files being written count too
     base = name[1:].split(".", 1)[0] if name.startswith(".") else name
-    return name in RUN_ENTRIES or (name.startswith(".") and (base in RUN_ENTRIES or name[1:].startswith(CONFIG)
-                                                             or name[1:].startswith(METRICS)))
+    return name in RUN_ENTRIES or (
+        name.startswith(".") and (base in RUN_ENTRIES or name[1:].startswith(CONFIG) or name[1:].startswith(METRICS))
+    )
 
 
 def not_a_run_dir(run_dir: Path) -> Optional[str]:

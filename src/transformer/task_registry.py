@@ -17,16 +17,19 @@ class TaskKind:
     metric: Optional[str]  # the validation figure that picks `best` (None: not trained here)
 
 
-TASKS: dict[str, TaskKind] = {t.name: t for t in (
-    TaskKind("translation", True, ("translation",), frozenset({"translate", "attention"}), "bleu"),
-    TaskKind("lm", True, ("lm",), frozenset({"generate"}), "val_loss"),
-    # the built-in task: translation on made-up data, scored by exact match
-    TaskKind("synthetic", True, ("synthetic", "translation"), frozenset({"translate", "attention"}), "exact_match"),
-    # a classifier also embeds sentences
-    TaskKind("classification", True, ("classification", "embedding"), frozenset({"classify", "embed"}), "accuracy"),
-    # imported sentence-transformers models
-    TaskKind("embedding", False, ("embedding",), frozenset({"embed"}), None),
-)}
+TASKS: dict[str, TaskKind] = {
+    t.name: t
+    for t in (
+        TaskKind("translation", True, ("translation",), frozenset({"translate", "attention"}), "bleu"),
+        TaskKind("lm", True, ("lm",), frozenset({"generate"}), "val_loss"),
+        # the built-in task: translation on made-up data, scored by exact match
+        TaskKind("synthetic", True, ("synthetic", "translation"), frozenset({"translate", "attention"}), "exact_match"),
+        # a classifier also embeds sentences
+        TaskKind("classification", True, ("classification", "embedding"), frozenset({"classify", "embed"}), "accuracy"),
+        # imported sentence-transformers models
+        TaskKind("embedding", False, ("embedding",), frozenset({"embed"}), None),
+    )
+}
 
 TRAINABLE = tuple(name for name, t in TASKS.items() if t.trainable)
 

@@ -19,7 +19,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .batching import Batch, ClassBatch, EpochBatches, LMBatch, collate, lm_blocks, pad_batch, pair_lengths, token_batches
+from .batching import (
+    Batch,
+    ClassBatch,
+    EpochBatches,
+    LMBatch,
+    collate,
+    lm_blocks,
+    pad_batch,
+    pair_lengths,
+    token_batches,
+)
 from .config import RunConfig
 from .data import SyntheticTask, encode_pairs, label_names, read_labelled, read_parallel
 from .errors import DataError
@@ -132,7 +142,9 @@ class LanguageModelTask:
     name = "lm"
     metric = TASKS["lm"].metric
 
-    def __init__(self, run: RunConfig, tok: Tokenizer, train_ids: Tensor, val_ids: Tensor, eval_batches: int = 20) -> None:
+    def __init__(
+        self, run: RunConfig, tok: Tokenizer, train_ids: Tensor, val_ids: Tensor, eval_batches: int = 20
+    ) -> None:
         self.run, self.tok = run, tok
         self.train_ids, self.val_ids = train_ids, val_ids
         self.eval_batches = eval_batches
@@ -191,8 +203,15 @@ class ClassificationTask:
     name = "classification"
     metric = TASKS["classification"].metric
 
-    def __init__(self, run: RunConfig, tok: Tokenizer, labels: Sequence[str], train: Sequence[tuple[list[int], int]],
-                 val_texts: Sequence[str], val_labels: Sequence[int]) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        tok: Tokenizer,
+        labels: Sequence[str],
+        train: Sequence[tuple[list[int], int]],
+        val_texts: Sequence[str],
+        val_labels: Sequence[int],
+    ) -> None:
         self.run, self.tok, self.labels = run, tok, list(labels)
         self.train = list(train)
         self.batches = EpochBatches(np.array([len(ids) for ids, _ in self.train]), run.train)
@@ -260,8 +279,10 @@ def _classification(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) 
     if not d.train_tsv or not d.val_tsv:
         raise DataError("data: a classification task needs data.train_tsv and data.val_tsv ('label<TAB>text' lines)")
     if not tokenizers:
-        raise DataError("data: a classification task starts from a pretrained model: set model.init_from "
-                        "(e.g. a checkpoint made by `transformer import`)")
+        raise DataError(
+            "data: a classification task starts from a pretrained model: set model.init_from "
+            "(e.g. a checkpoint made by `transformer import`)"
+        )
     tok = tokenizers.get("src") or tokenizers["tgt"]
     raw, texts = read_labelled(d.train_tsv, "training file")
     labels = label_names(raw)
@@ -282,8 +303,9 @@ def _synthetic(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> Tr
     train, val = task.split(d.synthetic_train_size, d.synthetic_val_size, seed=run.train.seed)
     tok = tokenizers["src"] if tokenizers else CharTokenizer(SyntheticTask.ALPHABET)
     pairs, _ = encode_pairs(tok, tok, [s for s, _ in train], [t for _, t in train], d.max_len)
-    return TranslationTask(run, tok, tok, InMemoryPairs(pairs), [s for s, _ in val], [t for _, t in val],
-                           name="synthetic")
+    return TranslationTask(
+        run, tok, tok, InMemoryPairs(pairs), [s for s, _ in val], [t for _, t in val], name="synthetic"
+    )
 
 
 def _translation(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> TranslationTask:
@@ -294,12 +316,18 @@ def _translation(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> 
     val_src, val_tgt = read_parallel(d.val_src, d.val_tgt, d.val_tsv, "val")
     prepared = prepare(run, tokenizers)
     stats = prepared.stats
-    log.info("training pairs: %d kept, %d blank dropped, %d longer than %d tokens dropped",
-             stats["kept"], stats["blank"], stats["too_long"], d.max_len)
+    log.info(
+        "training pairs: %d kept, %d blank dropped, %d longer than %d tokens dropped",
+        stats["kept"],
+        stats["blank"],
+        stats["too_long"],
+        d.max_len,
+    )
     keep = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if s and t]
     toks = prepared.tokenizers
-    return TranslationTask(run, toks["src"], toks["tgt"], prepared, [val_src[i] for i in keep],
-                           [val_tgt[i] for i in keep])
+    return TranslationTask(
+        run, toks["src"], toks["tgt"], prepared, [val_src[i] for i in keep], [val_tgt[i] for i in keep]
+    )
 
 
 def _language_model(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> LanguageModelTask:

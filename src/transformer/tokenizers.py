@@ -112,8 +112,9 @@ class BPETokenizer:
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>",
-                                          show_progress=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>", show_progress=False
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
@@ -127,8 +128,12 @@ class BPETokenizer:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer)
         return cls(tok)
 
@@ -149,7 +154,7 @@ class BPETokenizer:
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """"char": one token per character; "bpe": subwords over NFKC-normalised words (spaces kept as "▁");
+    """ "char": one token per character; "bpe": subwords over NFKC-normalised words (spaces kept as "▁");
     "bytebpe": byte-level subwords, exact for any text; "sentencepiece": SentencePiece's unigram language-model
     subwords (as `tokenizers` implements them), spaces kept as "▁"."""
     if kind == "char":
@@ -218,8 +223,11 @@ class PretrainedTokenizer:
         return self.tok.token_to_id(token)
 
     def save(self, path: Path) -> None:
-        data = {"type": "pretrained", "add_special_tokens": self.add_special_tokens,
-                "tokenizer": json.loads(self.tok.to_str())}
+        data = {
+            "type": "pretrained",
+            "add_special_tokens": self.add_special_tokens,
+            "tokenizer": json.loads(self.tok.to_str()),
+        }
         write_text_atomic(Path(path), json.dumps(data, ensure_ascii=False))
 
     @classmethod
@@ -236,8 +244,15 @@ class SentencePieceTokenizer:
     """Marian's tokenizer: SentencePiece pieces looked up in `vocab` (piece -> id); unknown pieces are <unk>.
     `append_eos`: a source sentence ends with </s> (what Marian models were trained on)."""
 
-    def __init__(self, model: bytes, vocab: dict[str, int], append_eos: bool, eos: str = "</s>", unk: str = "<unk>",
-                 pad: str = "<pad>") -> None:
+    def __init__(
+        self,
+        model: bytes,
+        vocab: dict[str, int],
+        append_eos: bool,
+        eos: str = "</s>",
+        unk: str = "<unk>",
+        pad: str = "<pad>",
+    ) -> None:
         try:
             import sentencepiece
         except ImportError:
@@ -265,14 +280,27 @@ class SentencePieceTokenizer:
 
     def save(self, path: Path) -> None:
         eos, unk, pad = self.names
-        data = {"type": "sentencepiece", "append_eos": self.append_eos, "eos": eos, "unk": unk, "pad": pad,
-                "model": base64.b64encode(self.model).decode("ascii"), "vocab": self.vocab}
+        data = {
+            "type": "sentencepiece",
+            "append_eos": self.append_eos,
+            "eos": eos,
+            "unk": unk,
+            "pad": pad,
+            "model": base64.b64encode(self.model).decode("ascii"),
+            "vocab": self.vocab,
+        }
         write_text_atomic(Path(path), json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def from_saved(cls, data: dict, path: Path) -> "SentencePieceTokenizer":
         try:
-            return cls(base64.b64decode(data["model"]), data["vocab"], bool(data["append_eos"]), data.get("eos", "</s>"),
-                       data.get("unk", "<unk>"), data.get("pad", "<pad>"))
+            return cls(
+                base64.b64decode(data["model"]),
+                data["vocab"],
+                bool(data["append_eos"]),
+                data.get("eos", "</s>"),
+                data.get("unk", "<unk>"),
+                data.get("pad", "<pad>"),
+            )
         except (KeyError, ValueError, RuntimeError) as e:
             raise DataError(f"{path}: invalid SentencePiece tokenizer file ({e})") from None

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from . import backend, rundir
-from .cpu import memory, paths
 from .checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -31,6 +30,7 @@ from .checkpoint import (
     training_state,
 )
 from .config import ModelConfig, RunConfig, TrainConfig, fine_tuned
+from .cpu import memory, paths
 from .distributed import (
     Distributed,
     data_parallel,
@@ -47,7 +47,9 @@ from .tasks import build_task
 log = logging.getLogger("transformer")
 
 
-def learning_rate(cfg: TrainConfig, step: int, total_steps: Optional[int] = None, peak: Optional[float] = None) -> float:
+def learning_rate(
+    cfg: TrainConfig, step: int, total_steps: Optional[int] = None, peak: Optional[float] = None
+) -> float:
     """Learning rate for optimizer step `step` (1-based): linear warmup to the peak (`lr`, or `peak` for a
     parameter group of its own), then the schedule's decay, to `min_lr` (scaled alike) at `total_steps`
     (default `max_steps`) for "cosine" and "linear"."""
@@ -120,7 +122,9 @@ class _LossStep(nn.Module):
         return self.task.loss(self.model, batch)
 
 
-def adamw(model: nn.Module, t: TrainConfig, fused: bool = True, head: frozenset[str] = frozenset()) -> torch.optim.Optimizer:
+def adamw(
+    model: nn.Module, t: TrainConfig, fused: bool = True, head: frozenset[str] = frozenset()
+) -> torch.optim.Optimizer:
     """AdamW, with weight decay on matrices (projections, embeddings) only, never on biases and LayerNorm
     gains, and the peak learning rate `head_lr` for the parameters named in `head` (a new classification head
     on a pretrained model). Each group keeps its peak as "peak". The fused kernel updates each tensor in one
@@ -133,8 +137,9 @@ def adamw(model: nn.Module, t: TrainConfig, fused: bool = True, head: frozenset[
         for decay in (True, False):
             params = [p for n, p in chosen if (p.dim() >= 2) == decay]
             if params:
-                groups.append({"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": peak,
-                               "peak": peak})
+                groups.append(
+                    {"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": peak, "peak": peak}
+                )
     fused = fused and next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused or None)
 
@@ -232,8 +237,11 @@ class Trainer:
         per_epoch = math.ceil(self.task.num_batches(0) / (t.accumulate * self.dist.world))
         self.total_steps = t.max_steps or t.max_epochs * per_epoch or None  # where "linear"/"cosine" end
         self.saver = _Saver(self.out, self.run, self.task, self.dist, self.model, self.optimizer, self.fsdp)
-        self.position = Position() if state is None else _restore(state, self.model, self.optimizer, self.dist,
-                                                                   self.run.train.seed, self.fsdp)
+        self.position = (
+            Position()
+            if state is None
+            else _restore(state, self.model, self.optimizer, self.dist, self.run.train.seed, self.fsdp)
+        )
         if state is not None:  # steps beyond last/ belong to the part of the run that was lost
             if self.dist.main:
                 rundir.drop_later_steps(self.out, self.position.step)
@@ -283,8 +291,11 @@ class Trainer:
         if not saved:
             self.saver.last(self._position(), time.perf_counter() - start)
         signum = signum or signal.SIGTERM
-        raise TrainingInterrupted(f"{signal.Signals(signum).name}: training stopped at step {self.position.step}; "
-                                  f"resume with --resume {self.out}", signum)
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name}: training stopped at step {self.position.step}; "
+            f"resume with --resume {self.out}",
+            signum,
+        )
 
     def _position(self) -> Position:
         """The position to save, with the figures summed since the last report and validation."""
@@ -297,8 +308,12 @@ class Trainer:
             self.clear = False
         self.out.mkdir(parents=True, exist_ok=True)
         rundir.write_run_config(self.out, self.run, _cpu_paths(self.device))
-        log.info("model: %s parameters; task: %s; %d process(es)", f"{count_parameters(self.model):,}",
-                 self.task.name, self.dist.world)
+        log.info(
+            "model: %s parameters; task: %s; %d process(es)",
+            f"{count_parameters(self.model):,}",
+            self.task.name,
+            self.dist.world,
+        )
         log.info("padding fraction of training batches: %.3f", self.task.padding_fraction(self.position.epoch))
         log.info("%s", backend.describe(self.device, self.precision, self.variant))
 
@@ -359,13 +374,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.position.bad_steps += 1
         limit = self.run.train.max_bad_steps
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row, limit %d)",
-                    self.position.step, loss, norm, self.position.bad_steps, limit)
+        log.warning(
+            "step %d: non-finite loss (%s) or gradient norm (%s); step skipped (%d in a row, limit %d)",
+            self.position.step,
+            loss,
+            norm,
+            self.position.bad_steps,
+            limit,
+        )
         if self.position.bad_steps >= limit:
             raise TransformerError(
-                f"training stopped at step {self.position.step}: {self.position.bad_steps} steps in a row had a non-finite "
-                f"loss or gradient (try a lower train.lr or train.precision: fp32); the last good checkpoint is "
-                f"{self.out / 'last'}"
+                f"training stopped at step {self.position.step}: {self.position.bad_steps} steps in a row had a "
+                f"non-finite loss or gradient (try a lower train.lr or train.precision: fp32); the last good "
+                f"checkpoint is {self.out / 'last'}"
             )
 
     def _done(self, start: float) -> bool:
@@ -386,17 +407,29 @@ class Trainer:
         if not self.dist.main or self.progress is None:
             return
         now = time.perf_counter()
-        self.progress(dict(step=self.position.step, epoch=self.position.epoch,
-                           loss=window.loss / max(window.tokens, 1), lr=learning_rate(self.run.train, self.position.step, self.total_steps),
-                           tokens_per_s=window.tokens / max(now - window.start, 1e-9), minutes=(now - start) / 60))
+        self.progress(
+            dict(
+                step=self.position.step,
+                epoch=self.position.epoch,
+                loss=window.loss / max(window.tokens, 1),
+                lr=learning_rate(self.run.train, self.position.step, self.total_steps),
+                tokens_per_s=window.tokens / max(now - window.start, 1e-9),
+                minutes=(now - start) / 60,
+            )
+        )
 
     # -- validation and checkpoints -------------------------------------------------------------------------
 
     def translate(self, texts: Sequence[str], model: Optional[nn.Module] = None) -> list[str]:
         """Translate with the model being trained (as validation does): the run's precision and beam."""
         with backend.autocast(self.device, self.precision):
-            return translate_texts(model or self.model, self.task.src_tok, self.task.tgt_tok, texts,
-                                   DecodingSettings(beam_size=self.run.train.eval_beam))
+            return translate_texts(
+                model or self.model,
+                self.task.src_tok,
+                self.task.tgt_tok,
+                texts,
+                DecodingSettings(beam_size=self.run.train.eval_beam),
+            )
 
     def _validate(self, start: float, window: Optional[_Window]) -> dict[str, Any]:
         """Score the model, append the figures to metrics.jsonl and save the step and best checkpoints (the main
@@ -419,10 +452,13 @@ class Trainer:
         with backend.autocast(self.device, self.precision):
             figures = self.task.validate(model, lambda texts: self.translate(texts, model))
         self.model.train()
-        record = {"step": self.position.step, "epoch": self.position.epoch,
-                  "minutes": round((time.perf_counter() - start) / 60, 3),
-                  "train_minutes": round(self.position.step_seconds / 60, 3),
-                  "lr": learning_rate(self.run.train, max(self.position.step, 1), self.total_steps)}
+        record = {
+            "step": self.position.step,
+            "epoch": self.position.epoch,
+            "minutes": round((time.perf_counter() - start) / 60, 3),
+            "train_minutes": round(self.position.step_seconds / 60, 3),
+            "lr": learning_rate(self.run.train, max(self.position.step, 1), self.total_steps),
+        }
         if window is not None:
             record["train_loss"] = round(window.loss / max(window.tokens, 1), 4)
             record["grad_norm"] = round(sum(window.norms) / len(window.norms), 4)  # before clipping, mean per step
@@ -506,7 +542,9 @@ class _Saver:
         if better:
             self._write(self.out / "best", model, record["step"], extra={"validation": record})
 
-    def last(self, position: Position, elapsed: float, model: Optional[nn.Module] = None, gathered: bool = False) -> None:
+    def last(
+        self, position: Position, elapsed: float, model: Optional[nn.Module] = None, gathered: bool = False
+    ) -> None:
         """The resumable checkpoint: weights, optimizer, every process's random states, the data position.
         Every process calls it. `gathered`: the caller has `whole_model()`'s result already (`model`, None on
         all but the main process), so it is not gathered again."""
@@ -519,8 +557,11 @@ class _Saver:
         if model is not None:
             rng = {f"torch.{r}": s for r, s in enumerate(cpu_rngs)}
             rng.update({f"cuda.{r}": s for r, s in enumerate(gpu_rngs) if s is not None})
-            meta = {"position": {**dataclasses.asdict(position), "elapsed": elapsed}, "world": self.dist.world,
-                    "cpu_paths": _cpu_paths(device)}
+            meta = {
+                "position": {**dataclasses.asdict(position), "elapsed": elapsed},
+                "world": self.dist.world,
+                "cpu_paths": _cpu_paths(device),
+            }
             self._write(self.out / "last", model, position.step, training_state(optimizer, rng, meta))
         self.dist.barrier()
 
@@ -530,7 +571,8 @@ class _Saver:
             raise TransformerError(
                 f"training stopped at step {step}: parameter '{bad}' is no longer finite (inf/NaN), so nothing was "
                 f"saved to {directory}; the last good checkpoint is {self.out / 'last'} (try a lower train.lr or "
-                "train.precision: fp32)")
+                "train.precision: fp32)"
+            )
         meta = {"step": step, "run": self.run.to_dict(), **getattr(self.task, "meta", {}), **(extra or {})}
         try:
             save_checkpoint(directory, model, self.task.name, self.task.tokenizers, meta, state, overwrite=True)

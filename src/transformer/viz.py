@@ -157,8 +157,11 @@ def attention_maps(model, src_tok, tgt_tok, source: str, target: Optional[str] =
 
 
 def plot_attention(
-    maps: AttentionMaps, out: str | Path, kinds: Sequence[str] = ("encoder", "decoder", "cross"),
-    layer: Optional[int] = None, head: Optional[int] = None,
+    maps: AttentionMaps,
+    out: str | Path,
+    kinds: Sequence[str] = ("encoder", "decoder", "cross"),
+    layer: Optional[int] = None,
+    head: Optional[int] = None,
 ) -> Path:
     """Heat maps with tokens on both axes: a grid of layers x heads for each kind, or one large map when
     `layer` and `head` are given (1-based)."""
@@ -186,11 +189,9 @@ def plot_attention(
         ax.set_title(f"{kind} L{l + 1} H{h + 1}", fontsize=label_size + 1)
         ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=label_size)
         ax.set_yticks(range(len(rows)), rows, fontsize=label_size)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     return _save_figure(plt, fig, out, dpi=110)
-
-
 
 
 def attention_html(maps: AttentionMaps, out: str | Path) -> Path:

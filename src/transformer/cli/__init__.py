@@ -17,9 +17,22 @@ from . import encoder, generate, pretrained, serve, train, translate, viz
 from .common import setup_logging
 
 # the order of `transformer --help`
-COMMANDS = [train.add_demo, train.add_prepare, train.add_train, translate.add_translate, translate.add_evaluate,
-            pretrained.add_import, pretrained.add_export, encoder.add_classify, encoder.add_embed, serve.add_serve,
-            train.add_average, generate.add_generate, viz.add_attention, viz.add_plot]
+COMMANDS = [
+    train.add_demo,
+    train.add_prepare,
+    train.add_train,
+    translate.add_translate,
+    translate.add_evaluate,
+    pretrained.add_import,
+    pretrained.add_export,
+    encoder.add_classify,
+    encoder.add_embed,
+    serve.add_serve,
+    train.add_average,
+    generate.add_generate,
+    viz.add_attention,
+    viz.add_plot,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,8 +80,9 @@ nonneg_float = number(float, 0, "a number")
 
 
 def overwrite_option(q: argparse.ArgumentParser, what: str) -> None:
-    q.add_argument("--overwrite", action="store_true",
-                   help=f"replace {what}; a directory holding anything else is never written")
+    q.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what}; a directory holding anything else is never written"
+    )
 
 
 def device_option(q: argparse.ArgumentParser) -> None:
@@ -94,15 +95,20 @@ def decoding_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--batch-size", type=positive_int, default=64, help="sentences per batch")
     q.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length**LP")
     q.add_argument("--bf16", action="store_true", help="decode under bf16 autocast (faster, slightly different)")
-    q.add_argument("--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly "
-                                                       "different)")
+    q.add_argument(
+        "--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly different)"
+    )
     device_option(q)
 
 
 def decoding_settings(args: argparse.Namespace) -> DecodingSettings:
     defaults = DecodingSettings()
-    return DecodingSettings(args.beam, args.length_penalty, getattr(args, "max_len_a", defaults.max_len_a),
-                            getattr(args, "max_len_b", defaults.max_len_b))
+    return DecodingSettings(
+        args.beam,
+        args.length_penalty,
+        getattr(args, "max_len_a", defaults.max_len_a),
+        getattr(args, "max_len_b", defaults.max_len_b),
+    )
 
 
 def read_inputs(texts: Sequence[str], input_file: Optional[str]) -> list[str]:

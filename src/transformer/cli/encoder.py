@@ -21,8 +21,14 @@ def _texts_command(sub, name: str, help: str, what: str, json_help: str, fn) -> 
 
 
 def add_classify(sub) -> None:
-    _texts_command(sub, "classify", "label texts with a classifier checkpoint", "texts",
-                   "print one JSON object with every label's probability", classify)
+    _texts_command(
+        sub,
+        "classify",
+        "label texts with a classifier checkpoint",
+        "texts",
+        "print one JSON object with every label's probability",
+        classify,
+    )
 
 
 def classify(args: argparse.Namespace) -> int:
@@ -35,8 +41,10 @@ def classify(args: argparse.Namespace) -> int:
     texts = read_inputs(args.text, args.input)
     with decoding_precision(ckpt.model, args.bf16):
         probs = classify_texts(ckpt.model, ckpt.src_tokenizer, texts, batch_size=args.batch_size)
-    rows = [{"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, [round(float(x), 6) for x in p]))}
-            for p in probs]
+    rows = [
+        {"label": labels[int(p.argmax())], "probabilities": dict(zip(labels, [round(float(x), 6) for x in p]))}
+        for p in probs
+    ]
     if args.json:
         print(json.dumps({"predictions": rows}))
     else:
@@ -46,8 +54,14 @@ def classify(args: argparse.Namespace) -> int:
 
 
 def add_embed(sub) -> None:
-    _texts_command(sub, "embed", "sentence embeddings from an encoder-only checkpoint", "sentences",
-                   'print {"embeddings": [[...], ...], "dim": N}', embed)
+    _texts_command(
+        sub,
+        "embed",
+        "sentence embeddings from an encoder-only checkpoint",
+        "sentences",
+        'print {"embeddings": [[...], ...], "dim": N}',
+        embed,
+    )
 
 
 def embed(args: argparse.Namespace) -> int:

@@ -40,8 +40,9 @@ def generate(args: argparse.Namespace) -> int:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
         stream = TextStream(tok, ids)
-        for tokens in sample(ckpt.model, prompt[n : n + 1], s.max_new_tokens, s.temperature, s.top_k, s.top_p, gen,
-                             context):
+        for tokens in sample(
+            ckpt.model, prompt[n : n + 1], s.max_new_tokens, s.temperature, s.top_k, s.top_p, gen, context
+        ):
             sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
         sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---\n")

@@ -24,20 +24,29 @@ def import_model(args: argparse.Namespace) -> int:
     ckpt = from_pretrained(args.hf_dir)
     out = save_checkpoint(args.out, ckpt.model, ckpt.task, ckpt.tokenizers, ckpt.meta, overwrite=args.overwrite)
     cfg = ckpt.config
-    print(f"imported a {ckpt.meta['hf_model_type']} model ({cfg.arch}, {cfg.d_model} wide, "
-          f"{cfg.n_encoder_layers if cfg.arch != 'decoder-only' else cfg.n_decoder_layers} layers) into {out} "
-          f"as a '{ckpt.task}' checkpoint")
+    print(
+        f"imported a {ckpt.meta['hf_model_type']} model ({cfg.arch}, {cfg.d_model} wide, "
+        f"{cfg.n_encoder_layers if cfg.arch != 'decoder-only' else cfg.n_decoder_layers} layers) into {out} "
+        f"as a '{ckpt.task}' checkpoint"
+    )
     return 0
 
 
 def add_export(sub) -> None:
     ex = sub.add_parser("export", help="write a checkpoint in another library's format")
     ex.add_argument("checkpoint")
-    ex.add_argument("--to", choices=["hf", "ct2"], default="hf",
-                    help="hf: a Hugging Face transformers directory; ct2: a CTranslate2 model directory")
+    ex.add_argument(
+        "--to",
+        choices=["hf", "ct2"],
+        default="hf",
+        help="hf: a Hugging Face transformers directory; ct2: a CTranslate2 model directory",
+    )
     ex.add_argument("out", help="directory to write")
-    ex.add_argument("--quantization", choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
-                    help="ct2: store the weights in this type (default float32)")
+    ex.add_argument(
+        "--quantization",
+        choices=["int8", "int8_float32", "int16", "float16", "bfloat16"],
+        help="ct2: store the weights in this type (default float32)",
+    )
     overwrite_option(ex, "a model of the same format in OUT")
     ex.set_defaults(fn=export)
 

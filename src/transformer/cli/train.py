@@ -35,8 +35,13 @@ def demo(args: argparse.Namespace) -> int:
     from ..metrics import exact_match
     from ..tasks import build_task
 
-    settings = [f"data.synthetic_task={args.task}", f"train.seed={args.seed}", f"train.max_steps={args.steps}",
-                f"train.max_minutes={args.max_minutes}", f"train.device={args.device}"]
+    settings = [
+        f"data.synthetic_task={args.task}",
+        f"train.seed={args.seed}",
+        f"train.max_steps={args.steps}",
+        f"train.max_minutes={args.max_minutes}",
+        f"train.device={args.device}",
+    ]
     with resources.as_file(resources.files("transformer") / "recipes" / "demo.yaml") as recipe:
         run = load_run_config(recipe, settings)
     out = Path(args.out)
@@ -44,26 +49,35 @@ def demo(args: argparse.Namespace) -> int:
     # with --overwrite, and a directory that holds no run never
     overwrite = args.overwrite or _is_demo_run(out)
     if not args.json:
-        print(f"Training a Transformer to {args.task} letter strings (held-out strings never seen in training)...",
-              file=sys.stderr)
+        print(
+            f"Training a Transformer to {args.task} letter strings (held-out strings never seen in training)...",
+            file=sys.stderr,
+        )
     trainer, _, seconds = run_trainer(run, out, resume=False, quiet=args.json, overwrite=overwrite)
     ckpt = load_checkpoint(out / "best", device=trainer.device)
     task = build_task(run, ckpt.tokenizers)
     test_src, test_tgt = task.val_src[-DEMO_TEST:], task.val_tgt[-DEMO_TEST:]  # not the validation strings
     hyps = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, test_src)
     score = exact_match(hyps, test_tgt)
-    result = {"task": args.task, "exact_match": round(score, 4), "held_out": len(test_src),
-              "train_seconds": round(seconds, 1), "steps": trainer.position.step, "checkpoint": str(out / "best"),
-              "examples": [{"input": s, "output": h, "expected": r} for s, h, r in
-                           list(zip(test_src, hyps, test_tgt))[:5]]}
+    result = {
+        "task": args.task,
+        "exact_match": round(score, 4),
+        "held_out": len(test_src),
+        "train_seconds": round(seconds, 1),
+        "steps": trainer.position.step,
+        "checkpoint": str(out / "best"),
+        "examples": [{"input": s, "output": h, "expected": r} for s, h, r in list(zip(test_src, hyps, test_tgt))[:5]],
+    }
     if args.json:
         print(json.dumps(result))
     else:
         for ex in result["examples"]:
             mark = "ok" if ex["output"] == ex["expected"] else "WRONG"
             print(f"  {ex['input']:>18}  ->  {ex['output']:<18} [{mark}]")
-        print(f"exact match on {len(test_src)} held-out strings: {score:.3f}  "
-              f"(trained {trainer.position.step} steps in {seconds:.0f} s)")
+        print(
+            f"exact match on {len(test_src)} held-out strings: {score:.3f}  "
+            f"(trained {trainer.position.step} steps in {seconds:.0f} s)"
+        )
         print(f"checkpoint: {out / 'best'}    try: transformer translate {out / 'best'} stressed")
     return 0
 
@@ -91,8 +105,12 @@ def prepare(args: argparse.Namespace) -> int:
 
     prepared = prepare_corpus(load_run_config(args.config, args.set))
     result = {"directory": str(prepared.directory), **{k: v for k, v in prepared.stats.items() if k != "tokenizers"}}
-    print(json.dumps(result) if args.json else f"prepared corpus: {prepared.directory}\n"
-          + ", ".join(f"{k}={v}" for k, v in result.items() if k != "directory"))
+    print(
+        json.dumps(result)
+        if args.json
+        else f"prepared corpus: {prepared.directory}\n"
+        + ", ".join(f"{k}={v}" for k, v in result.items() if k != "directory")
+    )
     return 0
 
 
@@ -100,8 +118,9 @@ def add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model from a YAML recipe")
     t.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/multi30k-en-de.yaml")
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. train.lr=5e-4")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=5e-4"
+    )
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     t.add_argument("--max-minutes", type=nonneg_float, help="time budget in minutes (overrides train.max_minutes)")
     t.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters with FSDP2 (train.fsdp)")
@@ -129,8 +148,10 @@ def train(args: argparse.Namespace) -> int:
         run = load_run_config(args.config, args.set)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         if (out / "run_config.json").exists() and not args.overwrite:
-            raise TransformerError(f"{out}: already holds a training run; resume it with --resume {out}, start it "
-                                   "afresh with --overwrite, or choose another --out")
+            raise TransformerError(
+                f"{out}: already holds a training run; resume it with --resume {out}, start it "
+                "afresh with --overwrite, or choose another --out"
+            )
     if args.max_minutes is not None:
         run.train.max_minutes = args.max_minutes
     if args.device is not None:

@@ -28,8 +28,14 @@ def translate(args: argparse.Namespace) -> int:
     texts = read_inputs(args.text, args.input)
     settings = decoding_settings(args)
     with decoding(ckpt, args):
-        outputs = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, [t.strip() for t in texts],
-                                  settings, batch_size=args.batch_size)
+        outputs = translate_texts(
+            ckpt.model,
+            ckpt.src_tokenizer,
+            ckpt.tgt_tokenizer,
+            [t.strip() for t in texts],
+            settings,
+            batch_size=args.batch_size,
+        )
     for line in outputs:
         print(line)
     return 0
@@ -62,8 +68,9 @@ def evaluate(args: argparse.Namespace) -> int:
     settings = decoding_settings(args)
     start = time.perf_counter()
     with decoding(ckpt, args):
-        hyps = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, settings,
-                               batch_size=args.batch_size)
+        hyps = translate_texts(
+            ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, src, settings, batch_size=args.batch_size
+        )
     seconds = time.perf_counter() - start
     scores = bleu_chrf(hyps, ref)
     result = {**scores.as_dict(), "beam": args.beam, "bf16": args.bf16, "int8": args.int8, "seconds": round(seconds, 2)}
@@ -101,6 +108,8 @@ def _evaluate_classifier(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"accuracy = {scores['accuracy']:.4f}  macro-F1 = {scores['macro_f1']:.4f}  ({len(texts)} examples, "
-              f"{seconds:.1f} s)")
+        print(
+            f"accuracy = {scores['accuracy']:.4f}  macro-F1 = {scores['macro_f1']:.4f}  ({len(texts)} examples, "
+            f"{seconds:.1f} s)"
+        )
     return 0

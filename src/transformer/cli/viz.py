@@ -14,8 +14,12 @@ def add_attention(sub) -> None:
     at.add_argument("--target", help="teacher-force this translation (default: the model's own greedy output)")
     at.add_argument("--out", help="PNG file (default attention.png, unless only --html is given)")
     at.add_argument("--html", help="also write an interactive, self-contained HTML page")
-    at.add_argument("--kind", action="append", choices=["encoder", "decoder", "cross"],
-                    help="which attention (repeatable; default all three)")
+    at.add_argument(
+        "--kind",
+        action="append",
+        choices=["encoder", "decoder", "cross"],
+        help="which attention (repeatable; default all three)",
+    )
     at.add_argument("--layer", type=positive_int, help="one layer (1-based), drawn large with --head")
     at.add_argument("--head", type=positive_int, help="one head (1-based)")
     device_option(at)
@@ -29,13 +33,21 @@ def attention(args: argparse.Namespace) -> int:
     maps = attention_maps(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, args.source, args.target)
     written = []
     if args.out or not args.html:
-        written.append(plot_attention(maps, args.out or "attention.png",
-                                      kinds=args.kind or ("encoder", "decoder", "cross"), layer=args.layer,
-                                      head=args.head))
+        written.append(
+            plot_attention(
+                maps,
+                args.out or "attention.png",
+                kinds=args.kind or ("encoder", "decoder", "cross"),
+                layer=args.layer,
+                head=args.head,
+            )
+        )
     if args.html:
         written.append(attention_html(maps, args.html))
-    print(f"wrote {', '.join(map(str, written))}  (source: {' '.join(maps.src_tokens)} | "
-          f"target: {' '.join(maps.tgt_tokens[1:])})")
+    print(
+        f"wrote {', '.join(map(str, written))}  (source: {' '.join(maps.src_tokens)} | "
+        f"target: {' '.join(maps.tgt_tokens[1:])})"
+    )
     return 0
 
 

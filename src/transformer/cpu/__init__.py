@@ -17,5 +17,19 @@ from . import decisions, int8, machine, memory, paths, timing
 from .linear import Linear, PreparedWeights, int8_weights, packed_weights
 from .paths import CpuPaths, cpu_paths, reapply_cpu_paths, set_cpu_paths
 
-__all__ = ["decisions", "int8", "machine", "memory", "paths", "timing", "CpuPaths", "Linear", "PreparedWeights", "cpu_paths", "int8_weights", "packed_weights",
-           "reapply_cpu_paths", "set_cpu_paths"]
+__all__ = [
+    "decisions",
+    "int8",
+    "machine",
+    "memory",
+    "paths",
+    "timing",
+    "CpuPaths",
+    "Linear",
+    "PreparedWeights",
+    "cpu_paths",
+    "int8_weights",
+    "packed_weights",
+    "reapply_cpu_paths",
+    "set_cpu_paths",
+]

@@ -60,8 +60,17 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("int8_kernel.c")
 # -ffp-contract=off: the float operations after the integer sums exactly as written, in every copy of them (the
 # AMX and VNNI paths give the same bits)
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-ffp-contract=off", "-fopenmp",
-          "-fPIC"]
+_FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+    "-mfma",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-fPIC",
+]
 _TILE = 64  # outputs per tile and inputs per chunk of the packed weight (int8_kernel.c)
 
 
@@ -87,9 +96,16 @@ class Int8Weight:
 
 
 class _WeightStruct(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("comp", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("K", ctypes.c_int64), ("Kp", ctypes.c_int64), ("N", ctypes.c_int64),
-                ("Np", ctypes.c_int64)]
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("comp", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("K", ctypes.c_int64),
+        ("Kp", ctypes.c_int64),
+        ("N", ctypes.c_int64),
+        ("Np", ctypes.c_int64),
+    ]
 
 
 def _row_scales(w: Tensor) -> Tensor:
@@ -138,7 +154,7 @@ def pack(weight: Tensor, bias: Optional[Tensor] = None) -> Int8Weight:
 def unpack(w: Int8Weight) -> Tensor:
     """The int8 values of a packed weight, (out_features, in_features)."""
     Np, Kp = w.comp.numel(), w.packed.size(1) * 64
-    return w.packed.permute(0, 2, 4, 1, 3, 5).reshape(Np, Kp)[:w.out_features, :w.in_features]
+    return w.packed.permute(0, 2, 4, 1, 3, 5).reshape(Np, Kp)[: w.out_features, : w.in_features]
 
 
 def linear(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
@@ -157,13 +173,13 @@ def linear(x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tens
     return _call(lib, x, w, relu, residual)
 
 
-def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False,
-          residual: Optional[Tensor] = None) -> Tensor:
+def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
     K, N = w.in_features, w.out_features
     # the C side trusts these: a wrong dtype, device or size would have it read or write out of bounds
     if x.dtype is not torch.float32 or not x.is_cpu or x.size(-1) != K:
-        raise ValueError(f"int8.linear: expected fp32 CPU input (..., {K}), got {x.dtype} {tuple(x.shape)} "
-                         f"on {x.device}")
+        raise ValueError(
+            f"int8.linear: expected fp32 CPU input (..., {K}), got {x.dtype} {tuple(x.shape)} on {x.device}"
+        )
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -175,14 +191,24 @@ def _call(lib: ctypes.CDLL, x: Tensor, w: Int8Weight, relu: bool = False,
         if r.dtype is not torch.float32 or not r.is_cpu or r.stride(1) != 1:
             r = r.to("cpu", torch.float32).contiguous()
         if r.shape != y.shape:
-            raise ValueError(f"int8.linear: residual of shape {tuple(residual.shape)} for an output of "
-                             f"{(*x.shape[:-1], N)}")
+            raise ValueError(
+                f"int8.linear: residual of shape {tuple(residual.shape)} for an output of {(*x.shape[:-1], N)}"
+            )
     st = w.struct
     st.w, st.comp, st.scale = w.packed.data_ptr(), w.comp.data_ptr(), w.scale.data_ptr()
     st.bias = None if w.bias is None else w.bias.data_ptr()
-    if M and lib.int8_linear(ctypes.addressof(st), x2.data_ptr(), x2.stride(0), M, y.data_ptr(), N,
-                             None if r is None else r.data_ptr(), 0 if r is None else r.stride(0), relu,
-                             torch.get_num_threads()):
+    if M and lib.int8_linear(
+        ctypes.addressof(st),
+        x2.data_ptr(),
+        x2.stride(0),
+        M,
+        y.data_ptr(),
+        N,
+        None if r is None else r.data_ptr(),
+        0 if r is None else r.stride(0),
+        relu,
+        torch.get_num_threads(),
+    ):
         raise MemoryError("int8.linear: out of memory for the quantised input")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
@@ -281,10 +307,18 @@ def _compile(cc: str, omp: str, target: Path) -> None:
         try:
             subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, timeout=120)
         except subprocess.CalledProcessError:  # a compiler without AMX's intrinsics (GCC < 11): VNNI alone
-            subprocess.run([cc, *_FLAGS, "-DINT8_NO_AMX", "-c", str(_SOURCE), "-o", obj], check=True,
-                           capture_output=True, timeout=120)
-        subprocess.run([cc, "-shared", obj, "-o", lib, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
-                       check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [cc, *_FLAGS, "-DINT8_NO_AMX", "-c", str(_SOURCE), "-o", obj],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        subprocess.run(
+            [cc, "-shared", obj, "-o", lib, omp, f"-Wl,-rpath,{os.path.dirname(omp)}"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         os.chmod(lib, 0o755)  # whatever the umask: `_unsafe_file` refuses a library others may write
         with open(lib, "rb") as f:
             os.fsync(f.fileno())  # its bytes on disk before its name points at them
@@ -407,8 +441,12 @@ def _set_amx(lib: ctypes.CDLL, on: bool) -> bool:
     status = lib.int8_init(int(on and _amx_wanted()))  # Linux must grant the tile state, once per process
     _amx = status == 1
     if on:
-        amx_state = {1: "on", 0: "not on this CPU (or TRANSFORMER_AMX=0)", -1: "refused by Linux",
-                     -2: "not in this build (the compiler lacks it)"}[status]
+        amx_state = {
+            1: "on",
+            0: "not on this CPU (or TRANSFORMER_AMX=0)",
+            -1: "refused by Linux",
+            -2: "not in this build (the compiler lacks it)",
+        }[status]
     return _amx
 
 

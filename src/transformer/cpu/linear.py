@@ -95,7 +95,12 @@ class Linear(nn.Linear):
         if not _plain_cpu_fp32(x, w):
             return F.linear(x, w, b)
         p = self.prepared
-        if p is not None and p.int8 is not None and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        if (
+            p is not None
+            and p.int8 is not None
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        ):
             if isinstance(p.int8, int8.Int8Weight):
                 return int8.linear(x, p.int8)
             return torch.ops.quantized.linear_dynamic(x, p.int8)
@@ -159,8 +164,10 @@ def int8_weights(*modules: nn.Module) -> Iterator[None]:
     rounding of weights and inputs to 8 bits. Not nestable."""
     kind = int8.kind()
     if kind is None:
-        raise TransformerError("int8 decoding needs PyTorch's quantized CPU kernels (fbgemm) or a CPU with "
-                               "AVX-512 VNNI and a C compiler, which this machine lacks; decode in fp32 or bf16")
+        raise TransformerError(
+            "int8 decoding needs PyTorch's quantized CPU kernels (fbgemm) or a CPU with "
+            "AVX-512 VNNI and a C compiler, which this machine lacks; decode in fp32 or bf16"
+        )
     linears = _linears(modules)
     try:
         for m in linears:

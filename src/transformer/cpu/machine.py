@@ -62,5 +62,7 @@ def x86_64() -> bool:
 
 def machine_key() -> str:
     """What a timed choice depends on: the CPU and its flags, the torch build and its kernels, the thread count."""
-    return (f"{cpu_model()}; flags {' '.join(sorted(cpu_flags()))}; torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}); {torch.get_num_threads()} threads")
+    return (
+        f"{cpu_model()}; flags {' '.join(sorted(cpu_flags()))}; torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()}); {torch.get_num_threads()} threads"
+    )

@@ -45,8 +45,15 @@ class CpuPaths:
         return CpuPaths(bool(data["train"]), bool(data["packed"]), bool(data["packed_bf16"]), str(data.get("why", "")))
 
     def describe(self) -> str:
-        on = [n for n, v in (("training", self.train), ("packed decoding", self.packed),
-                              ("packed bf16 decoding", self.packed_bf16)) if v]
+        on = [
+            n
+            for n, v in (
+                ("training", self.train),
+                ("packed decoding", self.packed),
+                ("packed bf16 decoding", self.packed_bf16),
+            )
+            if v
+        ]
         return f"oneDNN for {', '.join(on) if on else 'nothing'} ({self.why})"
 
 
@@ -119,9 +126,11 @@ def decide() -> CpuPaths:
             xb, wb = xd.bfloat16(), wd.bfloat16()
             pb = pack(wb, 32)
             packed_bf16, r_bf16 = _faster(lambda: onednn_linear(xb, pb), lambda: F.linear(xb, wb))
-    why = (f"timed against F.linear: training products {r_train:.2f}x the time, packed decoding {r_packed:.2f}x, "
-           + (f"packed bf16 {r_bf16:.2f}x" if bf16 else "bf16 packing unsupported on this CPU")
-           + f"; used where below {MARGIN}x")
+    why = (
+        f"timed against F.linear: training products {r_train:.2f}x the time, packed decoding {r_packed:.2f}x, "
+        + (f"packed bf16 {r_bf16:.2f}x" if bf16 else "bf16 packing unsupported on this CPU")
+        + f"; used where below {MARGIN}x"
+    )
     return CpuPaths(train, packed, packed_bf16, why)
 
 
@@ -173,8 +182,9 @@ def reapply_cpu_paths(saved: Optional[dict]) -> Optional[str]:
         return None
     want = CpuPaths.from_dict(saved)
     fp32, bf16 = onednn_usable(torch.float32), onednn_usable(torch.bfloat16)
-    paths = CpuPaths(want.train and fp32, want.packed and fp32, want.packed_bf16 and bf16,
-                     why=f"as the run was trained ({want.why})")
+    paths = CpuPaths(
+        want.train and fp32, want.packed and fp32, want.packed_bf16 and bf16, why=f"as the run was trained ({want.why})"
+    )
 
     def chosen(p: CpuPaths) -> tuple[bool, bool, bool]:
         return p.train, p.packed, p.packed_bf16
@@ -183,5 +193,9 @@ def reapply_cpu_paths(saved: Optional[dict]) -> Optional[str]:
     set_cpu_paths(paths)
     if chosen(before) == chosen(paths):
         return None
-    lost = "" if chosen(paths) == chosen(want) else " (some are unavailable here: the run will not continue bit-identically)"
+    lost = (
+        ""
+        if chosen(paths) == chosen(want)
+        else " (some are unavailable here: the run will not continue bit-identically)"
+    )
     return f"CPU fast paths set as the run was trained: {paths.describe()}{lost}"

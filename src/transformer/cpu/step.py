@@ -102,8 +102,9 @@ def _kinds(mode: str) -> list[str]:
     return kinds
 
 
-def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
-           relu: bool = False) -> Callable[[Tensor], Tensor]:
+def _build(
+    kind: str, weight: Tensor, bias: Optional[Tensor], mode: str, relu: bool = False
+) -> Callable[[Tensor], Tensor]:
     """x -> x weight^T + bias (then ReLU if `relu`, int8 only), the `kind` way, its weight prepared now.
     "vnni" takes (x, residual) and adds the residual too."""
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
@@ -133,8 +134,9 @@ def _build(kind: str, weight: Tensor, bias: Optional[Tensor], mode: str,
 _chosen: dict[tuple[str, str], str] = {}
 
 
-def _choose(weight: Tensor, bias: Optional[Tensor], mode: str,
-            relu: bool = False) -> tuple[str, Callable[[Tensor], Tensor]]:
+def _choose(
+    weight: Tensor, bias: Optional[Tensor], mode: str, relu: bool = False
+) -> tuple[str, Callable[[Tensor], Tensor]]:
     """The kind of product for `weight` in `mode`, and that product (see the module's docstring): forced by
     `TRANSFORMER_STEP_PRODUCT` where it names one available; in int8 the kernel where it runs, else fbgemm, by
     rule; in fp32 and bf16 the fastest at this shape, as this machine recorded it (timed the first time)."""
@@ -226,8 +228,9 @@ def _norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return module
 
 
-def _make(linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-          activation: Optional[str] = None) -> _Product:
+def _make(
+    linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation: Optional[str] = None
+) -> _Product:
     if weight is None:
         weight, bias = linear.weight, linear.bias
     return _Product(weight, bias, _mode(linear), activation)
@@ -246,8 +249,15 @@ class StepState:
     step): each row writes its step's key and value into its own slot, and `ancestry` (n, capacity) records,
     for each row and position, which of its sentence's K slots holds its history there."""
 
-    def __init__(self, self_kv: list[Tensor], cross: list[tuple[Tensor, Tensor]],
-                 bias: Optional[Tensor], heads: int, positions: Tensor, beams: int) -> None:
+    def __init__(
+        self,
+        self_kv: list[Tensor],
+        cross: list[tuple[Tensor, Tensor]],
+        bias: Optional[Tensor],
+        heads: int,
+        positions: Tensor,
+        beams: int,
+    ) -> None:
         self.self_kv, self.cross, self.bias, self.heads = self_kv, cross, bias, heads
         self.flat = [kv.flatten(3, 4).flatten(1, 2) for kv in self_kv]  # (2, B * H, capacity * K, D) views
         self.beams = beams  # rows per source sentence: each sentence's K beams share its keys/values
@@ -321,14 +331,18 @@ class StepDecoder:
         cross = []
         for layer in self.layers:
             k, v = layer.cross_kv(memory).split(E, dim=-1)  # (n, S, E) each
-            cross.append((k.view(n, S, H, D).permute(0, 2, 3, 1).reshape(n * H, D, S),  # copies, once
-                          v.view(n, S, H, D).transpose(1, 2).reshape(n * H, S, D)))
+            cross.append(
+                (
+                    k.view(n, S, H, D).permute(0, 2, 3, 1).reshape(n * H, D, S),  # copies, once
+                    v.view(n, S, H, D).transpose(1, 2).reshape(n * H, S, D),
+                )
+            )
         dtype = cross[0][0].dtype
         bias = None
         keep = memory_mask.reshape(n, S)
         if not bool(keep.all()):
             empty = ~keep.any(1)  # a source of padding only: attend to zeros (the module path's zero output)
-            for k, v in cross:
+            for _, v in cross:
                 v.view(n, H, S, D)[empty] = 0
             keep = keep | empty[:, None]
             bias = torch.zeros(n, S, dtype=dtype, device=memory.device).masked_fill_(~keep, float("-inf"))

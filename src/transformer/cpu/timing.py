@@ -27,8 +27,9 @@ def evicting() -> Callable[[], None]:
     return lambda: buffer.add_(1.0)
 
 
-def best_times(fns: dict[str, Callable[[], object]], rounds: int = 5,
-               before_each: Optional[Callable[[], object]] = None) -> dict[str, float]:
+def best_times(
+    fns: dict[str, Callable[[], object]], rounds: int = 5, before_each: Optional[Callable[[], object]] = None
+) -> dict[str, float]:
     """Each candidate's best time in seconds over `rounds` interleaved rounds, after one warm-up call of each
     (first calls allocate and pick kernels). `before_each` runs untimed before every timed call."""
     for fn in fns.values():
@@ -44,8 +45,9 @@ def best_times(fns: dict[str, Callable[[], object]], rounds: int = 5,
     return best
 
 
-def fastest(fns: dict[str, Callable[[], object]], rounds: int = 5,
-            before_each: Optional[Callable[[], object]] = None) -> str:
+def fastest(
+    fns: dict[str, Callable[[], object]], rounds: int = 5, before_each: Optional[Callable[[], object]] = None
+) -> str:
     """The name of the fastest candidate (`best_times`)."""
     best = best_times(fns, rounds, before_each)
     return min(best, key=best.get)

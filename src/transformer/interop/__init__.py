@@ -24,9 +24,9 @@ from ..checkpoint import Checkpoint, load_weights
 from ..errors import CheckpointError
 from ..files import atomic_path, foreign_entries, new_directory, read_json, write_json_atomic
 from ..model import build_model
+from ..tokenizers import PretrainedTokenizer, SentencePieceTokenizer
 from .families import FAMILIES, Bert
 from .metadata import Keys, inside, show
-from ..tokenizers import PretrainedTokenizer, SentencePieceTokenizer
 
 # Where a family may store one tensor under another name (tied weights are saved once, under any of them).
 _ALIASES = {
@@ -46,8 +46,9 @@ def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> C
     model_type = keys.text("model_type")
     family = FAMILIES.get(model_type)
     if family is None:
-        raise CheckpointError(f"{keys.where}: model_type={model_type!r} is not supported "
-                              f"(supported: {', '.join(FAMILIES)})")
+        raise CheckpointError(
+            f"{keys.where}: model_type={model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+        )
     extra = _sentence_transformers(hf_dir) if family.model_type == "bert" else {}
     files = _weight_files(hf_dir)
     shapes = _read_shapes(files)
@@ -75,7 +76,8 @@ def _weight_files(hf_dir: Path) -> list[Path]:
             raise CheckpointError(
                 f"{hf_dir / 'pytorch_model.bin'}: weights stored only as a pickle, which can run arbitrary code when "
                 "loaded, so this package never reads one. On a machine you trust, convert it: "
-                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+                "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
         raise CheckpointError(f"{hf_dir}: no model.safetensors")
     return files
 
@@ -111,8 +113,10 @@ def _check_shapes(family, cfg, shapes: dict, hf_dir: Path, where: str) -> None:
         layer = re.compile(re.escape(stack) + r"(\d+)\.")
         count = 1 + max((int(m.group(1)) for s in shapes if (m := layer.match(s))), default=-1)
         if count != n:
-            raise CheckpointError(f"{where}: key '{key}' is {n}, but {hf_dir / 'model.safetensors'} holds "
-                                  f"{count} such layers (tensors '{stack}N.*')")
+            raise CheckpointError(
+                f"{where}: key '{key}' is {n}, but {hf_dir / 'model.safetensors'} holds "
+                f"{count} such layers (tensors '{stack}N.*')"
+            )
 
 
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -167,17 +171,20 @@ def _sentence_transformers(hf_dir: Path) -> dict:
         return {}
     modules = read_json(modules_file, CheckpointError, "missing")
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise CheckpointError(f"{modules_file}: must be a JSON list of modules "
-                              f"([{{\"type\": ..., \"path\": ...}}, ...]), got {show(modules)}")
+        raise CheckpointError(
+            f'{modules_file}: must be a JSON list of modules ([{{"type": ..., "path": ...}}, ...]), got {show(modules)}'
+        )
     kinds, dirs = [], []
     for i, m in enumerate(modules):
         entry = Keys(m, f"{modules_file}: module {i}")
         kinds.append(entry.text("type", ""))
         # every module's path is checked, used or not: a directory naming a path outside itself is refused
-        dirs.append(inside(hf_dir, entry.text("path", ""), modules_file, f"module {i}'s \"path\""))
+        dirs.append(inside(hf_dir, entry.text("path", ""), modules_file, f'module {i}\'s "path"'))
     unknown = [k for k in kinds if not k.endswith(("Transformer", "Pooling", "Normalize"))]
     if unknown:
-        raise CheckpointError(f"{modules_file}: module {unknown[0]!r} is not supported (Transformer, Pooling, Normalize)")
+        raise CheckpointError(
+            f"{modules_file}: module {unknown[0]!r} is not supported (Transformer, Pooling, Normalize)"
+        )
     pooling = "mean"
     for kind, module_dir in zip(kinds, dirs):
         if kind.endswith("Pooling"):
@@ -236,9 +243,20 @@ def _marian_tokenizers(hf_dir: Path) -> dict:
 
 
 # What an export writes into a Hugging Face model directory (and so what `overwrite` may replace)
-HF_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "source.spm", "target.spm",
-            "vocab.json", "modules.json", "1_Pooling", "2_Normalize", "generation_config.json",
-            "special_tokens_map.json"}
+HF_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "source.spm",
+    "target.spm",
+    "vocab.json",
+    "modules.json",
+    "1_Pooling",
+    "2_Normalize",
+    "generation_config.json",
+    "special_tokens_map.json",
+}
 
 
 def _not_an_hf_export(directory: Path) -> Optional[str]:
@@ -259,9 +277,11 @@ def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Pat
     family = {"encoder-only": FAMILIES["bert"], "decoder-only": FAMILIES["gpt2"]}.get(cfg.arch, FAMILIES["marian"])
     where = str(ckpt.path or "checkpoint")
     if cfg.arch == "encoder-decoder" and cfg.norm_first:
-        raise CheckpointError(f"{where}: no Hugging Face class represents a pre-norm encoder-decoder exactly "
-                              "(Marian is post-norm); export it for serving with CTranslate2 instead "
-                              "(transformer export CKPT --to ct2 DIR)")
+        raise CheckpointError(
+            f"{where}: no Hugging Face class represents a pre-norm encoder-decoder exactly "
+            "(Marian is post-norm); export it for serving with CTranslate2 instead "
+            "(transformer export CKPT --to ct2 DIR)"
+        )
     hf = family.hf_config(cfg, where)
     ours = ckpt.model.state_dict()
     tensors = {}
@@ -286,13 +306,19 @@ def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Pat
 
 def _export_pooling(cfg, out: Path) -> None:
     """An embedding model's pooling, as sentence-transformers describes it (modules.json, 1_Pooling/)."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     if cfg.normalize_embeddings:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    pooling = {"word_embedding_dimension": cfg.d_model, "pooling_mode_cls_token": cfg.pooling == "cls",
-               "pooling_mode_mean_tokens": cfg.pooling == "mean", "pooling_mode_max_tokens": False,
-               "pooling_mode_mean_sqrt_len_tokens": False}
+    pooling = {
+        "word_embedding_dimension": cfg.d_model,
+        "pooling_mode_cls_token": cfg.pooling == "cls",
+        "pooling_mode_mean_tokens": cfg.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
     write_json_atomic(out / "modules.json", modules)
     write_json_atomic(out / "1_Pooling" / "config.json", pooling)
 
@@ -310,8 +336,10 @@ def _export_tokenizers(ckpt: Checkpoint, hf: dict, out: Path) -> None:
     if hf["model_type"] == "marian":
         src, tgt = toks["src"], toks["tgt"]
         if not isinstance(src, SentencePieceTokenizer) or not isinstance(tgt, SentencePieceTokenizer):
-            raise CheckpointError(f"{ckpt.path}: a Marian export needs SentencePiece tokenizers (this model's are "
-                                  f"{type(src).__name__}); the weights alone are not a usable translator")
+            raise CheckpointError(
+                f"{ckpt.path}: a Marian export needs SentencePiece tokenizers (this model's are "
+                f"{type(src).__name__}); the weights alone are not a usable translator"
+            )
         for name, tok in (("source.spm", src), ("target.spm", tgt)):
             with atomic_path(out / name) as tmp:
                 tmp.write_bytes(tok.model)

@@ -23,9 +23,18 @@ _ACTIVATIONS = {"relu": "RELU", "gelu": "GELU", "gelu_tanh": "GELUTanh", "silu":
 
 
 # What CTranslate2's converter writes into a model directory (and so what `overwrite` may replace)
-CT2_FILES = {"model.bin", "config.json", "shared_vocabulary.json", "source_vocabulary.json", "target_vocabulary.json",
-             "shared_vocabulary.txt", "source_vocabulary.txt", "target_vocabulary.txt", "vocabulary.json",
-             "vocabulary.txt"}
+CT2_FILES = {
+    "model.bin",
+    "config.json",
+    "shared_vocabulary.json",
+    "source_vocabulary.json",
+    "target_vocabulary.json",
+    "shared_vocabulary.txt",
+    "source_vocabulary.txt",
+    "target_vocabulary.txt",
+    "vocabulary.json",
+    "vocabulary.txt",
+}
 
 
 def _not_a_ct2_model(directory: Path) -> Optional[str]:
@@ -35,8 +44,13 @@ def _not_a_ct2_model(directory: Path) -> Optional[str]:
     return foreign_entries(directory, lambda name: name in CT2_FILES)
 
 
-def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = None, max_positions: int = 1024,
-               overwrite: bool = False) -> Path:
+def export_ct2(
+    ckpt: Checkpoint,
+    out: str | Path,
+    quantization: Optional[str] = None,
+    max_positions: int = 1024,
+    overwrite: bool = False,
+) -> Path:
     """Write `ckpt` as a CTranslate2 model directory (`quantization`: None for float32, or "int8", ...). `out`
     is written whole or not at all; it must be new or empty, or hold a CTranslate2 model (replaced with
     `overwrite`): the converter itself would delete whatever `out` held."""
@@ -49,9 +63,12 @@ def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = 
     _check(cfg, where)
     check_output_dir(out, "CTranslate2 model", _not_a_ct2_model, overwrite)  # before the work, not after it
     spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.n_encoder_layers, cfg.n_decoder_layers), cfg.n_heads, pre_norm=cfg.norm_first,
+        (cfg.n_encoder_layers, cfg.n_decoder_layers),
+        cfg.n_heads,
+        pre_norm=cfg.norm_first,
         no_final_norm=cfg.norm_first and not cfg.final_norm,
-        activation=getattr(common_spec.Activation, _ACTIVATIONS[cfg.activation]))
+        activation=getattr(common_spec.Activation, _ACTIVATIONS[cfg.activation]),
+    )
     weights = {k: v.detach().float().cpu().numpy() for k, v in ckpt.model.state_dict().items()}
     model = ckpt.model
     n = max(max_positions, cfg.max_source_len or 0)
@@ -71,7 +88,9 @@ def export_ct2(ckpt: Checkpoint, out: str | Path, quantization: Optional[str] = 
             _attention(layer.self_attention, weights, f"{p}.self_attn", [f"{p}.self_attn.qkv_proj"])
             _norm(layer.self_attention.layer_norm, weights, f"{p}.self_attn_norm")
             if side == "decoder":
-                _attention(layer.attention, weights, f"{p}.cross_attn", [f"{p}.cross_attn.q_proj", f"{p}.cross_attn.kv_proj"])
+                _attention(
+                    layer.attention, weights, f"{p}.cross_attn", [f"{p}.cross_attn.q_proj", f"{p}.cross_attn.kv_proj"]
+                )
                 _norm(layer.attention.layer_norm, weights, f"{p}.cross_attn_norm")
             _linear(layer.ffn.linear_0, weights, f"{p}.ff.linear1")
             _linear(layer.ffn.linear_1, weights, f"{p}.ff.linear2")

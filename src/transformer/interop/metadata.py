@@ -33,7 +33,7 @@ class Keys:
 
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
-            raise CheckpointError(f"{where}: must be a JSON object ({{\"key\": value, ...}}), got {show(data)}")
+            raise CheckpointError(f'{where}: must be a JSON object ({{"key": value, ...}}), got {show(data)}')
         self.data, self.where = data, where
 
     def error(self, key: str, what: str) -> CheckpointError:

@@ -58,8 +58,13 @@ class Batcher:
     """The worker thread and its queue. `run(kind, settings, texts, jobs)` computes one group: it returns one
     result per text (sliced back to the jobs here), or streams through the single job it is given."""
 
-    def __init__(self, run: Callable[[str, Hashable, list[str], list[Job]], Optional[list]], max_batch_tokens: int,
-                 max_wait_ms: float, max_batch: int) -> None:
+    def __init__(
+        self,
+        run: Callable[[str, Hashable, list[str], list[Job]], Optional[list]],
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_batch: int,
+    ) -> None:
         self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
@@ -104,8 +109,10 @@ class Batcher:
             if nxt is None:
                 self.queue.put(None)  # stop once this batch is done
                 break
-            if sum(j.tokens for j in jobs) + nxt.tokens > self.max_tokens or \
-                    sum(len(j.texts) for j in jobs) + len(nxt.texts) > self.max_batch:
+            if (
+                sum(j.tokens for j in jobs) + nxt.tokens > self.max_tokens
+                or sum(len(j.texts) for j in jobs) + len(nxt.texts) > self.max_batch
+            ):
                 self.held.append(nxt)
                 break
             jobs.append(nxt)

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
 from ..backend import check_decoding, decoding
+from ..checkpoint import Checkpoint
 from ..cpu.linear import packed_weights
 from ..errors import TransformerError
 from ..generate import DecodingSettings, SamplingSettings
@@ -70,8 +70,9 @@ class Runner:
             if kind == "translate":
                 from ..generate import translate_texts
 
-                return translate_texts(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, settings,
-                                       batch_size=len(texts))
+                return translate_texts(
+                    ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, settings, batch_size=len(texts)
+                )
             if kind in ("classify", "embed"):
                 from ..classify import classify_texts, embed_texts
 
@@ -97,8 +98,16 @@ class Runner:
         context = ck.meta.get("run", {}).get("data", {}).get("block_size")
         stream, pieces = TextStream(tok, ids), []
         gen = torch.Generator().manual_seed(s.seed)
-        for token in sample(ck.model, torch.tensor([ids], device=device), s.max_new_tokens, s.temperature, s.top_k,
-                            s.top_p, gen, context):
+        for token in sample(
+            ck.model,
+            torch.tensor([ids], device=device),
+            s.max_new_tokens,
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            gen,
+            context,
+        ):
             if job.cancelled:
                 break
             if int(token[0]) == ck.config.eos_id:  # the model ended its text
@@ -125,8 +134,11 @@ class _Service:
         from fastapi import HTTPException
 
         if kind not in self.kinds:
-            raise HTTPException(404, f"this server holds a '{self.ckpt.task}' checkpoint: /v1/{kind} is not available "
-                                     f"(available: {', '.join('/v1/' + k for k in sorted(self.kinds))})")
+            raise HTTPException(
+                404,
+                f"this server holds a '{self.ckpt.task}' checkpoint: /v1/{kind} is not available "
+                f"(available: {', '.join('/v1/' + k for k in sorted(self.kinds))})",
+            )
 
     def check_texts(self, texts: list[str]) -> int:
         """Refuses too many or too long texts (413); returns a cheap estimate of the tokens they add to a batch."""
@@ -134,11 +146,14 @@ class _Service:
 
         limits = self.limits
         if len(texts) > limits.max_texts:
-            raise HTTPException(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)")
+            raise HTTPException(
+                413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)"
+            )
         for i, t in enumerate(texts):
             if len(t) > limits.max_text_chars:
-                raise HTTPException(413, f"texts[{i}] has {len(t)} characters; the limit is {limits.max_text_chars} "
-                                         "(--max-text-chars)")
+                raise HTTPException(
+                    413, f"texts[{i}] has {len(t)} characters; the limit is {limits.max_text_chars} (--max-text-chars)"
+                )
         return sum(len(t) // 4 + 1 for t in texts)
 
     async def run(self, request, job: Job):
@@ -158,14 +173,30 @@ class _Service:
 
     def info(self) -> dict:
         ck, cfg = self.ckpt, self.ckpt.config
-        return {"task": ck.task, "checkpoint": str(ck.path), "arch": cfg.arch, "config": cfg.to_dict(),
-                "labels": ck.meta.get("labels"), "device": str(next(ck.model.parameters()).device),
-                "bf16": self.bf16, "int8": self.int8, "routes": sorted(f"/v1/{k}" for k in self.kinds), "limits": self.limits.__dict__,
-                "batching": {**self.batching, "batches_run": self.batcher.batches if self.batcher else 0}}
+        return {
+            "task": ck.task,
+            "checkpoint": str(ck.path),
+            "arch": cfg.arch,
+            "config": cfg.to_dict(),
+            "labels": ck.meta.get("labels"),
+            "device": str(next(ck.model.parameters()).device),
+            "bf16": self.bf16,
+            "int8": self.int8,
+            "routes": sorted(f"/v1/{k}" for k in self.kinds),
+            "limits": self.limits.__dict__,
+            "batching": {**self.batching, "batches_run": self.batcher.batches if self.batcher else 0},
+        }
 
 
-def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0,
-               max_batch: int = 64, bf16: bool = False, int8: bool = False):
+def create_app(
+    ckpt: Checkpoint,
+    limits: Limits = Limits(),
+    max_batch_tokens: int = 4096,
+    max_wait_ms: float = 25.0,
+    max_batch: int = 64,
+    bf16: bool = False,
+    int8: bool = False,
+):
     """The ASGI application serving `ckpt` (FastAPI). Its batching worker starts with the app's lifespan; with
     `int8`, the model multiplies by int8 weights (CPU) while the app runs."""
     from fastapi import FastAPI
@@ -173,8 +204,13 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
     from .. import __version__
 
     check_decoding(ckpt.model, bf16, int8)
-    svc = _Service(ckpt, limits, {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms,
-                                  "max_batch": max_batch}, bf16, int8)
+    svc = _Service(
+        ckpt,
+        limits,
+        {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms, "max_batch": max_batch},
+        bf16,
+        int8,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -184,8 +220,12 @@ def create_app(ckpt: Checkpoint, limits: Limits = Limits(), max_batch_tokens: in
         svc.batcher.close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
         runner.close()
 
-    app = FastAPI(title="transformer", version=__version__, lifespan=lifespan,
-                  description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}")
+    app = FastAPI(
+        title="transformer",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}",
+    )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     _add_error_handlers(app)
     models = _request_models(limits)
@@ -242,8 +282,12 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
         svc.require("classify")
         probs = await svc.run(request, Job("classify", list(body.texts), None, svc.check_texts(body.texts)))
         labels = ckpt.meta.get("labels") or [str(i) for i in range(ckpt.config.num_labels)]
-        return {"predictions": [{"label": labels[max(range(len(p)), key=p.__getitem__)],
-                                 "probabilities": dict(zip(labels, p))} for p in probs]}
+        return {
+            "predictions": [
+                {"label": labels[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(labels, p))}
+                for p in probs
+            ]
+        }
 
     @app.post("/v1/embed")
     async def embed(body: TextsBody, request: Request):
@@ -261,7 +305,11 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return template("serve.html") if "attention" in svc.kinds else template("serve-api.html").replace("__TASK__", ckpt.task)
+        return (
+            template("serve.html")
+            if "attention" in svc.kinds
+            else template("serve-api.html").replace("__TASK__", ckpt.task)
+        )
 
 
 def _add_generate_route(app, svc: _Service, GenerateBody) -> None:
@@ -355,8 +403,13 @@ class _BodyLimit:
 
     async def _too_large(self, send) -> None:
         body = json.dumps({"detail": f"request body over {self.limit} bytes (--max-body-bytes)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -364,9 +417,18 @@ class _TooLarge(Exception):
     pass
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", bf16: bool = False,
-          limits: Limits = Limits(), max_batch_tokens: int = 4096, max_wait_ms: float = 25.0, max_batch: int = 64,
-          int8: bool = False) -> None:
+def serve(
+    checkpoint: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    bf16: bool = False,
+    limits: Limits = Limits(),
+    max_batch_tokens: int = 4096,
+    max_wait_ms: float = 25.0,
+    max_batch: int = 64,
+    int8: bool = False,
+) -> None:
     """Load `checkpoint` and serve it until SIGTERM or Ctrl-C (which finish the requests in flight first)."""
     try:
         import uvicorn
