@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# what CI checks besides the tests: ruff's lint and format (configured in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -16,9 +16,9 @@ def _fix_cpu_paths() -> None:
     the per-machine decision file: a timed choice could flip with the load on a shared machine, and the
     trained fixtures, hence the tests' expectations, with it. Every oneDNN path that works here is taken, so
     the suite exercises them; tests that need another choice set it themselves."""
-    from transformer import cpu
-
     import torch as _torch
+
+    from transformer import cpu
 
     fp32, bf16 = cpu.paths.onednn_usable(_torch.float32), cpu.paths.onednn_usable(_torch.bfloat16)
     fixed = cpu.CpuPaths(fp32, fp32, bf16, why="fixed for the test session: every path that works here")
@@ -51,9 +51,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def reverse_run(tmp_path_factory):
     """A run directory of a small model trained to reverse strings of up to 8 letters (shared by tests)."""
-    from transformer.train import Trainer
-
     from helpers import tiny_run_config
+    from transformer.train import Trainer
 
     out = tmp_path_factory.mktemp("reverse-run")
     # Trained until it is good enough, not for a step count that happened to suffice on one machine: every

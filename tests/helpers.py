@@ -31,16 +31,64 @@ def tiny_run_config(**train_kw):
     from transformer import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     # fp32: the tests' expectations do not depend on whether this CPU has native bf16
-    train = dict(max_tokens=1024, lr=3e-3, warmup_steps=50, schedule="cosine", max_steps=400, eval_every=400,
-                 label_smoothing=0.0, eval_bleu_sentences=100, log_every=50, precision="fp32")
+    train = dict(
+        max_tokens=1024,
+        lr=3e-3,
+        warmup_steps=50,
+        schedule="cosine",
+        max_steps=400,
+        eval_every=400,
+        label_smoothing=0.0,
+        eval_bleu_sentences=100,
+        log_every=50,
+        precision="fp32",
+    )
     train.update(train_kw)
     return RunConfig(
-        model=ModelConfig(d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=128, dropout=0.0,
-                          tie_embeddings="all"),
-        data=DataConfig(task="synthetic", synthetic_task="reverse", synthetic_max_len=8, synthetic_train_size=5000,
-                        synthetic_val_size=100),
+        model=ModelConfig(
+            d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=128, dropout=0.0, tie_embeddings="all"
+        ),
+        data=DataConfig(
+            task="synthetic",
+            synthetic_task="reverse",
+            synthetic_max_len=8,
+            synthetic_train_size=5000,
+            synthetic_val_size=100,
+        ),
         train=TrainConfig(**train),
     )
+
+
+def tiny_config(arch: str = "encoder-decoder", vocab: int = 0, **overrides):
+    """The tests' tiny ModelConfig: d_model 16, 2 heads, one layer per stack, d_ff 16, every other field at
+    its default; `vocab` sets the vocabulary sizes (both for an encoder-decoder, the target's for a decoder-only
+    model, the source's for an encoder-only one; 0: left for training to set). `overrides` replace any field."""
+    from transformer import ModelConfig
+
+    base = dict(d_model=16, n_heads=2, d_ff=16, arch=arch)
+    if arch != "decoder-only":
+        base["n_encoder_layers"] = 1
+    if arch != "encoder-only":
+        base["n_decoder_layers"] = 1
+    if vocab:
+        if arch != "decoder-only":
+            base["src_vocab_size"] = vocab
+        if arch != "encoder-only":
+            base["tgt_vocab_size"] = vocab
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def tiny_model(arch: str = "encoder-decoder", seed=0, vocab: int = 0, **overrides):
+    """The model `tiny_config(arch, vocab, **overrides)` describes (Transformer, TransformerLM or
+    TransformerEncoder), in eval mode, its weights drawn right after `torch.manual_seed(seed)`: the same seed
+    and sizes give the same weights. seed=None draws from the global generator as it stands."""
+    from transformer.model import build_model
+
+    cfg = tiny_config(arch, vocab, **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(cfg).eval()
 
 
 def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
@@ -50,16 +98,42 @@ def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "runs", "the", "big", "##s", ".",
-             "sleeps", "small", "bird", "sings"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "dog",
+        "cat",
+        "runs",
+        "the",
+        "big",
+        "##s",
+        ".",
+        "sleeps",
+        "small",
+        "bird",
+        "sings",
+    ]
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
-    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=40, num_labels=max(num_labels, 2))
+    cfg = transformers.BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        num_labels=max(num_labels, 2),
+    )
     torch.manual_seed(seed)
     kind = transformers.BertForSequenceClassification if num_labels else transformers.BertModel
     model = kind(cfg).eval()
@@ -68,8 +142,16 @@ def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
 
 
 # headless Chromium with nothing of its own that reaches the network
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_or_skip():

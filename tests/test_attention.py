@@ -72,8 +72,9 @@ def test_a_query_with_no_key_allowed_gets_zeros(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y, _ = mha(x, mask=padding_mask(torch.zeros(2, 5, dtype=torch.long), 0))
     # no key: the heads give zeros, so the layer gives its output projection's bias at every position
-    torch.testing.assert_close(y.float(), mha.out_proj.bias.expand(2, 5, 12).float(), atol=1e-2 if autocast else 0,
-                               rtol=0)
+    torch.testing.assert_close(
+        y.float(), mha.out_proj.bias.expand(2, 5, 12).float(), atol=1e-2 if autocast else 0, rtol=0
+    )
 
 
 def test_gradcheck_attention_float64():

@@ -108,10 +108,12 @@ print(libc.mallinfo2().hblkhd - before)
 def test_the_tuned_allocator_serves_large_blocks_from_its_heap():
     """After tune_allocator() a 16 MB block comes from the heap (reusable), not from a fresh mmap; with
     TRANSFORMER_MALLOC=0 or the user's own MALLOC_* settings it is left alone."""
+
     def run(**env):
         base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TRANSFORMER_MALLOC"}
-        out = subprocess.run([sys.executable, "-c", _MMAPPED_AFTER_16MB], env={**base, **env},
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _MMAPPED_AFTER_16MB], env={**base, **env}, capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     assert run() == ("True", 0)
@@ -140,8 +142,14 @@ def _onednn_cache(kind: str = "bf16-training", **env) -> tuple[str, int, int]:
     """(the capacity left set, oneDNN's cache hits, misses) for 40 bf16 shapes run twice, after a bf16 Trainer
     is built on the CPU ("bf16-training") or without one."""
     base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "ONEDNN_VERBOSE")}
-    out = subprocess.run([sys.executable, "-c", _CACHE_HITS, kind, os.path.dirname(__file__)], env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _CACHE_HITS, kind, os.path.dirname(__file__)],
+        env={**base, "ONEDNN_VERBOSE": "profile_create", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     return out.split()[0], out.count("create:cache_hit"), out.count("create:cache_miss")
 
 

@@ -15,8 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import workloads as W  # noqa: E402
 from bench import ct2_worker  # noqa: E402
+from bench import workloads as W  # noqa: E402
 from bench.harness import AGREE, BUSY, SPREAD, Quiet, UnequalWork, compare, unreliable  # noqa: E402
 
 
@@ -24,8 +24,13 @@ def test_bench_smoke(tmp_path):
     if os.environ.get("CI") and not W.have_hf():
         pytest.fail("CI installs the bench extra (transformers): the peers' code paths must run there")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["meta"]["torch"] and data["meta"]["smoke"] is True
@@ -33,22 +38,31 @@ def test_bench_smoke(tmp_path):
     assert ("train small fp32", "nn.Transformer") in names and ("greedy base", "naive recompute") in names
     assert ("train small fp32 Marian defaults", "ours") in names
     if data["meta"]["hf"]:
-        assert {("greedy base", "HF generate"), ("beam5 base", "HF generate"), ("lm step", "HF GPT-2"),
-                ("lm step", "HF GPT-2 gelu_new"), ("train small fp32 Marian defaults", "HF Marian")} <= names
+        assert {
+            ("greedy base", "HF generate"),
+            ("beam5 base", "HF generate"),
+            ("lm step", "HF GPT-2"),
+            ("lm step", "HF GPT-2 gelu_new"),
+            ("train small fp32 Marian defaults", "HF Marian"),
+        } <= names
     for r in data["rows"]:
         if "ratio" in r:
             assert r["ratio"] > 0 and r["ratio_iqr"] >= 0 and "unreliable" not in r
         if "unreliable" in r:  # a flagged row shows why and what it measured, and judges no target
             assert r["unreliable"] and r["ratio_as_measured"] > 0 and "ratio" not in r and "met" not in r
     assert data["meta"]["ours"]["threads"] == data["meta"]["threads"] and data["meta"]["ours"]["isa"]
-    assert data["meta"]["unreliable_if"] == {"alone_vs_interleaved_over": AGREE, "ratio_iqr_over_fraction": SPREAD,
-                                             "others_cores_over": BUSY}
+    assert data["meta"]["unreliable_if"] == {
+        "alone_vs_interleaved_over": AGREE,
+        "ratio_iqr_over_fraction": SPREAD,
+        "others_cores_over": BUSY,
+    }
     if W.have_ct2():  # each CTranslate2 row names its threads, ISA, compute type and GEMM backend
         ct2 = [r for r in data["rows"] if r["workload"].startswith("ct2 ")]
         assert len(ct2) == 16 and all("alone_s" in r and "spin_after_s" in r and r["threads"] for r in ct2)
         assert {r["compute_type"] for r in ct2 if r["contender"] == "CTranslate2"} <= {"float32", "int8_float32"}
-        assert all(info["sgemm"] and info["env"]["CT2_USE_MKL"] in ("0", "1")
-                   for info in data["meta"]["ctranslate2"].values())
+        assert all(
+            info["sgemm"] and info["env"]["CT2_USE_MKL"] in ("0", "1") for info in data["meta"]["ctranslate2"].values()
+        )
     assert any("mfu" in r and r["peak_tflops"] > 0 for r in data["rows"])
     assert any("peak_mib" in r for r in data["rows"])
 
@@ -82,8 +96,12 @@ def _result(ours_s, peer_s, ours_alone=None, peer_alone=None, others=0.0):
     """A compare() result for two contenders from per-round times."""
     out = {}
     for name, times, alone in (("ours", ours_s, ours_alone), ("peer", peer_s, peer_alone)):
-        out[name] = {"median_s": sorted(times)[len(times) // 2], "times_s": times, "work": [1] * len(times),
-                     "others_cores": others}
+        out[name] = {
+            "median_s": sorted(times)[len(times) // 2],
+            "times_s": times,
+            "work": [1] * len(times),
+            "others_cores": others,
+        }
         if alone is not None:
             out[name]["alone_s"] = [alone]
     return out
@@ -144,9 +162,13 @@ def test_ct2_report_is_parsed():
 [info]  - GEMM_S8 backend: DNNL (packed: false, u8s8 preferred: true)
 [info]  - Selected compute type: int8_float32"""
     assert ct2_worker.parse_report(log) == {
-        "cpu": "AuthenticAMD (SSE4.1=true, AVX=true, AVX2=true, AVX512=true)", "isa": "AVX2", "mkl": "false",
-        "sgemm": "DNNL (packed: false)", "gemm_s8": "DNNL (packed: false, u8s8 preferred: true)",
-        "compute_type": "int8_float32"}
+        "cpu": "AuthenticAMD (SSE4.1=true, AVX=true, AVX2=true, AVX512=true)",
+        "isa": "AVX2",
+        "mkl": "false",
+        "sgemm": "DNNL (packed: false)",
+        "gemm_s8": "DNNL (packed: false, u8s8 preferred: true)",
+        "compute_type": "int8_float32",
+    }
 
 
 def test_ct2_backend_is_pinned(monkeypatch):

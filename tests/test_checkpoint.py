@@ -3,17 +3,14 @@ import json
 import pytest
 import torch
 
-from transformer import CheckpointError, ModelConfig, Transformer, TransformerError
+from helpers import tiny_model
+from transformer import CheckpointError, TransformerError
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.tokenizers import CharTokenizer
 
 
 def model_and_tok(**kw):
-    torch.manual_seed(0)
-    cfg = dict(src_vocab_size=30, tgt_vocab_size=30, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
-               d_ff=16, tie_embeddings="all")
-    cfg.update(kw)
-    return Transformer(ModelConfig(**cfg)).eval(), CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    return tiny_model(vocab=30, **{"tie_embeddings": "all", **kw}), CharTokenizer("abcdefghijklmnopqrstuvwxyz")
 
 
 def save(tmp_path, **kw):

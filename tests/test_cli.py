@@ -11,8 +11,12 @@ from transformer.checkpoint import load_checkpoint
 from transformer.cli import main
 
 PAIRS = [
-    ("a dog runs", "ein hund rennt"), ("a cat sleeps", "eine katze schläft"), ("the man eats", "der mann isst"),
-    ("a woman reads", "eine frau liest"), ("two dogs play", "zwei hunde spielen"), ("the child laughs", "das kind lacht"),
+    ("a dog runs", "ein hund rennt"),
+    ("a cat sleeps", "eine katze schläft"),
+    ("the man eats", "der mann isst"),
+    ("a woman reads", "eine frau liest"),
+    ("two dogs play", "zwei hunde spielen"),
+    ("the child laughs", "das kind lacht"),
 ] * 6
 
 
@@ -42,10 +46,10 @@ def parallel_files(tmp_path_factory):
     cfg.write_text(f"""
 model: {{d_model: 32, n_heads: 2, n_encoder_layers: 1, n_decoder_layers: 1, d_ff: 64, tie_embeddings: all}}
 data:
-  train_src: {d / 'train.en'}
-  train_tgt: {d / 'train.de'}
-  val_src: {d / 'val.en'}
-  val_tgt: {d / 'val.de'}
+  train_src: {d / "train.en"}
+  train_tgt: {d / "train.de"}
+  val_src: {d / "val.en"}
+  val_tgt: {d / "val.de"}
   vocab_size: 120
 train: {{max_tokens: 200, max_steps: 6, eval_every: 3, warmup_steps: 2, log_every: 1}}
 """)
@@ -62,7 +66,9 @@ def test_train_translate_evaluate_average(tmp_path, capsys, parallel_files):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     code, out, _ = run_cli(capsys, "translate", run / "best", "a dog runs", "", "the man eats", "--beam", "2")
     assert code == 0 and len(out.splitlines()) == 3 and out.splitlines()[1] == ""
-    code, out, _ = run_cli(capsys, "evaluate", run / "best", "--src", d / "val.en", "--ref", d / "val.de", "--json", "--beam", "3")
+    code, out, _ = run_cli(
+        capsys, "evaluate", run / "best", "--src", d / "val.en", "--ref", d / "val.de", "--json", "--beam", "3"
+    )
     assert code == 0
     scores = json.loads(out)
     assert {"bleu", "chrf", "signature", "sentences", "seconds"} <= set(scores) and scores["sentences"] == 6
@@ -128,7 +134,9 @@ def test_translate_input_file(tmp_path, capsys, reverse_checkpoint):
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
     code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--bf16")
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
-    code, out, _ = run_cli(capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--int8", "--beam", "2")
+    code, out, _ = run_cli(
+        capsys, "translate", reverse_checkpoint, "--input", tmp_path / "in.txt", "--int8", "--beam", "2"
+    )
     assert code == 0 and out.splitlines() == ["cba", "zyx"]
     code, _, err = run_cli(capsys, "translate", reverse_checkpoint, "abc", "--int8", "--bf16")
     assert_user_error(code, err, "choose one of --bf16 and --int8")
@@ -163,8 +171,12 @@ def test_command_line_mistakes(tmp_path, capsys, reverse_checkpoint):
 def test_demo_command_as_a_real_process(tmp_path):
     """The command runs as its own process (a short demo), prints one JSON object and saves a checkpoint."""
     cli = [sys.executable, "-m", "transformer"]
-    proc = subprocess.run([*cli, "demo", "--steps", "30", "--json", "--out", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cli, "demo", "--steps", "30", "--json", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["steps"] == 30 and result["held_out"] == 500 and result["task"] == "reverse"
@@ -175,7 +187,8 @@ def test_demo_command_as_a_real_process(tmp_path):
     inputs = [e["input"] for e in result["examples"]]
     assert [e["expected"] for e in result["examples"]] == [s[::-1] for s in inputs]
     assert translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, inputs) == [
-        e["output"] for e in result["examples"]]
+        e["output"] for e in result["examples"]
+    ]
     shown = sum(e["output"] == e["expected"] for e in result["examples"])
     assert result["exact_match"] * 500 >= shown  # every right example is counted
     bad = subprocess.run([*cli, "translate", str(tmp_path / "missing"), "x"], capture_output=True, text=True)
@@ -189,7 +202,7 @@ def test_language_model_train_and_generate(tmp_path, capsys):
     cfg.write_text(f"""
 model: {{arch: decoder-only, d_model: 32, n_heads: 2, n_decoder_layers: 2, d_ff: 64, dropout: 0.0,
         norm_first: true, positional: learned, max_positions: 32, tie_embeddings: decoder}}
-data: {{task: lm, text: {tmp_path / 'text.txt'}, tokenizer: char, block_size: 32}}
+data: {{task: lm, text: {tmp_path / "text.txt"}, tokenizer: char, block_size: 32}}
 train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, schedule: cosine, max_steps: 150, eval_every: 75,
         label_smoothing: 0.0}}
 """)
@@ -206,8 +219,11 @@ train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, schedule: cosine, max_step
     greedy_a = run_cli(capsys, *args[:-2], "--seed", "1", "--temperature", "0")[1]
     greedy_b = run_cli(capsys, *args[:-2], "--seed", "2", "--temperature", "0")[1]
     assert greedy_a == greedy_b  # temperature 0 is greedy: no randomness left
-    for bad, needle in [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p"),
-                        (["--top-k", "-2"], "--top-k")]:
+    for bad, needle in [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-k", "-2"], "--top-k"),
+    ]:
         code, _, err = run_cli(capsys, *args, *bad)
         assert_user_error(code, err, needle)
     code, _, err = run_cli(capsys, "translate", tmp_path / "run" / "best", "x")
@@ -231,22 +247,34 @@ def test_over_long_pairs_are_dropped_and_counted(tmp_path, capsys, parallel_file
     (tmp_path / "train.en").write_text("\n".join(src) + "\n")
     (tmp_path / "train.de").write_text("\n".join(tgt) + "\n")
     with caplog.at_level("INFO", logger="transformer"):
-        code, _, _ = run_cli(capsys, "train", cfg, "--out", tmp_path / "run", "--set", f"data.train_src={tmp_path / 'train.en'}",
-                             "--set", f"data.train_tgt={tmp_path / 'train.de'}", "--set", "train.max_steps=2")
+        code, _, _ = run_cli(
+            capsys,
+            "train",
+            cfg,
+            "--out",
+            tmp_path / "run",
+            "--set",
+            f"data.train_src={tmp_path / 'train.en'}",
+            "--set",
+            f"data.train_tgt={tmp_path / 'train.de'}",
+            "--set",
+            "train.max_steps=2",
+        )
     assert code == 0
     assert "34 kept, 1 blank dropped, 1 longer than 128 tokens dropped" in caplog.text
 
 
 def test_long_input_is_truncated_to_learned_positions(tmp_path, capsys, caplog):
-    from transformer import ModelConfig, Transformer
+    from helpers import tiny_model
     from transformer.checkpoint import save_checkpoint
     from transformer.tokenizers import CharTokenizer
 
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
-    model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=16, n_heads=2, n_encoder_layers=1,
-                                    n_decoder_layers=1, d_ff=16, positional="learned", max_positions=16))
+    model = tiny_model(seed=None, vocab=30, positional="learned", max_positions=16)
     save_checkpoint(tmp_path / "ckpt", model, "translation", {"src": tok, "tgt": tok})
     with caplog.at_level("WARNING", logger="transformer"):
-        code, out, _ = run_cli(capsys, "translate", tmp_path / "ckpt", "a" * 100, "--max-len-a", "0", "--max-len-b", "8")
+        code, out, _ = run_cli(
+            capsys, "translate", tmp_path / "ckpt", "a" * 100, "--max-len-a", "0", "--max-len-b", "8"
+        )
     assert code == 0 and len(out.splitlines()) == 1
     assert "1 input(s) longer than the model's 16 positions were truncated" in caplog.text

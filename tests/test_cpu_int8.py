@@ -19,8 +19,11 @@ from transformer.cpu.linear import int8_weights
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
-needs_kernel = pytest.mark.skipif(not int8.available(), reason="the int8 VNNI kernel needs Linux on x86-64 with "
-                                  "AVX-512 VNNI (PyTorch dispatching AVX-512) and a C compiler; this machine lacks one")
+needs_kernel = pytest.mark.skipif(
+    not int8.available(),
+    reason="the int8 VNNI kernel needs Linux on x86-64 with "
+    "AVX-512 VNNI (PyTorch dispatching AVX-512) and a C compiler; this machine lacks one",
+)
 
 # (rows, inputs, outputs): a step's shapes, and sizes off every multiple the kernel works in (4 rows per register
 # block, 4 inputs per VNNI product, 16 outputs per vector, 64 per tile)
@@ -175,16 +178,19 @@ def test_int8_weights_use_the_kernel_in_the_modules():
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 @pytest.mark.skipif(not cpu.int8.fbgemm_works(), reason="this PyTorch build or CPU has no fbgemm to fall back to")
 def test_turned_off_it_falls_back_to_fbgemm(tmp_path):
-    code = ("import torch; from transformer.cpu import int8; from transformer.cpu.linear import Linear, int8_weights; "
-            "l = Linear(8, 4).eval(); "
-            "with_block = int8_weights(l); with_block.__enter__(); "
-            "print(int8.available(), type(l.prepared.int8).__name__)")
+    code = (
+        "import torch; from transformer.cpu import int8; from transformer.cpu.linear import Linear, int8_weights; "
+        "l = Linear(8, 4).eval(); "
+        "with_block = int8_weights(l); with_block.__enter__(); "
+        "print(int8.available(), type(l.prepared.int8).__name__)"
+    )
     out = _python(code, TRANSFORMER_VNNI="0", TRANSFORMER_CACHE=str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "False" and out.stdout.split()[1] != "Int8Weight"
@@ -207,8 +213,10 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
 def test_another_librarys_openmp_does_not_turn_it_off():
     """CTranslate2 brings an OpenMP runtime of its own: the kernel still finds PyTorch's and links that one."""
     pytest.importorskip("ctranslate2")
-    out = _python("import ctranslate2, torch; from transformer.cpu import int8; "
-                  "print(len(int8._openmp_runtimes()), int8.available())")
+    out = _python(
+        "import ctranslate2, torch; from transformer.cpu import int8; "
+        "print(len(int8._openmp_runtimes()), int8.available())"
+    )
     assert out.stdout.split() == ["2", "True"], out.stderr[-2000:]
 
 
@@ -242,8 +250,10 @@ def _planted(tmp_path: Path, cc: str, omp: str) -> tuple[Path, Path, Path]:
     library = cache / "kernels" / int8._library_name(cc, omp)
     library.parent.mkdir(parents=True, mode=0o700)
     marker, source = tmp_path / "ran", tmp_path / "planted.c"
-    source.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
-                      f'{{ fclose(fopen("{marker}", "w")); }}\n')
+    source.write_text(
+        f"#include <stdio.h>\n__attribute__((constructor)) static void planted(void) "
+        f'{{ fclose(fopen("{marker}", "w")); }}\n'
+    )
     subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(library)], check=True, capture_output=True)
     library.chmod(0o755)
     return cache, library, marker

@@ -169,8 +169,10 @@ def test_importing_leaves_the_global_random_state_alone():
     import subprocess
     import sys
 
-    code = ("import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); import transformer; "
-            "b = torch.rand(3); print(torch.equal(a, b))")
+    code = (
+        "import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); import transformer; "
+        "b = torch.rand(3); print(torch.equal(a, b))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 

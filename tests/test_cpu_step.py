@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fp32_atol, model_depth
 
+from helpers import fp32_atol, model_depth
 from transformer import ModelConfig, Transformer
 from transformer.cpu import decisions, int8, timing
-from transformer.layers import ACTIVATIONS
 from transformer.cpu import step as I
-from transformer.generate import argmax, beam_search, greedy, topk_beams
 from transformer.cpu.linear import Linear, int8_weights, packed_weights
+from transformer.generate import argmax, beam_search, greedy, topk_beams
+from transformer.layers import ACTIVATIONS
 
 CONFIGS = {
     "paper": dict(),  # post-norm, ReLU, sinusoidal positions, all embeddings tied
@@ -26,8 +26,17 @@ CONFIGS = {
 
 def make_model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig(src_vocab_size=300, tgt_vocab_size=300, d_model=64, n_heads=4, n_encoder_layers=2,
-                      n_decoder_layers=2, d_ff=128, dropout=0.0, **kw)
+    cfg = ModelConfig(
+        src_vocab_size=300,
+        tgt_vocab_size=300,
+        d_model=64,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=128,
+        dropout=0.0,
+        **kw,
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # random LayerNorms and biases, so that a swapped or missing one shows
         for name, p in model.named_parameters():
@@ -158,7 +167,12 @@ def test_prepared_weights_live_as_long_as_the_block(monkeypatch):
     assert greedy(model, src, max_len_b=6) != before
     with int8_weights(model):
         q = I.step_decoder(model)
-        assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {"mkl", "onednn", "int8", "vnni"}
+        assert I.step_decoder(model) is q and {layer.qkv.kind for layer in q.layers} <= {
+            "mkl",
+            "onednn",
+            "int8",
+            "vnni",
+        }
         greedy(model, src, max_len_b=3)  # its own packed_weights() block ends inside the int8 one
         assert I.step_decoder(model) is q
     assert model.output.prepared is None
@@ -225,6 +239,7 @@ def _decide_afresh(monkeypatch, favourite):
         def timed(*a, **kw):
             clock[0] += 1e-6 if kind == favourite else 1e-3
             return fn(*a, **kw)
+
         return timed
 
     monkeypatch.setattr(I, "_build", build)

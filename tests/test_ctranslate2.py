@@ -4,11 +4,13 @@ score (fp32: per-token log-probabilities within 1e-4, two engines summing in dif
 import pytest
 import torch
 
-ctranslate2 = pytest.importorskip("ctranslate2", reason="CTranslate2 is in the bench and dev extras: pip install ctranslate2")
+ctranslate2 = pytest.importorskip(
+    "ctranslate2", reason="CTranslate2 is in the bench and dev extras: pip install ctranslate2"
+)
 
 from transformer import CheckpointError  # noqa: E402
-from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.batching import pad_batch  # noqa: E402
+from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import beam_search, greedy  # noqa: E402
 from transformer.interop.ctranslate2 import export_ct2  # noqa: E402
 
@@ -40,8 +42,10 @@ def test_ctranslate2_scores_references_as_we_do(exported):
     ckpt, translator = exported
     tok, model = ckpt.src_tokenizer, ckpt.model
     refs = [w[::-1] + "x" for w in WORDS]  # not the model's own output: every token's probability matters
-    scored = translator.score_batch([[tok.token_text(i) for i in tok.encode(w)] for w in WORDS],
-                                    [[tok.token_text(i) for i in tok.encode(r)] for r in refs])
+    scored = translator.score_batch(
+        [[tok.token_text(i) for i in tok.encode(w)] for w in WORDS],
+        [[tok.token_text(i) for i in tok.encode(r)] for r in refs],
+    )
     with torch.no_grad():
         for w, r, s in zip(WORDS, refs, scored):
             src, tgt = torch.tensor([tok.encode(w)]), tok.encode(r)
@@ -51,20 +55,24 @@ def test_ctranslate2_scores_references_as_we_do(exported):
 
 
 def test_what_ctranslate2_cannot_represent_is_refused(tmp_path):
-    from transformer import ModelConfig, TransformerLM
+    from helpers import tiny_model
     from transformer.checkpoint import Checkpoint
     from transformer.tokenizers import CharTokenizer
 
-    cfg = ModelConfig(tgt_vocab_size=10, d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16, arch="decoder-only")
+    model = tiny_model("decoder-only", seed=None, vocab=10)
     tok = CharTokenizer("abc")
-    with pytest.raises(CheckpointError, match="CTranslate2's Transformer cannot represent this model: arch='decoder-only'"):
-        export_ct2(Checkpoint(TransformerLM(cfg), cfg, "lm", {"tgt": tok}), tmp_path / "out")
+    with pytest.raises(
+        CheckpointError, match="CTranslate2's Transformer cannot represent this model: arch='decoder-only'"
+    ):
+        export_ct2(Checkpoint(model, model.config, "lm", {"tgt": tok}), tmp_path / "out")
 
 
 def test_export_command_with_int8(reverse_checkpoint, tmp_path, capsys):
     from transformer.cli import main
 
-    assert main(["export", str(reverse_checkpoint), "--to", "ct2", str(tmp_path / "int8"), "--quantization", "int8"]) == 0
+    assert (
+        main(["export", str(reverse_checkpoint), "--to", "ct2", str(tmp_path / "int8"), "--quantization", "int8"]) == 0
+    )
     assert "CTranslate2 model directory" in capsys.readouterr().out
     ckpt = load_checkpoint(reverse_checkpoint)
     tok = ckpt.src_tokenizer

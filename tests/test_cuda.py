@@ -10,13 +10,11 @@ import sys
 import pytest
 import torch
 
-from transformer import ModelConfig, TransformerLM
-from transformer.checkpoint import load_checkpoint
+from helpers import tiny_model, tiny_run_config
 from transformer.batching import pad_batch
+from transformer.checkpoint import load_checkpoint
 from transformer.generate import beam_search, greedy, sample, translate_texts
 from transformer.train import Trainer
-
-from helpers import tiny_run_config
 
 pytestmark = pytest.mark.cuda
 
@@ -46,9 +44,7 @@ def test_decoding_on_the_gpu_gives_the_cpu_tokens(reverse_checkpoint):
 
 
 def test_sampling_on_the_gpu_gives_the_cpu_tokens():
-    torch.manual_seed(0)
-    model = TransformerLM(ModelConfig(tgt_vocab_size=40, d_model=32, n_heads=2, n_decoder_layers=2, d_ff=64,
-                                      arch="decoder-only", tie_embeddings="decoder")).eval()
+    model = tiny_model("decoder-only", vocab=40, d_model=32, n_decoder_layers=2, d_ff=64, tie_embeddings="decoder")
     prompt = torch.tensor([[1, 5, 6], [7, 8, 9]])
 
     def tokens(m, p):  # random numbers are drawn on the CPU whatever the device: the same seed, the same text
@@ -76,8 +72,12 @@ def test_resume_is_exact_on_the_gpu_with_dropout(tmp_path):
 
 
 def test_demo_on_the_gpu(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "transformer", "demo", "--device", "cuda", "--json",
-                           "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "transformer", "demo", "--device", "cuda", "--json", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["exact_match"] >= 0.99, result
@@ -88,9 +88,25 @@ def test_bf16_decoding_on_the_gpu(tmp_path, reverse_checkpoint):
     words.write_text("\n".join(WORDS) + "\n")
     outs = []
     for extra in ([], ["--bf16"]):
-        proc = subprocess.run([sys.executable, "-m", "transformer", "translate", str(reverse_checkpoint), "--input",
-                               str(words), "--device", "cuda", "--beam", "3", *extra],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "transformer",
+                "translate",
+                str(reverse_checkpoint),
+                "--input",
+                str(words),
+                "--device",
+                "cuda",
+                "--beam",
+                "3",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(proc.stdout.splitlines())
     assert sum(a == w[::-1] for a, w in zip(outs[0], WORDS)) >= len(WORDS) - 1  # as on the CPU (test_generate)

@@ -2,8 +2,8 @@ import pytest
 
 from transformer.batching import collate, pair_lengths, token_batches
 from transformer.data import SyntheticTask, read_labelled, read_lines, read_parallel
-from transformer.tokenizers import BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, load_tokenizer
 from transformer.errors import DataError
+from transformer.tokenizers import BOS, EOS, PAD, UNK, BPETokenizer, CharTokenizer, load_tokenizer
 
 SENTENCES = [
     "Two young, White males are outside near many bushes.",
@@ -112,8 +112,12 @@ def test_lines_end_at_newline_only(tmp_path):
     src, tgt = read_parallel(str(tmp_path / "src.txt"), str(tmp_path / "tgt.txt"), None, "train")
     assert list(zip(src, tgt)) == [("one\u2028uno", "eins"), ("two", "zwei\u2028zwo")]
     # as `wc -l` counts: the final newline starts no line, a missing one loses none, blank lines stay
-    for text, lines in [("a\nb\n", ["a", "b"]), ("a\nb", ["a", "b"]), ("a\n\nb\r\n", ["a", "", "b"]),
-                        ("x\x0cy\x1cz\x85w\n", ["x\x0cy\x1cz\x85w"])]:
+    for text, lines in [
+        ("a\nb\n", ["a", "b"]),
+        ("a\nb", ["a", "b"]),
+        ("a\n\nb\r\n", ["a", "", "b"]),
+        ("x\x0cy\x1cz\x85w\n", ["x\x0cy\x1cz\x85w"]),
+    ]:
         (tmp_path / "f.txt").write_text(text, encoding="utf-8", newline="")
         assert read_lines(tmp_path / "f.txt") == lines
 
@@ -143,8 +147,10 @@ def test_a_first_line_with_a_label_of_its_own_is_data_not_a_header(tmp_path):
     """Bug: a first line whose label no other line had was taken for a header and dropped, with it the only
     example of its class, even when the known labels said it was one."""
     (tmp_path / "t.tsv").write_text("neutral\tso so\npos\tgreat\nneg\tawful\npos\tfine\n")
-    assert read_labelled(tmp_path / "t.tsv", "training file") == (["neutral", "pos", "neg", "pos"],
-                                                                  ["so so", "great", "awful", "fine"])
+    assert read_labelled(tmp_path / "t.tsv", "training file") == (
+        ["neutral", "pos", "neg", "pos"],
+        ["so so", "great", "awful", "fine"],
+    )
     known = ["neg", "neutral", "pos"]
     assert read_labelled(tmp_path / "t.tsv", "validation file", known=known)[0] == ["neutral", "pos", "neg", "pos"]
     (tmp_path / "one.tsv").write_text("1\tthe only line\n")
@@ -159,8 +165,10 @@ def test_a_first_line_with_a_label_of_its_own_is_data_not_a_header(tmp_path):
 def test_a_header_line_is_still_skipped(tmp_path, header):
     (tmp_path / "t.tsv").write_text(f"{header}\n0\tdull\n1\tbright\n1\tsunny\n")
     for known in (None, ["0", "1"]):
-        assert read_labelled(tmp_path / "t.tsv", "training file", known=known) == (["0", "1", "1"],
-                                                                                 ["dull", "bright", "sunny"])
+        assert read_labelled(tmp_path / "t.tsv", "training file", known=known) == (
+            ["0", "1", "1"],
+            ["dull", "bright", "sunny"],
+        )
     # over word labels, the column name is the text field's
     (tmp_path / "w.tsv").write_text(f"{header.split()[0]}\tsentence\nneg\tdull\npos\tbright\n")
     assert read_labelled(tmp_path / "w.tsv", "training file") == (["neg", "pos"], ["dull", "bright"])

@@ -28,8 +28,20 @@ def train(tmp_path, out, procs, acc, *extra):
     if procs == 1:
         cmd = [*CLI, "train", str(cfg), "--out", str(out), *extra]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-               "-m", "transformer", "train", str(cfg), "--out", str(out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            "-m",
+            "transformer",
+            "train",
+            str(cfg),
+            "--out",
+            str(out),
+            *extra,
+        ]
     if "--resume" in extra:
         cmd.remove(str(cfg))
         i = cmd.index("--out")
@@ -90,7 +102,13 @@ def test_only_rank_zero_writes(runs):
     lines = (tmp / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4, 5, 6]  # one line per validation, not per process
     assert proc.stdout.count("done:") == 1
-    assert sorted(p.name for p in (tmp / "ddp").iterdir()) == ["best", "checkpoints", "last", "metrics.jsonl", "run_config.json"]
+    assert sorted(p.name for p in (tmp / "ddp").iterdir()) == [
+        "best",
+        "checkpoints",
+        "last",
+        "metrics.jsonl",
+        "run_config.json",
+    ]
 
 
 def test_resume_across_process_counts(runs):
@@ -112,14 +130,28 @@ def test_fsdp_equals_one_process_and_resumes_from_it(runs):
     assert_same(weights(tmp / "fsdp"), weights(tmp / "single"))
     # a single-process checkpoint continues under FSDP (the optimizer state is keyed by parameter name)
     train(tmp, tmp / "c", 1, 2, "--set", "train.max_steps=3")
-    train(tmp, tmp / "c", 2, 1, "--resume", str(tmp / "c"), "--fsdp", "--set", "train.accumulate=1", "--set", "train.max_steps=6")
+    train(
+        tmp,
+        tmp / "c",
+        2,
+        1,
+        "--resume",
+        str(tmp / "c"),
+        "--fsdp",
+        "--set",
+        "train.accumulate=1",
+        "--set",
+        "train.max_steps=6",
+    )
     assert_same(weights(tmp / "c"), weights(tmp / "single"))
 
 
 def test_fsdp_without_torchrun_is_a_clear_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.replace("ACC", "1"))
-    proc = subprocess.run([*CLI, "train", str(cfg), "--out", str(tmp_path / "r"), "--fsdp"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "train", str(cfg), "--out", str(tmp_path / "r"), "--fsdp"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "launch with torchrun" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -183,13 +215,17 @@ def whole_two_process_run(tmp_path_factory):
 # (point, what rank 0 wraps, which call, the signal): 2 micro-batches a step, so loss call 5 is the first half of
 # step 3; saves are the step, best and last checkpoints; validations run at steps 3, 6 and the final one at 8.
 # The last figure is the step both workers stop at.
-TORCHRUN_POINTS = [("between micro-batches", "loss", 5, "SIGINT", 3), ("during a save", "save_checkpoint", 2, "SIGTERM", 3),
-                   ("during the final validation", "validate", 3, "SIGTERM", 8)]
+TORCHRUN_POINTS = [
+    ("between micro-batches", "loss", 5, "SIGINT", 3),
+    ("during a save", "save_checkpoint", 2, "SIGTERM", 3),
+    ("during the final validation", "validate", 3, "SIGTERM", 8),
+]
 
 
 @pytest.mark.parametrize("point, where, call, name, step", TORCHRUN_POINTS, ids=[p[0] for p in TORCHRUN_POINTS])
-def test_a_signal_under_torchrun_resumes_to_the_uninterrupted_run(whole_two_process_run, point, where, call, name,
-                                                                   step):
+def test_a_signal_under_torchrun_resumes_to_the_uninterrupted_run(
+    whole_two_process_run, point, where, call, name, step
+):
     import os
 
     from transformer.checkpoint import load_checkpoint
@@ -208,6 +244,8 @@ def test_a_signal_under_torchrun_resumes_to_the_uninterrupted_run(whole_two_proc
         a = load_checkpoint(cut / name).model.state_dict()
         b = load_checkpoint(tmp / "whole" / name).model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), (point, name)
-    clockless = [[{k: v for k, v in m.items() if k not in ("minutes", "train_minutes")} for m in metrics(run)]
-                 for run in (cut, tmp / "whole")]
+    clockless = [
+        [{k: v for k, v in m.items() if k not in ("minutes", "train_minutes")} for m in metrics(run)]
+        for run in (cut, tmp / "whole")
+    ]
     assert clockless[0] == clockless[1]

@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
+from helpers import tiny_run_config
 from transformer import TransformerError
 from transformer.checkpoint import load_checkpoint
 from transformer.train import Trainer
-
-from helpers import tiny_run_config
 
 CLI = [sys.executable, "-m", "transformer"]  # works whether or not the package is installed
 
@@ -33,7 +32,9 @@ def nan_after(task, bad_steps):
 
 def test_single_nan_step_is_skipped(tmp_path, caplog):
     def run(steps, nan_steps):
-        trainer = Trainer(tiny_run_config(max_steps=steps, eval_every=100, eval_bleu_sentences=5), tmp_path / str(steps))
+        trainer = Trainer(
+            tiny_run_config(max_steps=steps, eval_every=100, eval_bleu_sentences=5), tmp_path / str(steps)
+        )
         nan_after(trainer.task, nan_steps)
         with caplog.at_level("WARNING", logger="transformer"):
             trainer.train()
@@ -81,14 +82,18 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, sig, code
 
     steps = 600
     cfg = tiny_yaml(tmp_path, steps)
-    proc = subprocess.Popen([*CLI, "train", str(cfg), "--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "train", str(cfg), "--out", str(tmp_path / "cut")], stderr=subprocess.PIPE, text=True
+    )
     # Sent only once last/ is whole (it is renamed into place, so its state file means a finished save, first at
     # step 50): the test is about resuming from it, so however slow the machine, no signal goes before then.
     state_file = tmp_path / "cut" / "last" / "training_state.json"
     deadline = time.time() + 600
     while not state_file.exists():
         if proc.poll() is not None:
-            pytest.fail(f"training ended (exit {proc.returncode}) before last/ was written: {proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"training ended (exit {proc.returncode}) before last/ was written: {proc.stderr.read()[-2000:]}"
+            )
         if time.time() > deadline:
             proc.kill()
             pytest.fail("last/ was not written within 600 s: nothing to resume from, so no signal was sent")
@@ -101,7 +106,9 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, sig, code
     assert 50 <= state["position"]["step"] < steps  # really stopped in the middle
     done = subprocess.run([*CLI, "train", "--resume", str(tmp_path / "cut"), "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    whole = subprocess.run([*CLI, "train", str(cfg), "--out", str(tmp_path / "whole"), "--json"], capture_output=True, text=True)
+    whole = subprocess.run(
+        [*CLI, "train", str(cfg), "--out", str(tmp_path / "whole"), "--json"], capture_output=True, text=True
+    )
     assert whole.returncode == 0, whole.stderr
     a = load_file(str(tmp_path / "cut" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
@@ -143,8 +150,9 @@ def test_a_kill_at_any_point_of_saving_never_breaks_the_checkpoint(tmp_path):
     while True:
         k += 1
         target = tmp_path / f"kill{k}" / "ckpt"
-        proc = subprocess.run([sys.executable, "-c", WRITER, str(target), str(k)], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", WRITER, str(target), str(k)], capture_output=True, text=True, timeout=120
+        )
         ckpt = load_checkpoint(target)  # always loadable (recovered if need be), and internally consistent
         assert float(ckpt.model.output.weight[0, 0]) == ckpt.meta["i"]
         leftovers = [p.name for p in target.parent.iterdir() if p.name != "ckpt"]
@@ -161,15 +169,21 @@ def test_a_kill_at_any_point_of_saving_never_breaks_the_checkpoint(tmp_path):
 # "loss" calls are micro-batches (2 a step: call 5 is the first half of step 3, call 16 the last of step 8);
 # validations run at steps 3, 6 and the final one at 8; saves are step, best and last checkpoints.
 SIGNAL_POINTS = [
-    ("before the first step", "run_config", 1), ("between micro-batches", "loss", 5),
-    ("during a validation", "validate", 1), ("during a save", "save", 2), ("at the last step", "loss", 16),
-    ("during the final validation", "validate", 3), ("during the averaging", "average", 1),
+    ("before the first step", "run_config", 1),
+    ("between micro-batches", "loss", 5),
+    ("during a validation", "validate", 1),
+    ("during a save", "save", 2),
+    ("at the last step", "loss", 16),
+    ("during the final validation", "validate", 3),
+    ("during the averaging", "average", 1),
 ]
 
 
 def _no_clock(path):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("minutes", "train_minutes")}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("minutes", "train_minutes")}
+        for line in path.read_text().splitlines()
+    ]
 
 
 @pytest.mark.parametrize("point, where, call", SIGNAL_POINTS, ids=[p[0] for p in SIGNAL_POINTS])
@@ -179,8 +193,9 @@ def test_a_signal_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, monkey
     from transformer import rundir, train
     from transformer.train import TrainingInterrupted
 
-    run = tiny_run_config(max_steps=8, eval_every=3, eval_bleu_sentences=5, accumulate=2, max_tokens=256,
-                          average_last=2, log_every=2)
+    run = tiny_run_config(
+        max_steps=8, eval_every=3, eval_bleu_sentences=5, accumulate=2, max_tokens=256, average_last=2, log_every=2
+    )
     whole = Trainer(run, tmp_path / "whole")
     expected = whole.train()
     sig = signal.SIGTERM if call % 2 else signal.SIGINT
@@ -193,6 +208,7 @@ def test_a_signal_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, monkey
             if calls["n"] == call:
                 os.kill(os.getpid(), sig)  # the handler only notes it; the trainer stops at its next safe point
             return real(*args, **kwargs)
+
         return wrapped
 
     with monkeypatch.context() as m:
@@ -201,8 +217,11 @@ def test_a_signal_at_any_point_resumes_to_the_uninterrupted_run(tmp_path, monkey
         elif where == "validate":
             cut.task.validate = deliver(cut.task.validate)
         else:
-            module, name = {"run_config": (rundir, "write_run_config"), "save": (train, "save_checkpoint"),
-                            "average": (rundir, "average_checkpoints")}[where]
+            module, name = {
+                "run_config": (rundir, "write_run_config"),
+                "save": (train, "save_checkpoint"),
+                "average": (rundir, "average_checkpoints"),
+            }[where]
             m.setattr(module, name, deliver(getattr(module, name)))
         with pytest.raises(TrainingInterrupted) as stopped:
             cut.train()

@@ -7,14 +7,23 @@ import pytest
 
 pytest.importorskip("transformers", reason="the tiny pretrained model is made by transformers (the dev extra)")
 
+from helpers import tiny_bert_dir  # noqa: E402
 from transformer.cli import main  # noqa: E402
 from transformer.data import label_names, read_labelled  # noqa: E402
 from transformer.errors import DataError  # noqa: E402
 
-from helpers import tiny_bert_dir  # noqa: E402
-
-TEXTS = ["the big dog runs", "a small cat sleeps", "a dog sleeps", "the bird sings", "the small dogs run",
-         "a big cat runs", "the dog", "a bird sleeps", "big dogs sing", "the cat sings"]
+TEXTS = [
+    "the big dog runs",
+    "a small cat sleeps",
+    "a dog sleeps",
+    "the bird sings",
+    "the small dogs run",
+    "a big cat runs",
+    "the dog",
+    "a bird sleeps",
+    "big dogs sing",
+    "the cat sings",
+]
 
 
 def tsv(path, rows, header="label\tsentence"):
@@ -35,7 +44,7 @@ def test_fine_tuning_learns_and_the_commands_use_it(imported, capsys, caplog):
     tmp, train, dev = imported
     cfg = tmp / "ft.yaml"
     cfg.write_text(f"""
-model: {{init_from: {tmp / 'ckpt'}, pooling: cls, pooler: false, dropout: 0.0, attention_dropout: 0.0}}
+model: {{init_from: {tmp / "ckpt"}, pooling: cls, pooler: false, dropout: 0.0, attention_dropout: 0.0}}
 data: {{task: classification, train_tsv: {train}, val_tsv: {dev}, max_len: 16}}
 train: {{batch_size: 8, max_tokens: 512, lr: 1.0e-3, head_lr: 3.0e-3, schedule: linear, warmup_steps: 5,
         max_steps: 60, eval_every: 30, label_smoothing: 0.0, precision: fp32, weight_decay: 0.01}}
@@ -63,23 +72,28 @@ def test_the_new_head_has_its_own_learning_rate(imported):
     tmp, train, dev = imported
     cfg = tmp / "lr.yaml"
     cfg.write_text(f"""
-model: {{init_from: {tmp / 'ckpt'}}}
+model: {{init_from: {tmp / "ckpt"}}}
 data: {{task: classification, train_tsv: {train}, val_tsv: {dev}}}
 train: {{batch_size: 8, lr: 1.0e-4, head_lr: 2.0e-3, schedule: linear, warmup_steps: 1, max_epochs: 2,
         weight_decay: 0.1, precision: fp32}}
 """)
     trainer = Trainer(load_run_config(cfg), tmp / "lr-run")
-    groups = {(g["peak"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in trainer.optimizer.param_groups}
+    groups = {
+        (g["peak"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in trainer.optimizer.param_groups
+    }
     head = trainer.model.classifier
     assert groups[(2.0e-3, 0.1)] == head.weight.numel() and groups[(2.0e-3, 0.0)] == head.bias.numel()
     assert (1.0e-4, 0.0) in groups and (1.0e-4, 0.1) in groups  # biases and LayerNorm never decay
     assert trainer.total_steps == 2 * trainer.task.num_batches(0)  # "linear" ends with the epochs
 
 
-@pytest.mark.parametrize("rows, needle", [
-    (["pos\tthe dog", "neg"], "train.tsv:3: expected 'label<TAB>text', found no text"),
-    (["pos\tthe dog", "\ta cat"], "train.tsv:3: expected 'label<TAB>text', found no label"),
-])
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        (["pos\tthe dog", "neg"], "train.tsv:3: expected 'label<TAB>text', found no text"),
+        (["pos\tthe dog", "\ta cat"], "train.tsv:3: expected 'label<TAB>text', found no label"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, rows, needle):
     (tmp_path / "train.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
     with pytest.raises(DataError, match=needle):
@@ -91,7 +105,7 @@ def test_unknown_label_in_dev_is_an_error(tmp_path, capsys, imported):
     bad = tsv(tmp_path / "dev.tsv", [("pos", "a dog"), ("maybe", "a cat")])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""
-model: {{init_from: {tmp / 'ckpt'}}}
+model: {{init_from: {tmp / "ckpt"}}}
 data: {{task: classification, train_tsv: {train}, val_tsv: {bad}}}
 train: {{max_steps: 2}}
 """)

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from transformer import ModelConfig, Transformer, TransformerLM, TransformerError
-from transformer.checkpoint import load_checkpoint
+from helpers import tiny_model
+from transformer import TransformerError
 from transformer.batching import pad_batch
-from transformer.generate import beam_search, filter_logits, greedy, sample, translate_texts
+from transformer.checkpoint import load_checkpoint
 from transformer.cpu.step import StepDecoder
+from transformer.generate import beam_search, filter_logits, greedy, sample, translate_texts
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,7 @@ def test_greedy_with_cache_equals_full_recompute(trained):
 def test_beam_size_one_is_greedy(trained):
     src = encode(trained, WORDS)
     assert beam_search(trained.model, src, beam_size=1) == greedy(trained.model, src)
-    torch.manual_seed(0)
-    random_model = Transformer(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=32, n_heads=2,
-                                           n_encoder_layers=1, n_decoder_layers=1, d_ff=32)).eval()
+    random_model = tiny_model(vocab=30, d_model=32, d_ff=32)
     assert beam_search(random_model, src, beam_size=1, max_len_b=5) == greedy(random_model, src, max_len_b=5)
 
 
@@ -68,8 +67,11 @@ def test_decoding_stops_exactly_at_the_length_limit(trained, monkeypatch):
     monkeypatch.setattr(StepDecoder, "step", lambda *args, **kw: (calls.append(1), real_step(*args, **kw))[1])
     for a, b in [(0.0, 3), (0.5, 0), (1.0, 1), (1.5, 10)]:
         limits = [int(len(w) * a) + b for w in WORDS]
-        for out in (beam_search(model, src, 3, max_len_a=a, max_len_b=b), greedy(model, src, a, b),
-                    greedy(model, src, a, b, use_cache=False)):
+        for out in (
+            beam_search(model, src, 3, max_len_a=a, max_len_b=b),
+            greedy(model, src, a, b),
+            greedy(model, src, a, b, use_cache=False),
+        ):
             assert [len(o) for o in out] == limits
         calls.clear()
         greedy(model, src, a, b)
@@ -101,9 +103,7 @@ def test_filter_logits_support():
 
 
 def lm():
-    torch.manual_seed(0)
-    return TransformerLM(ModelConfig(tgt_vocab_size=20, d_model=32, n_heads=2, n_decoder_layers=2, d_ff=64,
-                                     arch="decoder-only", tie_embeddings="decoder")).eval()
+    return tiny_model("decoder-only", vocab=20, d_model=32, n_decoder_layers=2, d_ff=64, tie_embeddings="decoder")
 
 
 def test_sampling_support_greedy_and_seed():
@@ -115,7 +115,9 @@ def test_sampling_support_greedy_and_seed():
     for tok in greedy_tokens:
         assert int(model(ids)[0, -1].argmax()) == int(tok)
         ids = torch.cat([ids, tok.view(1, 1)], 1)
-    topk1 = torch.cat(list(sample(model, prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))))
+    topk1 = torch.cat(
+        list(sample(model, prompt, 10, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0)))
+    )
     assert torch.equal(topk1, greedy_tokens)
     a = torch.cat(list(sample(model, prompt, 20, top_k=3, generator=torch.Generator().manual_seed(7))))
     b = torch.cat(list(sample(model, prompt, 20, top_k=3, generator=torch.Generator().manual_seed(7))))
@@ -130,16 +132,18 @@ def test_sampling_support_greedy_and_seed():
 def test_sampling_argument_errors():
     model = lm()
     prompt = torch.tensor([[1]])
-    for kw, msg in [(dict(temperature=-1), "temperature"), (dict(top_k=-1), "top-k"), (dict(top_p=0.0), "top-p"),
-                    (dict(top_p=1.5), "top-p")]:
+    for kw, msg in [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_k=-1), "top-k"),
+        (dict(top_p=0.0), "top-p"),
+        (dict(top_p=1.5), "top-p"),
+    ]:
         with pytest.raises(TransformerError, match=msg):
             next(sample(model, prompt, 5, **kw))
 
 
 def test_prompt_longer_than_learned_positions_is_cropped():
-    torch.manual_seed(0)
-    model = TransformerLM(ModelConfig(tgt_vocab_size=20, d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16,
-                                      arch="decoder-only", positional="learned", max_positions=8)).eval()
+    model = tiny_model("decoder-only", vocab=20, positional="learned", max_positions=8)
     long_prompt = torch.randint(4, 20, (1, 20))
     out = torch.cat(list(sample(model, long_prompt, 30, temperature=0)))  # also runs past the table's end
     assert out.shape == (30,)
@@ -157,20 +161,20 @@ def test_prompt_longer_than_learned_positions_is_cropped():
 def test_streamed_text_keeps_the_space_after_the_prompt():
     """Bug: `generate` decoded the new tokens alone, and a Metaspace (BPE) tokenizer's word-initial token
     lost its space: prompt "ROMEO:" printed "ROMEO:the king"."""
-    from transformer.tokenizers import BPETokenizer
     from transformer.generate import TextStream
+    from transformer.tokenizers import BPETokenizer
 
     tok = BPETokenizer.train(["ROMEO: the king is here", "JULIET: the king is there"] * 50, vocab_size=60)
     full = tok.encode("ROMEO: the king")
     prompt = tok.encode("ROMEO:")
     assert full[: len(prompt)] == prompt
     stream = TextStream(tok, prompt)
-    assert "ROMEO:" + "".join(stream.push(t) for t in full[len(prompt):]) == "ROMEO: the king"
+    assert "ROMEO:" + "".join(stream.push(t) for t in full[len(prompt) :]) == "ROMEO: the king"
 
 
 def test_streamed_text_waits_for_whole_characters():
-    from transformer.tokenizers import BPETokenizer
     from transformer.generate import TextStream
+    from transformer.tokenizers import BPETokenizer
 
     tok = BPETokenizer.train_bytes(["abc"] * 10, vocab_size=260)  # "é" and "✓" stay split into their bytes
     ids = tok.encode("é ✓")
@@ -191,9 +195,7 @@ def test_beam_search_finds_the_best_sequence_when_the_beam_holds_them_all(length
     src = torch.tensor([[4, 5, 4], [5, 5, 0]])
     tokens = [t for t in range(6) if t != EOS]
     for seed in range(4):  # several random models: a wrong length normalisation shows in some of them
-        torch.manual_seed(seed * 100 + int(length_penalty * 10))
-        model = Transformer(ModelConfig(src_vocab_size=6, tgt_vocab_size=6, d_model=16, n_heads=2,
-                                        n_encoder_layers=1, n_decoder_layers=1, d_ff=16, dropout=0.0)).eval()
+        model = tiny_model(seed=seed * 100 + int(length_penalty * 10), vocab=6, dropout=0.0)
         _check_beam_against_brute_force(model, src, tokens, length_penalty)
 
 
@@ -212,7 +214,7 @@ def _check_beam_against_brute_force(model, src, tokens, length_penalty):
     for i, limit in enumerate(limits):
         candidates = [list(s) for n in range(limit + 1) for s in itertools.product(tokens, repeat=n)]
         best = max(candidates, key=lambda s: score(i, s))
-        found = beam_search(model, src, beam_size=5 ** limit, length_penalty=length_penalty, max_len_a=1, max_len_b=0)
+        found = beam_search(model, src, beam_size=5**limit, length_penalty=length_penalty, max_len_a=1, max_len_b=0)
         assert found[i] == best
         narrow = beam_search(model, src, beam_size=2, length_penalty=length_penalty, max_len_a=1, max_len_b=0)
         assert score(i, narrow[i]) <= score(i, best) + 1e-6

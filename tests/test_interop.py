@@ -26,7 +26,9 @@ def wordpiece_tokenizer(path):
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tok.save(str(path / "tokenizer.json"))
     return len(words)
 
@@ -45,7 +47,10 @@ def hf_random(model, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name.lower() and "weight" in name else 0.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 0.1
+                    + (1.0 if "norm" in name.lower() and "weight" in name else 0.0)
+                )
     return model.eval()
 
 
@@ -56,8 +61,15 @@ def hf_random(model, seed=0):
 @pytest.fixture
 def bert_dir(tmp_path):
     vocab = wordpiece_tokenizer(tmp_path)
-    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=40, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     model = hf_random(transformers.BertForSequenceClassification(cfg))
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -93,8 +105,9 @@ def test_bert_export_round_trip(bert_dir, tmp_path):
     theirs = transformers.BertForSequenceClassification.from_pretrained(out).eval()
     ids = padded_ids(ckpt.config.src_vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=ids != 0).logits, ckpt.model.classify(ids),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            theirs(input_ids=ids, attention_mask=ids != 0).logits, ckpt.model.classify(ids), atol=ATOL, rtol=0
+        )
 
 
 def test_refusals_name_the_reason(bert_dir, tmp_path):
@@ -122,8 +135,9 @@ def gpt2_dir(tmp_path):
 
     tok = BPETokenizer.train_bytes(["the big dog runs after a small cat"] * 20, vocab_size=300)
     tok.tok.save(str(tmp_path / "tokenizer.json"))
-    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                  bos_token_id=2, eos_token_id=2)
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=2
+    )
     torch.manual_seed(0)
     model = hf_random(transformers.GPT2LMHeadModel(cfg))
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -146,8 +160,15 @@ def test_gpt2_imports_to_the_same_logits_and_decodes_alike(gpt2_dir, tmp_path):
         theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, 5:].tolist()
         ours = greedy_lm(ckpt.model, prompt, 8)
         assert ours == [t for t in theirs if t != 2][: len(ours)] and (len(ours) == 8 or theirs[len(ours)] == 2)
-        theirs = hf.generate(prompt, max_new_tokens=8, num_beams=4, do_sample=False, early_stopping=True,
-                             pad_token_id=2, length_penalty=1.0)[0, 5:].tolist()
+        theirs = hf.generate(
+            prompt,
+            max_new_tokens=8,
+            num_beams=4,
+            do_sample=False,
+            early_stopping=True,
+            pad_token_id=2,
+            length_penalty=1.0,
+        )[0, 5:].tolist()
         ours = beam_search(ckpt.model, prompt, beam_size=4, max_len_b=8)[0]
         assert ours == [t for t in theirs if t != 2]
     out = export_hf(ckpt, tmp_path / "exported")
@@ -178,12 +199,15 @@ def marian_tokenizer_files(path):
     sentencepiece = pytest.importorskip("sentencepiece", reason="Marian tokenizers need sentencepiece")
     text = ["the dog runs in the snow", "a cat sleeps on the mat", "two dogs play in the park"] * 30
     buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=40,
-                                             model_type="unigram", hard_vocab_limit=False)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=buf, vocab_size=40, model_type="unigram", hard_vocab_limit=False
+    )
     for name in ("source.spm", "target.spm"):
         (path / name).write_bytes(buf.getvalue())
     sp = sentencepiece.SentencePieceProcessor(model_proto=buf.getvalue())
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.id_to_piece(i) not in ("<unk>", "<s>", "</s>")]
+    pieces = [
+        sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.id_to_piece(i) not in ("<unk>", "<s>", "</s>")
+    ]
     vocab = {"</s>": 0, "<unk>": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
     vocab["<pad>"] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab))
@@ -194,11 +218,23 @@ def marian_tokenizer_files(path):
 def marian_dir(tmp_path):
     vocab = marian_tokenizer_files(tmp_path)
     V = len(vocab)
-    cfg = transformers.MarianConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
-                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
-                                    decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=V - 1,
-                                    decoder_start_token_id=V - 1, eos_token_id=0, forced_eos_token_id=0,
-                                    activation_function="swish", scale_embedding=True)
+    cfg = transformers.MarianConfig(
+        vocab_size=V,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=64,
+        pad_token_id=V - 1,
+        decoder_start_token_id=V - 1,
+        eos_token_id=0,
+        forced_eos_token_id=0,
+        activation_function="swish",
+        scale_embedding=True,
+    )
     torch.manual_seed(0)
     model = hf_random(transformers.MarianMTModel(cfg))
     with torch.no_grad():
@@ -222,35 +258,51 @@ def test_marian_imports_to_the_same_logits_and_translates_alike(marian_dir, tmp_
         real[2, 3:] = False
         torch.testing.assert_close(ckpt.model(src, tgt)[real], want[real], atol=ATOL, rtol=0)
         for beams in (1, 4):
-            theirs = hf.generate(input_ids=src, attention_mask=src != pad, num_beams=beams, max_new_tokens=12,
-                                 do_sample=False, early_stopping=True, length_penalty=1.0, bad_words_ids=None)
+            theirs = hf.generate(
+                input_ids=src,
+                attention_mask=src != pad,
+                num_beams=beams,
+                max_new_tokens=12,
+                do_sample=False,
+                early_stopping=True,
+                length_penalty=1.0,
+                bad_words_ids=None,
+            )
             theirs = [[t for t in row.tolist()[1:] if t not in (pad, cfg.eos_id)] for row in theirs]
-            ours = beam_search(ckpt.model, src, beams, max_len_a=0, max_len_b=11) if beams > 1 else \
-                greedy(ckpt.model, src, max_len_a=0, max_len_b=11)
+            ours = (
+                beam_search(ckpt.model, src, beams, max_len_a=0, max_len_b=11)
+                if beams > 1
+                else greedy(ckpt.model, src, max_len_a=0, max_len_b=11)
+            )
             assert ours == theirs, beams
     # the tokenizer: Marian's own ids, </s> after the source
-    marian_tok = transformers.MarianTokenizer(str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json"))
+    marian_tok = transformers.MarianTokenizer(
+        str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json")
+    )
     for text in ["the dog runs in the park", "two cats sleep"]:
         assert ckpt.src_tokenizer.encode(text) == marian_tok(text)["input_ids"]
     out = export_hf(ckpt, tmp_path / "exported")
     again = transformers.MarianMTModel.from_pretrained(out).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=src, attention_mask=src != pad, decoder_input_ids=tgt).logits[real],
-                                   want[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            again(input_ids=src, attention_mask=src != pad, decoder_input_ids=tgt).logits[real],
+            want[real],
+            atol=ATOL,
+            rtol=0,
+        )
     reimported = from_pretrained(out)
     for k, v in ckpt.model.state_dict().items():
         assert torch.equal(v, reimported.model.state_dict()[k]), k
 
 
 def test_a_pre_norm_translator_is_not_exported_to_hugging_face(tmp_path):
-    from transformer import ModelConfig, Transformer
+    from helpers import tiny_model
     from transformer.checkpoint import Checkpoint
     from transformer.tokenizers import CharTokenizer
 
-    cfg = ModelConfig(src_vocab_size=10, tgt_vocab_size=10, d_model=16, n_heads=2, n_encoder_layers=1,
-                      n_decoder_layers=1, d_ff=16, norm_first=True)
+    model = tiny_model(seed=None, vocab=10, norm_first=True)
     tok = CharTokenizer("abc")
-    ckpt = Checkpoint(Transformer(cfg), cfg, "translation", {"src": tok, "tgt": tok})
+    ckpt = Checkpoint(model, model.config, "translation", {"src": tok, "tgt": tok})
     with pytest.raises(CheckpointError, match="no Hugging Face class represents a pre-norm encoder-decoder"):
         export_hf(ckpt, tmp_path / "out")
 
@@ -267,8 +319,12 @@ def test_real_minilm_embeddings_equal_sentence_transformers():
     path = minilm.get_model_path()
     ckpt = from_pretrained(path)
     assert ckpt.config.pooling == "mean" and ckpt.config.normalize_embeddings and ckpt.config.d_model == 384
-    sentences = ["A man is playing a guitar.", "Two dogs are running through the snow!",
-                 "The weather in Edinburgh is unpredictable; bring an umbrella.", "Ünïcödé and emoji 🙂 too"]
+    sentences = [
+        "A man is playing a guitar.",
+        "Two dogs are running through the snow!",
+        "The weather in Edinburgh is unpredictable; bring an umbrella.",
+        "Ünïcödé and emoji 🙂 too",
+    ]
     ours = embed_texts(ckpt.model, ckpt.src_tokenizer, sentences)
     reference = st.SentenceTransformer(str(path), device="cpu")
     theirs = torch.tensor(reference.encode(sentences))
@@ -282,8 +338,19 @@ def test_import_and_embed_commands(tmp_path, capsys):
 
     assert main(["import", str(minilm.get_model_path()), "--out", str(tmp_path / "minilm")]) == 0
     assert "'embedding' checkpoint" in capsys.readouterr().out
-    assert main(["embed", str(tmp_path / "minilm"), "A man is playing a guitar.", "Someone plays an instrument.",
-                 "The stock market fell sharply today.", "--json"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(tmp_path / "minilm"),
+                "A man is playing a guitar.",
+                "Someone plays an instrument.",
+                "The stock market fell sharply today.",
+                "--json",
+            ]
+        )
+        == 0
+    )
     vectors = torch.tensor(json.loads(capsys.readouterr().out)["embeddings"])
     assert vectors.shape == (3, 384)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)

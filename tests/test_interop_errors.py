@@ -26,18 +26,36 @@ def saved(tmp_path_factory):
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("bert", "gpt2", "marian")}
     torch.manual_seed(0)
     vocab = wordpiece_tokenizer(dirs["bert"])
-    bert = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=48, max_position_embeddings=40, num_labels=3)
+    bert = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
     hf_random(transformers.BertForSequenceClassification(bert)).save_pretrained(dirs["bert"], safe_serialization=True)
     shutil.copy(dirs["bert"] / "tokenizer.json", dirs["gpt2"] / "tokenizer.json")  # any tokenizer.json will do
-    gpt2 = transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=2,
-                                   eos_token_id=2)
+    gpt2 = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=2
+    )
     hf_random(transformers.GPT2LMHeadModel(gpt2)).save_pretrained(dirs["gpt2"], safe_serialization=True)
     V = len(marian_tokenizer_files(dirs["marian"]))
-    marian = transformers.MarianConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
-                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
-                                       decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=V - 1,
-                                       decoder_start_token_id=V - 1, eos_token_id=0)
+    marian = transformers.MarianConfig(
+        vocab_size=V,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=64,
+        pad_token_id=V - 1,
+        decoder_start_token_id=V - 1,
+        eos_token_id=0,
+    )
     hf_random(transformers.MarianMTModel(marian)).save_pretrained(dirs["marian"], safe_serialization=True)
     return dirs
 
@@ -46,6 +64,7 @@ def saved(tmp_path_factory):
 def copy(saved, tmp_path):
     def copy(family):
         return shutil.copytree(saved[family], tmp_path / family)
+
     return copy
 
 
@@ -78,21 +97,47 @@ def test_the_saved_models_import(saved):
 # 1. Malformed configs and files
 
 CORRUPTIONS = [
-    ("bert", "hidden_size", DELETE), ("bert", "hidden_size", "big"), ("bert", "num_hidden_layers", [2]),
-    ("bert", "vocab_size", None), ("bert", "intermediate_size", 0), ("bert", "num_attention_heads", True),
-    ("bert", "num_attention_heads", 5), ("bert", "hidden_dropout_prob", "0.1"), ("bert", "hidden_dropout_prob", 1.5),
-    ("bert", "hidden_act", ["gelu"]), ("bert", "is_decoder", "no"), ("bert", "architectures", "BertModel"),
-    ("bert", "id2label", ["a", "b", "c"]), ("bert", "id2label", {"0": "a", "5": "b"}), ("bert", "id2label", {}),
-    ("bert", "pad_token_id", -1), ("bert", "position_embedding_type", {"kind": "absolute"}),
-    ("bert", "model_type", DELETE), ("bert", "model_type", ["bert"]),
-    ("gpt2", "n_embd", DELETE), ("gpt2", "n_embd", "big"), ("gpt2", "n_layer", 2.0), ("gpt2", "n_head", None),
-    ("gpt2", "vocab_size", -3), ("gpt2", "eos_token_id", []), ("gpt2", "eos_token_id", "x"),
-    ("gpt2", "bos_token_id", 10 ** 6), ("gpt2", "n_inner", "wide"), ("gpt2", "activation_function", 3),
-    ("gpt2", "scale_attn_weights", "false"), ("gpt2", "layer_norm_epsilon", [1e-5]),
-    ("marian", "d_model", DELETE), ("marian", "d_model", "big"), ("marian", "encoder_layers", [2]),
-    ("marian", "decoder_ffn_dim", None), ("marian", "eos_token_id", []), ("marian", "pad_token_id", 10 ** 6),
-    ("marian", "share_encoder_decoder_embeddings", "yes"), ("marian", "decoder_vocab_size", "x"),
-    ("marian", "scale_embedding", 1), ("marian", "dropout", {"p": 0.1}),
+    ("bert", "hidden_size", DELETE),
+    ("bert", "hidden_size", "big"),
+    ("bert", "num_hidden_layers", [2]),
+    ("bert", "vocab_size", None),
+    ("bert", "intermediate_size", 0),
+    ("bert", "num_attention_heads", True),
+    ("bert", "num_attention_heads", 5),
+    ("bert", "hidden_dropout_prob", "0.1"),
+    ("bert", "hidden_dropout_prob", 1.5),
+    ("bert", "hidden_act", ["gelu"]),
+    ("bert", "is_decoder", "no"),
+    ("bert", "architectures", "BertModel"),
+    ("bert", "id2label", ["a", "b", "c"]),
+    ("bert", "id2label", {"0": "a", "5": "b"}),
+    ("bert", "id2label", {}),
+    ("bert", "pad_token_id", -1),
+    ("bert", "position_embedding_type", {"kind": "absolute"}),
+    ("bert", "model_type", DELETE),
+    ("bert", "model_type", ["bert"]),
+    ("gpt2", "n_embd", DELETE),
+    ("gpt2", "n_embd", "big"),
+    ("gpt2", "n_layer", 2.0),
+    ("gpt2", "n_head", None),
+    ("gpt2", "vocab_size", -3),
+    ("gpt2", "eos_token_id", []),
+    ("gpt2", "eos_token_id", "x"),
+    ("gpt2", "bos_token_id", 10**6),
+    ("gpt2", "n_inner", "wide"),
+    ("gpt2", "activation_function", 3),
+    ("gpt2", "scale_attn_weights", "false"),
+    ("gpt2", "layer_norm_epsilon", [1e-5]),
+    ("marian", "d_model", DELETE),
+    ("marian", "d_model", "big"),
+    ("marian", "encoder_layers", [2]),
+    ("marian", "decoder_ffn_dim", None),
+    ("marian", "eos_token_id", []),
+    ("marian", "pad_token_id", 10**6),
+    ("marian", "share_encoder_decoder_embeddings", "yes"),
+    ("marian", "decoder_vocab_size", "x"),
+    ("marian", "scale_embedding", 1),
+    ("marian", "dropout", {"p": 0.1}),
 ]
 
 
@@ -145,14 +190,17 @@ def test_missing_or_unreadable_tokenizer_files_are_named(copy):
     refused(path, path / "tokenizer.json", "missing")
 
 
-@pytest.mark.parametrize("name, content, fragment", [
-    ("source.spm", None, "missing"),
-    ("target.spm", b"not a sentencepiece model", "not a SentencePiece model"),
-    ("vocab.json", None, "missing"),
-    ("vocab.json", b"[1, 2]", "must be a JSON object"),
-    ("vocab.json", b'{"</s>": 0, "<unk>": "one"}', "entry '<unk>' must be a token id"),
-    ("vocab.json", b'{"<unk>": 1}', "entry '</s>' is missing"),
-])
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        ("source.spm", None, "missing"),
+        ("target.spm", b"not a sentencepiece model", "not a SentencePiece model"),
+        ("vocab.json", None, "missing"),
+        ("vocab.json", b"[1, 2]", "must be a JSON object"),
+        ("vocab.json", b'{"</s>": 0, "<unk>": "one"}', "entry '<unk>' must be a token id"),
+        ("vocab.json", b'{"<unk>": 1}', "entry '</s>' is missing"),
+    ],
+)
 def test_a_broken_marian_tokenizer_file_is_named(copy, name, content, fragment):
     path = copy("marian")
     if content is None:
@@ -162,9 +210,16 @@ def test_a_broken_marian_tokenizer_file_is_named(copy, name, content, fragment):
     refused(path, path / name, fragment)
 
 
-@pytest.mark.parametrize("family, name", [("bert", "config.json"), ("bert", "model.safetensors"),
-                                          ("bert", "tokenizer.json"), ("marian", "vocab.json"),
-                                          ("marian", "source.spm")])
+@pytest.mark.parametrize(
+    "family, name",
+    [
+        ("bert", "config.json"),
+        ("bert", "model.safetensors"),
+        ("bert", "tokenizer.json"),
+        ("marian", "vocab.json"),
+        ("marian", "source.spm"),
+    ],
+)
 def test_a_file_that_cannot_be_read_is_named(copy, family, name):
     """A directory where a file should be: every reader's open fails with an OSError (as for permission denied,
     which cannot be set up for a test run as root)."""
@@ -207,8 +262,10 @@ def test_the_cli_reports_a_malformed_config_in_one_line(copy, tmp_path, capsys):
 
 
 def sentence_transformers_files(path, pooling_path="1_Pooling"):
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": pooling_path, "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": pooling_path, "type": "sentence_transformers.models.Pooling"},
+    ]
     (path / "modules.json").write_text(json.dumps(modules))
 
 
@@ -230,11 +287,18 @@ def test_a_module_path_outside_the_directory_is_refused(copy, tmp_path, escape):
     pooling_config(tmp_path / "elsewhere")  # a readable pooling config outside: it must not be read
     (path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     sentence_transformers_files(path, escape)
-    refused(path, path / "modules.json", "module 1's \"path\"", repr(escape), "points outside")
+    refused(path, path / "modules.json", 'module 1\'s "path"', repr(escape), "points outside")
 
 
-@pytest.mark.parametrize("modules", [{"path": ""}, [["Transformer", ""]], [{"type": 3, "path": ""}],
-                                     [{"type": "sentence_transformers.models.Pooling", "path": 7}]])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        {"path": ""},
+        [["Transformer", ""]],
+        [{"type": 3, "path": ""}],
+        [{"type": "sentence_transformers.models.Pooling", "path": 7}],
+    ],
+)
 def test_a_malformed_modules_json_is_named(copy, modules):
     path = copy("bert")
     (path / "modules.json").write_text(json.dumps(modules))
@@ -246,14 +310,17 @@ def test_a_malformed_modules_json_is_named(copy, modules):
 # time limits below leave room for a busy machine; building any of these models takes far longer, or all memory)
 
 
-@pytest.mark.parametrize("family, key, value, tensor, held, implied", [
-    ("bert", "hidden_size", 100_000, "bert.embeddings.word_embeddings.weight", (13, 32), (13, 100_000)),
-    ("bert", "vocab_size", 10 ** 9, "bert.embeddings.word_embeddings.weight", (13, 32), (10 ** 9, 32)),
-    ("bert", "intermediate_size", 10 ** 7, "bert.encoder.layer.0.intermediate.dense.weight", (48, 32), (10 ** 7, 32)),
-    ("bert", "max_position_embeddings", 10 ** 8, "bert.embeddings.position_embeddings.weight", (40, 32), (10 ** 8, 32)),
-    ("gpt2", "n_embd", 100_000, "transformer.wte.weight", (13, 32), (13, 100_000)),
-    ("marian", "d_model", 100_000, "model.encoder.embed_tokens.weight", None, None),
-])
+@pytest.mark.parametrize(
+    "family, key, value, tensor, held, implied",
+    [
+        ("bert", "hidden_size", 100_000, "bert.embeddings.word_embeddings.weight", (13, 32), (13, 100_000)),
+        ("bert", "vocab_size", 10**9, "bert.embeddings.word_embeddings.weight", (13, 32), (10**9, 32)),
+        ("bert", "intermediate_size", 10**7, "bert.encoder.layer.0.intermediate.dense.weight", (48, 32), (10**7, 32)),
+        ("bert", "max_position_embeddings", 10**8, "bert.embeddings.position_embeddings.weight", (40, 32), (10**8, 32)),
+        ("gpt2", "n_embd", 100_000, "transformer.wte.weight", (13, 32), (13, 100_000)),
+        ("marian", "d_model", 100_000, "model.encoder.embed_tokens.weight", None, None),
+    ],
+)
 def test_a_huge_config_is_refused_by_shape_before_building(copy, family, key, value, tensor, held, implied):
     path = copy(family)
     edit_config(path, key, value)
@@ -263,8 +330,10 @@ def test_a_huge_config_is_refused_by_shape_before_building(copy, family, key, va
     assert time.perf_counter() - start < 2.0, message
 
 
-@pytest.mark.parametrize("family, key", [("bert", "num_hidden_layers"), ("gpt2", "n_layer"),
-                                         ("marian", "encoder_layers"), ("marian", "decoder_layers")])
+@pytest.mark.parametrize(
+    "family, key",
+    [("bert", "num_hidden_layers"), ("gpt2", "n_layer"), ("marian", "encoder_layers"), ("marian", "decoder_layers")],
+)
 def test_a_config_with_more_layers_than_its_weights_is_refused_before_building(copy, family, key):
     path = copy(family)
     edit_config(path, key, 10_000)
@@ -273,8 +342,13 @@ def test_a_config_with_more_layers_than_its_weights_is_refused_before_building(c
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.parametrize("family, name, shape", [("bert", "bert.encoder.layer.1.attention.self.key.weight", (32, 8)),
-                                                 ("gpt2", "transformer.h.1.attn.c_attn.weight", (32, 96, 1))])
+@pytest.mark.parametrize(
+    "family, name, shape",
+    [
+        ("bert", "bert.encoder.layer.1.attention.self.key.weight", (32, 8)),
+        ("gpt2", "transformer.h.1.attn.c_attn.weight", (32, 96, 1)),
+    ],
+)
 def test_tensors_that_disagree_with_each_other_are_refused_by_name(copy, family, name, shape):
     from safetensors.torch import load_file, save_file
 

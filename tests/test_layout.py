@@ -54,7 +54,7 @@ def test_no_module_imports_one_that_imports_it_back():
         state[name] = "open"
         path.append(name)
         for dep in sorted(graph[name]):
-            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path[path.index(dep):] + [dep])
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path[path.index(dep) :] + [dep])
             if dep not in state:
                 visit(dep)
         state[name] = "done"
@@ -74,5 +74,9 @@ def test_the_readable_core_knows_only_the_linear_of_the_fast_paths():
 
 def test_checkpoints_do_not_import_data_reading_or_training():
     graph = _graph()
-    assert not graph["transformer.checkpoint"] & {"transformer.data", "transformer.tasks", "transformer.train",
-                                                  "transformer.prepare"}
+    assert not graph["transformer.checkpoint"] & {
+        "transformer.data",
+        "transformer.tasks",
+        "transformer.train",
+        "transformer.prepare",
+    }

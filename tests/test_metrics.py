@@ -13,8 +13,25 @@ REFS = ["the cat sat on the mat", "hello world", "Ein Hund rennt durch den Schne
 def test_bleu_and_chrf_equal_the_sacrebleu_command_line(tmp_path):
     (tmp_path / "hyp.txt").write_text("\n".join(HYPS) + "\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
-                           "-m", "bleu", "chrf", "-b", "-w", "4"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sacrebleu",
+            str(tmp_path / "ref.txt"),
+            "-i",
+            str(tmp_path / "hyp.txt"),
+            "-m",
+            "bleu",
+            "chrf",
+            "-b",
+            "-w",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     bleu, chrf = json.loads(proc.stdout)
     scores = bleu_chrf(HYPS, REFS)

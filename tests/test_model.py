@@ -2,17 +2,25 @@ import pytest
 import torch
 from torch import nn
 
-from transformer import ConfigError, ModelConfig, Transformer, TransformerLM, TransformerLayer
-from transformer.attention import padding_mask
-
 from helpers import fp32_atol, model_depth
+from transformer import ConfigError, ModelConfig, Transformer, TransformerLayer, TransformerLM
+from transformer.attention import padding_mask
 
 PAD = 0
 
 
 def small_config(**kw) -> ModelConfig:
-    base = dict(src_vocab_size=23, tgt_vocab_size=19, d_model=32, n_heads=4, n_encoder_layers=2,
-                n_decoder_layers=2, d_ff=64, dropout=0.0, pad_id=PAD)
+    base = dict(
+        src_vocab_size=23,
+        tgt_vocab_size=19,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        pad_id=PAD,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -21,8 +29,16 @@ def copy_to_torch_transformer(model: Transformer) -> nn.Transformer:
     """An nn.Transformer of the same shape holding our model's weights."""
     cfg = model.config
     ref = nn.Transformer(
-        cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.d_ff, dropout=0.0,
-        activation=cfg.activation, batch_first=True, norm_first=cfg.norm_first, layer_norm_eps=cfg.layer_norm_eps,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_encoder_layers,
+        cfg.n_decoder_layers,
+        cfg.d_ff,
+        dropout=0.0,
+        activation=cfg.activation,
+        batch_first=True,
+        norm_first=cfg.norm_first,
+        layer_norm_eps=cfg.layer_norm_eps,
     )
 
     def attn(dst: nn.MultiheadAttention, src) -> None:
@@ -92,8 +108,15 @@ def test_equals_torch_transformer(norm_first, activation, final_norm):
         src_x = model.encoder.positions(model.encoder.embed(src))
         tgt_x = model.decoder.positions(model.decoder.embed(tgt))
         causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
-        hidden = ref(src_x, tgt_x, tgt_mask=causal, src_key_padding_mask=src == PAD,
-                     tgt_key_padding_mask=tgt == PAD, memory_key_padding_mask=src == PAD, tgt_is_causal=True)
+        hidden = ref(
+            src_x,
+            tgt_x,
+            tgt_mask=causal,
+            src_key_padding_mask=src == PAD,
+            tgt_key_padding_mask=tgt == PAD,
+            memory_key_padding_mask=src == PAD,
+            tgt_is_causal=True,
+        )
         theirs = model.output(hidden)
     real = tgt != PAD  # torch gives pad query positions other values; they are never used
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
@@ -142,7 +165,9 @@ def test_appending_source_padding_changes_nothing():
     padded = torch.cat([src, torch.full((3, 5), PAD)], dim=1)
     with torch.no_grad():
         logits = model(src, tgt)
-        torch.testing.assert_close(logits, model(padded, tgt), atol=fp32_atol(logits, model_depth(model.config)), rtol=0)
+        torch.testing.assert_close(
+            logits, model(padded, tgt), atol=fp32_atol(logits, model_depth(model.config)), rtol=0
+        )
         mem_a, _ = model.encode(src)
         mem_b, _ = model.encode(padded)
     real = src != PAD
@@ -163,7 +188,9 @@ def test_cached_decoding_equals_full_recompute(positional):
         steps = [model.decode(tgt[:, i : i + 1], memory, mask, cache) for i in range(tgt.size(1))]
         # a block of several new tokens after cached ones also matches
         cache2 = model.decoder.new_cache()
-        block = torch.cat([model.decode(tgt[:, :3], memory, mask, cache2), model.decode(tgt[:, 3:], memory, mask, cache2)], 1)
+        block = torch.cat(
+            [model.decode(tgt[:, :3], memory, mask, cache2), model.decode(tgt[:, 3:], memory, mask, cache2)], 1
+        )
     tol = fp32_atol(full, model_depth(model.config))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=tol, rtol=0)
     torch.testing.assert_close(block, full, atol=tol, rtol=0)

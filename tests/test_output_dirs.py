@@ -5,16 +5,14 @@ import json
 import os
 
 import pytest
-import torch
 
+from helpers import tiny_model, tiny_run_config
 from transformer import TransformerError
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.cli import main
-from transformer.tokenizers import CharTokenizer
 from transformer.rundir import step_checkpoints
+from transformer.tokenizers import CharTokenizer
 from transformer.train import Trainer
-
-from helpers import tiny_run_config
 
 
 def run_cli(capsys, *args):
@@ -31,12 +29,8 @@ def one_line_error(code, err, *needles):
 
 
 def tiny_checkpoint(path):
-    from transformer import ModelConfig, Transformer
-
     tok = CharTokenizer("abc")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(src_vocab_size=7, tgt_vocab_size=7, d_model=16, n_heads=2, n_encoder_layers=1,
-                                    n_decoder_layers=1, d_ff=16, tie_embeddings="all"))
+    model = tiny_model(vocab=7, tie_embeddings="all")
     return save_checkpoint(path, model, "translation", {"src": tok, "tgt": tok})
 
 
@@ -151,8 +145,9 @@ def test_train_overwrite_replaces_the_old_run_and_keeps_other_files(tmp_path):
     assert len(step_checkpoints(run)) == 4
     with pytest.raises(TransformerError, match="already holds a training run; --overwrite"):
         Trainer(tiny_run_config(max_steps=4, eval_every=2, eval_bleu_sentences=5), run)
-    Trainer(tiny_run_config(max_steps=4, eval_every=2, eval_bleu_sentences=5, average_last=5), run,
-            overwrite=True).train()
+    Trainer(
+        tiny_run_config(max_steps=4, eval_every=2, eval_bleu_sentences=5, average_last=5), run, overwrite=True
+    ).train()
     # nothing of the old run is left to be averaged in or appended to
     assert [p.name for p in step_checkpoints(run)] == ["step-0000002", "step-0000004"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
@@ -178,8 +173,9 @@ train: {max_tokens: 64, max_steps: 2, eval_every: 2, eval_bleu_sentences: 5, war
     assert run_cli(capsys, "train", cfg, "--out", run)[0] == 0
     code, _, err = run_cli(capsys, "train", cfg, "--out", run)
     one_line_error(code, err, "already holds a training run", "--overwrite")
-    code, _, err = run_cli(capsys, "train", cfg, "--out", run, "--overwrite", "--set", "train.max_steps=4",
-                           "--set", "train.eval_every=4")
+    code, _, err = run_cli(
+        capsys, "train", cfg, "--out", run, "--overwrite", "--set", "train.max_steps=4", "--set", "train.eval_every=4"
+    )
     assert code == 0, err
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [4]
 

@@ -8,18 +8,24 @@ import logging
 import numpy as np
 import pytest
 
-from transformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from transformer.batching import token_batches
+from helpers import tiny_config
+from transformer.batching import plan_batches, token_batches
+from transformer.config import DataConfig, RunConfig, TrainConfig
 from transformer.data import encode_pairs, read_parallel
-from transformer.tokenizers import train_tokenizer
-from transformer.batching import plan_batches
 from transformer.prepare import prepare
 from transformer.tasks import build_task
+from transformer.tokenizers import train_tokenizer
 
-PAIRS = [("a dog runs in the park", "ein hund rennt im park"), ("two cats sleep", "zwei katzen schlafen"),
-         ("the man eats bread", "der mann isst brot"), ("", "leer"),
-         ("a woman reads a long book today in the quiet garden behind the old house by the river",
-          "eine frau liest heute ein langes buch im ruhigen garten hinter dem alten haus am fluss")] * 9
+PAIRS = [
+    ("a dog runs in the park", "ein hund rennt im park"),
+    ("two cats sleep", "zwei katzen schlafen"),
+    ("the man eats bread", "der mann isst brot"),
+    ("", "leer"),
+    (
+        "a woman reads a long book today in the quiet garden behind the old house by the river",
+        "eine frau liest heute ein langes buch im ruhigen garten hinter dem alten haus am fluss",
+    ),
+] * 9
 
 
 def recipe(tmp_path, **data):
@@ -27,11 +33,17 @@ def recipe(tmp_path, **data):
     (tmp_path / "train.de").write_text("\n".join(t for _, t in PAIRS) + "\n")
     (tmp_path / "val.en").write_text("a dog runs\n")
     (tmp_path / "val.de").write_text("ein hund rennt\n")
-    d = dict(train_src=str(tmp_path / "train.en"), train_tgt=str(tmp_path / "train.de"), val_src=str(tmp_path / "val.en"),
-             val_tgt=str(tmp_path / "val.de"), vocab_size=150, max_len=10, cache_dir=str(tmp_path / "cache"))
+    d = dict(
+        train_src=str(tmp_path / "train.en"),
+        train_tgt=str(tmp_path / "train.de"),
+        val_src=str(tmp_path / "val.en"),
+        val_tgt=str(tmp_path / "val.de"),
+        vocab_size=150,
+        max_len=10,
+        cache_dir=str(tmp_path / "cache"),
+    )
     d.update(data)
-    return RunConfig(ModelConfig(d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, d_ff=16),
-                     DataConfig(**d), TrainConfig(max_tokens=40, seed=3))
+    return RunConfig(tiny_config(), DataConfig(**d), TrainConfig(max_tokens=40, seed=3))
 
 
 def test_the_same_pairs_and_batches_as_reading_into_memory(tmp_path):
@@ -85,7 +97,9 @@ def test_windows_cover_every_example_once_within_the_budget():
     assert all(int(lengths[b].max()) * len(b) <= 400 for b in batches)
     again = plan_batches(lengths, 400, 0, seed=1, epoch=0, window=700)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(batches, plan_batches(lengths, 400, 0, seed=1, epoch=1, window=700)))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(batches, plan_batches(lengths, 400, 0, seed=1, epoch=1, window=700))
+    )
     # within a window, examples are sorted by length: little padding
     pad = sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
     assert pad / int(lengths.sum()) < 0.1
@@ -94,9 +108,13 @@ def test_windows_cover_every_example_once_within_the_budget():
 def test_language_model_text_is_two_token_streams(tmp_path):
     text = "".join(f"line {i}: to be or not to be\n" for i in range(300))
     (tmp_path / "t.txt").write_text(text)
-    run = RunConfig(ModelConfig(arch="decoder-only", d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16),
-                    DataConfig(task="lm", text=str(tmp_path / "t.txt"), tokenizer="char", block_size=8,
-                               cache_dir=str(tmp_path / "cache")), TrainConfig())
+    run = RunConfig(
+        tiny_config("decoder-only"),
+        DataConfig(
+            task="lm", text=str(tmp_path / "t.txt"), tokenizer="char", block_size=8, cache_dir=str(tmp_path / "cache")
+        ),
+        TrainConfig(),
+    )
     task = build_task(run)
     split = int(len(text) * 0.9)
     assert np.asarray(task.train_ids).tolist() == task.tok.encode(text[:split])

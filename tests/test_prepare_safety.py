@@ -10,14 +10,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_prepare import recipe
 
+from helpers import tiny_config
 from transformer import prepare as prep
-from transformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from transformer.tokenizers import CharTokenizer
+from transformer.config import DataConfig, RunConfig, TrainConfig
 from transformer.errors import DataError
 from transformer.prepare import prepare
-
-from test_prepare import recipe
+from transformer.tokenizers import CharTokenizer
 
 WAIT = 120  # seconds a test waits for a preparation before calling it hung (one takes well under a second)
 
@@ -76,9 +76,11 @@ def test_a_text_cut_between_the_passes_is_an_error_not_a_hang(tmp_path, monkeypa
     of the file forever."""
     path = tmp_path / "t.txt"
     path.write_text("".join(f"line {i}: to be or not to be\n" for i in range(300)))
-    run = RunConfig(ModelConfig(arch="decoder-only", d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16),
-                    DataConfig(task="lm", text=str(path), tokenizer="char", block_size=8,
-                               cache_dir=str(tmp_path / "cache")), TrainConfig())
+    run = RunConfig(
+        tiny_config("decoder-only"),
+        DataConfig(task="lm", text=str(path), tokenizer="char", block_size=8, cache_dir=str(tmp_path / "cache")),
+        TrainConfig(),
+    )
     real = prep._tokenizers
 
     def then_cut(*args):  # between the tokenizer's sample and the encoding passes, the file loses its end
@@ -134,10 +136,20 @@ print(prepare(pickle.loads(open(sys.argv[1], "rb").read())).directory)
 def test_two_processes_preparing_at_once_both_succeed(tmp_path):
     run = recipe(tmp_path)
     (tmp_path / "run.pkl").write_bytes(pickle.dumps(run))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(prep.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", PREPARE, str(tmp_path / "run.pkl")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(prep.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(tmp_path / "run.pkl")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=WAIT) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     dirs = {out.strip() for out, _ in results}

@@ -6,14 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer import ModelConfig, Transformer
+from helpers import fp32_atol, model_depth, tiny_model
 from transformer.batching import pad_batch
-from transformer.tokenizers import EOS, BPETokenizer, CharTokenizer
 from transformer.generate import beam_search, greedy
+from transformer.tokenizers import EOS, BPETokenizer, CharTokenizer
 
-from helpers import fp32_atol, model_depth
-
-TRAIN_TEXT = ["Ein Hund läuft über die Wiese.", "A dog runs across the meadow!", "Zwei Kinder spielen im Schnee, 3x."] * 20
+TRAIN_TEXT = [
+    "Ein Hund läuft über die Wiese.",
+    "A dog runs across the meadow!",
+    "Zwei Kinder spielen im Schnee, 3x.",
+] * 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,20 +58,23 @@ def test_word_bpe_round_trips_text_of_its_alphabet(words):
 
 @functools.lru_cache(maxsize=None)
 def small_model():
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=16, n_heads=2, n_encoder_layers=2,
-                                   n_decoder_layers=2, d_ff=32, dropout=0.0)).eval()
+    return tiny_model(vocab=20, n_encoder_layers=2, n_decoder_layers=2, d_ff=32, dropout=0.0)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 7)), min_size=1, max_size=5),
-       st.integers(0, 4), st.integers(0, 2**16))
+@given(
+    st.lists(st.tuples(st.integers(1, 9), st.integers(1, 7)), min_size=1, max_size=5),
+    st.integers(0, 4),
+    st.integers(0, 2**16),
+)
 def test_batching_and_padding_change_nothing(shapes, extra_pad, seed):
     """Each sentence's logits are the same alone and inside a padded batch of any shape."""
     g = torch.Generator().manual_seed(seed)
     model = small_model()
-    pairs = [(torch.randint(4, 20, (s,), generator=g).tolist(), torch.randint(4, 20, (t,), generator=g).tolist())
-             for s, t in shapes]
+    pairs = [
+        (torch.randint(4, 20, (s,), generator=g).tolist(), torch.randint(4, 20, (t,), generator=g).tolist())
+        for s, t in shapes
+    ]
     src = pad_batch([s for s, _ in pairs])
     src = torch.cat([src, torch.zeros(len(pairs), extra_pad, dtype=torch.long)], 1)
     tgt = pad_batch([t for _, t in pairs])
@@ -77,13 +82,19 @@ def test_batching_and_padding_change_nothing(shapes, extra_pad, seed):
         batched = model(src, tgt)
         for i, (s, t) in enumerate(pairs):
             alone = model(torch.tensor([s]), torch.tensor([t]))[0]
-            torch.testing.assert_close(batched[i, : len(t)], alone, atol=fp32_atol(alone, model_depth(model.config)),
-                                       rtol=0)
+            torch.testing.assert_close(
+                batched[i, : len(t)], alone, atol=fp32_atol(alone, model_depth(model.config)), rtol=0
+            )
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(1, 8), min_size=1, max_size=4), st.integers(1, 4),
-       st.floats(0.0, 2.0), st.integers(0, 5), st.integers(0, 2**16))
+@given(
+    st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.floats(0.0, 2.0),
+    st.integers(0, 5),
+    st.integers(0, 2**16),
+)
 def test_decoding_stops_exactly_at_the_maximum_length(lengths, beam, a, b, seed):
     """With </s> made impossible, every output is exactly as long as its limit allows: never longer, never
     cut short (an off-by-one either way fails)."""

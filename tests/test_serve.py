@@ -32,8 +32,7 @@ def ckpt(reverse_checkpoint):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    app = create_app(ckpt, Limits(max_texts=10, max_text_chars=50, max_body_bytes=4000, max_beam=8),
-                     max_wait_ms=50)
+    app = create_app(ckpt, Limits(max_texts=10, max_text_chars=50, max_body_bytes=4000, max_beam=8), max_wait_ms=50)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -41,8 +40,9 @@ def client(ckpt):
 def test_translations_are_the_librarys(client, ckpt):
     r = client.post("/v1/translate", json={"texts": WORDS, "beam": 3})
     assert r.status_code == 200
-    assert r.json()["translations"] == translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS,
-                                                        DecodingSettings(beam_size=3))
+    assert r.json()["translations"] == translate_texts(
+        ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS, DecodingSettings(beam_size=3)
+    )
     info = client.get("/v1/model").json()
     assert info["task"] == "synthetic" and "/v1/translate" in info["routes"]
     assert client.get("/health").json() == {"status": "ok"}
@@ -85,19 +85,22 @@ def test_requests_that_arrive_together_are_decoded_together(client, ckpt):
     assert 1 <= calls < len(WORDS)
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    (b"{not json", 400, "malformed JSON"),
-    (json.dumps({"texts": "abc"}).encode(), 422, "texts: Input should be a valid list"),
-    (json.dumps({"text": ["abc"]}).encode(), 422, "texts: Field required"),
-    (json.dumps({"texts": ["abc", 5]}).encode(), 422, "texts.1: Input should be a valid string"),
-    (json.dumps({"texts": ["abc"], "beam": 0}).encode(), 422, "beam: Input should be greater than or equal to 1"),
-    (json.dumps({"texts": ["abc"], "beam": 99}).encode(), 422, "beam: Input should be less than or equal to 8"),
-    (json.dumps({"texts": ["abc"], "max_len_b": -1}).encode(), 422, "max_len_b"),
-    (json.dumps({"texts": ["abc"], "colour": "red"}).encode(), 422, "colour: Extra inputs are not permitted"),
-    (json.dumps({"texts": ["a"] * 11}).encode(), 413, "the limit is 10 (--max-texts)"),
-    (json.dumps({"texts": ["a" * 51]}).encode(), 413, "texts[0] has 51 characters; the limit is 50"),
-    (json.dumps({"texts": ["a" * 30] * 9 + ["b" * 4000]}).encode(), 413, "request body over 4000 bytes"),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (json.dumps({"texts": "abc"}).encode(), 422, "texts: Input should be a valid list"),
+        (json.dumps({"text": ["abc"]}).encode(), 422, "texts: Field required"),
+        (json.dumps({"texts": ["abc", 5]}).encode(), 422, "texts.1: Input should be a valid string"),
+        (json.dumps({"texts": ["abc"], "beam": 0}).encode(), 422, "beam: Input should be greater than or equal to 1"),
+        (json.dumps({"texts": ["abc"], "beam": 99}).encode(), 422, "beam: Input should be less than or equal to 8"),
+        (json.dumps({"texts": ["abc"], "max_len_b": -1}).encode(), 422, "max_len_b"),
+        (json.dumps({"texts": ["abc"], "colour": "red"}).encode(), 422, "colour: Extra inputs are not permitted"),
+        (json.dumps({"texts": ["a"] * 11}).encode(), 413, "the limit is 10 (--max-texts)"),
+        (json.dumps({"texts": ["a" * 51]}).encode(), 413, "texts[0] has 51 characters; the limit is 50"),
+        (json.dumps({"texts": ["a" * 30] * 9 + ["b" * 4000]}).encode(), 413, "request body over 4000 bytes"),
+    ],
+)
 def test_bad_input_is_a_clear_4xx(client, body, status, needle):
     r = client.post("/v1/translate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -120,15 +123,13 @@ def test_the_page_shows_a_translation_and_its_attention(client):
 def test_generation_streams_server_sent_events(tmp_path):
     import torch
 
-    from transformer import ModelConfig, TransformerLM
+    from helpers import tiny_model
     from transformer.checkpoint import Checkpoint
     from transformer.tokenizers import CharTokenizer
 
-    torch.manual_seed(0)
     tok = CharTokenizer("abcdefgh ")
-    cfg = ModelConfig(tgt_vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_decoder_layers=1, d_ff=16,
-                      arch="decoder-only")
-    model = TransformerLM(cfg).eval()
+    model = tiny_model("decoder-only", vocab=tok.vocab_size)
+    cfg = model.config
     # random weights: make the special tokens impossible (</s> ends a generation, the others print nothing),
     # so all 12 tokens come and each prints one character
     specials = torch.arange(4)
@@ -136,8 +137,9 @@ def test_generation_streams_server_sent_events(tmp_path):
     ckpt = Checkpoint(model, cfg, "lm", {"tgt": tok}, {}, tmp_path)
     with TestClient(create_app(ckpt)) as c:
         whole = c.post("/v1/generate", json={"prompt": "ab", "max_new_tokens": 12, "seed": 3}).json()["text"]
-        with c.stream("POST", "/v1/generate", json={"prompt": "ab", "max_new_tokens": 12, "seed": 3,
-                                                    "stream": True}) as r:
+        with c.stream(
+            "POST", "/v1/generate", json={"prompt": "ab", "max_new_tokens": 12, "seed": 3, "stream": True}
+        ) as r:
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["text"] for e in events[:-1]) == whole and len(whole) == 12
@@ -156,8 +158,11 @@ def free_port() -> int:
 @pytest.fixture
 def server(reverse_checkpoint):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "transformer", "serve", str(reverse_checkpoint), "--port", str(port),
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transformer", "serve", str(reverse_checkpoint), "--port", str(port), "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
+from helpers import tiny_model, tiny_run_config
 from transformer.checkpoint import average_checkpoints, load_checkpoint
 from transformer.config import TrainConfig
 from transformer.train import Trainer, learning_rate
-
-from helpers import tiny_run_config
 
 
 def test_learning_rate_schedules():
@@ -98,16 +97,23 @@ def test_training_ends_with_an_averaged_checkpoint(tmp_path):
 
 def test_max_epochs_stops_at_the_end_of_the_epoch(tmp_path):
     """Bug: the epoch check came before the batch iterator rolled over, so one epoch trained one step too many."""
-    run = tiny_run_config(schedule="constant", max_steps=0, max_epochs=1, eval_every=1000, eval_bleu_sentences=5,
-                          max_tokens=4096)
+    run = tiny_run_config(
+        schedule="constant", max_steps=0, max_epochs=1, eval_every=1000, eval_bleu_sentences=5, max_tokens=4096
+    )
     trainer = Trainer(run, tmp_path / "run")
     batches = trainer.task.num_batches(0)
     trainer.train()
     assert trainer.position.step == batches and trainer.position.epoch == 0
     # with two micro-batches a step, the last step of an epoch may cross into the next one, and then it stops
-    run2 = tiny_run_config(schedule="constant", max_steps=0, max_epochs=1, eval_every=1000, eval_bleu_sentences=5,
-                           max_tokens=4096,
-                           accumulate=2)
+    run2 = tiny_run_config(
+        schedule="constant",
+        max_steps=0,
+        max_epochs=1,
+        eval_every=1000,
+        eval_bleu_sentences=5,
+        max_tokens=4096,
+        accumulate=2,
+    )
     trainer2 = Trainer(run2, tmp_path / "run2")
     trainer2.train()
     assert trainer2.position.step == (batches + 1) // 2
@@ -118,19 +124,22 @@ def test_a_pad_id_other_than_zero_is_never_a_target(tmp_path):
     trained as a target and the real token 0 was masked."""
     import torch.nn.functional as F
 
-    from transformer import ModelConfig, Transformer
     from transformer.batching import collate
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=16, n_heads=2,
-                                    n_encoder_layers=1, n_decoder_layers=1, d_ff=16, dropout=0.0, pad_id=3)).eval()
+    model = tiny_model(vocab=20, dropout=0.0, pad_id=3)
     pairs = [([5, 0, 7], [0, 9]), ([6], [8, 0, 10, 11])]
     b = collate(pairs, pad_id=3)
     with torch.no_grad():
         loss = model.loss(b.src, b.tgt_in, b.tgt_out)
         # each sentence alone, unpadded: every one of its target tokens counts, token 0 included
-        total = sum(F.cross_entropy(model(b.src[i : i + 1, : len(s)], b.tgt_in[i : i + 1, : len(t) + 1])[0],
-                                    b.tgt_out[i, : len(t) + 1], reduction="sum") for i, (s, t) in enumerate(pairs))
+        total = sum(
+            F.cross_entropy(
+                model(b.src[i : i + 1, : len(s)], b.tgt_in[i : i + 1, : len(t) + 1])[0],
+                b.tgt_out[i, : len(t) + 1],
+                reduction="sum",
+            )
+            for i, (s, t) in enumerate(pairs)
+        )
     assert b.n_tokens == 8  # 2 + 4 target tokens, each sentence's </s>
     torch.testing.assert_close(loss, total / b.n_tokens)
 
@@ -139,8 +148,10 @@ def test_bf16_training_learns_like_fp32(tmp_path):
     """precision bf16 (autocast) trains: the loss falls, and a step's loss is fp32's within bf16 rounding."""
 
     def run(precision):
-        trainer = Trainer(tiny_run_config(max_steps=60, eval_every=30, eval_bleu_sentences=10, precision=precision),
-                          tmp_path / precision)
+        trainer = Trainer(
+            tiny_run_config(max_steps=60, eval_every=30, eval_bleu_sentences=10, precision=precision),
+            tmp_path / precision,
+        )
         record = trainer.train()
         lines = [json.loads(l) for l in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
         return trainer, record, lines
@@ -154,8 +165,7 @@ def test_bf16_training_learns_like_fp32(tmp_path):
 
 
 def test_max_minutes_ends_training_on_time(tmp_path):
-    run = tiny_run_config(schedule="constant", max_steps=0, max_minutes=0.02, eval_every=10_000,
-                          eval_bleu_sentences=5)
+    run = tiny_run_config(schedule="constant", max_steps=0, max_minutes=0.02, eval_every=10_000, eval_bleu_sentences=5)
     trainer = Trainer(run, tmp_path / "run")
     record = trainer.train()
     assert trainer.position.step >= 1 and record["step"] == trainer.position.step
@@ -171,8 +181,9 @@ def test_stop_when_ends_training_at_the_step_it_names(tmp_path):
         seen.append(position.step)
         return position.step >= 7
 
-    trainer = Trainer(tiny_run_config(max_steps=50, eval_every=1000, eval_bleu_sentences=10), tmp_path / "run",
-                      stop_when=stop)
+    trainer = Trainer(
+        tiny_run_config(max_steps=50, eval_every=1000, eval_bleu_sentences=10), tmp_path / "run", stop_when=stop
+    )
     trainer.train()
     assert trainer.position.step == 7 and seen[-1] == 7
     assert json.loads((tmp_path / "run" / "last" / "training_state.json").read_text())["position"]["step"] == 7

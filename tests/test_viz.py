@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -43,7 +42,9 @@ def test_attention_maps_are_distributions(reverse_checkpoint, tmp_path):
     maps = attention_maps(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, "abcde")
     assert maps.src_tokens == list("abcde") and maps.tgt_tokens == ["<s>", *"edcba"]
     L, H = len(ckpt.model.encoder.layers), ckpt.config.n_heads
-    assert maps.encoder.shape == (L, H, 5, 5) and maps.cross.shape == (L, H, 6, 5) and maps.decoder.shape == (L, H, 6, 6)
+    assert (
+        maps.encoder.shape == (L, H, 5, 5) and maps.cross.shape == (L, H, 6, 5) and maps.decoder.shape == (L, H, 6, 6)
+    )
     for w in (maps.encoder, maps.decoder, maps.cross):
         torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
     assert torch.all(maps.decoder.triu(1) == 0)  # nothing attends to the future

@@ -1,0 +1,207 @@
+"""transformer.serve.batcher: which jobs share a model call, and every job gets exactly its own results.
+
+No test depends on timing: the batcher waits up to a minute for more jobs (max_wait_ms), and every test
+submits all its jobs and then closes the batcher, whose stop signal queues behind them: a batch ends when it
+is full or when the stop signal arrives, never because a clock ran out.
+"""
+
+import asyncio
+
+import pytest
+
+from transformer.serve.batcher import Batcher, Job
+
+FOREVER_MS = 60_000
+
+
+class Recorder:
+    """A `run` function: records each call and answers each text with "<kind>:<settings>:<text>"."""
+
+    def __init__(self, fail_kinds=()):
+        self.calls = []
+        self.fail_kinds = fail_kinds
+
+    def __call__(self, kind, settings, texts, jobs):
+        self.calls.append((kind, settings, list(texts), list(jobs)))
+        if kind in self.fail_kinds:
+            raise RuntimeError(f"{kind} failed")
+        return [f"{kind}:{settings}:{t}" for t in texts]
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def job(loop, kind="translate", texts=("a",), settings=None, tokens=1, stream=False):
+    return Job(
+        kind,
+        list(texts),
+        settings,
+        tokens,
+        loop=loop,
+        future=loop.create_future(),
+        stream=asyncio.Queue() if stream else None,
+    )
+
+
+def run_all(loop, jobs, max_batch_tokens=1000, max_batch=1000, fail_kinds=()):
+    """Submit `jobs`, let the worker finish them, and settle their futures on `loop`. Returns the Recorder
+    and the batcher."""
+    run = Recorder(fail_kinds)
+    batcher = Batcher(run, max_batch_tokens=max_batch_tokens, max_wait_ms=FOREVER_MS, max_batch=max_batch)
+    for j in jobs:
+        batcher.submit(j)
+    batcher.close(timeout=30)
+    assert not batcher.thread.is_alive()
+    loop.run_until_complete(asyncio.sleep(0))  # run the settle callbacks the worker scheduled
+    return run, batcher
+
+
+def batches(run):
+    """The jobs of each model call, in order."""
+    return [call[3] for call in run.calls]
+
+
+def test_jobs_of_one_kind_and_settings_share_one_call_and_get_their_own_results(loop):
+    jobs = [job(loop, texts=["a"]), job(loop, texts=["b", "c"]), job(loop, texts=["d"])]
+    run, batcher = run_all(loop, jobs)
+    assert batches(run) == [jobs]
+    assert run.calls[0][:3] == ("translate", None, ["a", "b", "c", "d"])  # the texts in submission order
+    assert [j.future.result() for j in jobs] == [
+        ["translate:None:a"],
+        ["translate:None:b", "translate:None:c"],
+        ["translate:None:d"],
+    ]
+    assert batcher.batches == 1
+
+
+def test_each_result_goes_to_the_job_of_its_text_even_with_equal_texts(loop):
+    # results depend on the position, not the text: a mix-up between jobs with equal texts would show
+    counter = iter(range(100))
+    jobs = [job(loop, texts=["x", "x"]), job(loop, texts=["x"]), job(loop, texts=["x", "x", "x"])]
+    batcher = Batcher(lambda kind, settings, texts, js: [next(counter) for _ in texts], 1000, FOREVER_MS, 1000)
+    for j in jobs:
+        batcher.submit(j)
+    batcher.close(timeout=30)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [j.future.result() for j in jobs] == [[0, 1], [2], [3, 4, 5]]
+
+
+def test_other_settings_or_kinds_make_separate_calls(loop):
+    a1, b1 = job(loop, settings=("beam", 4)), job(loop, settings=("beam", 1))
+    a2 = job(loop, settings=("beam", 4), texts=["z"])
+    c = job(loop, kind="classify")
+    e = job(loop, kind="embed")
+    run, batcher = run_all(loop, [a1, b1, a2, c, e])
+    # grouped by (kind, settings), groups in the order of their first job, jobs in submission order
+    assert batches(run) == [[a1, a2], [b1], [c], [e]]
+    assert [call[:3] for call in run.calls] == [
+        ("translate", ("beam", 4), ["a", "z"]),
+        ("translate", ("beam", 1), ["a"]),
+        ("classify", None, ["a"]),
+        ("embed", None, ["a"]),
+    ]
+    assert a2.future.result() == ["translate:('beam', 4):z"]
+    assert batcher.batches == 4
+
+
+@pytest.mark.parametrize("kind", ["generate", "attention"])
+def test_generate_and_attention_jobs_never_share_a_call(loop, kind):
+    jobs = [job(loop, kind=kind, settings="same", texts=[t]) for t in "abc"]
+    run, batcher = run_all(loop, jobs)
+    assert batches(run) == [[j] for j in jobs]
+    assert [j.future.result() for j in jobs] == [[f"{kind}:same:{t}"] for t in "abc"]
+    assert batcher.batches == 3
+
+
+def test_a_batch_stops_before_the_token_budget_is_exceeded(loop):
+    jobs = [job(loop, tokens=4) for _ in range(5)]
+    run, _ = run_all(loop, jobs, max_batch_tokens=10)
+    # 4 + 4 = 8 fits, a third would make 12 > 10: it waits for the next batch
+    assert batches(run) == [jobs[0:2], jobs[2:4], jobs[4:5]]
+    assert all(j.future.done() and not j.future.exception() for j in jobs)
+
+
+def test_a_batch_that_reaches_the_budget_exactly_takes_no_more(loop):
+    jobs = [job(loop, tokens=5), job(loop, tokens=5), job(loop, tokens=1)]
+    run, _ = run_all(loop, jobs, max_batch_tokens=10)
+    assert batches(run) == [jobs[0:2], jobs[2:3]]
+
+
+def test_a_job_larger_than_the_budget_still_runs_alone(loop):
+    jobs = [job(loop, tokens=50), job(loop, tokens=1)]
+    run, _ = run_all(loop, jobs, max_batch_tokens=10)
+    assert batches(run) == [[jobs[0]], [jobs[1]]]
+    assert jobs[0].future.result() == ["translate:None:a"]
+
+
+def test_a_batch_holds_at_most_max_batch_texts(loop):
+    jobs = [job(loop, texts=["a", "b"]), job(loop, texts=["c", "d"]), job(loop, texts=["e"])]
+    run, _ = run_all(loop, jobs, max_batch=3)
+    # 2 + 2 > 3: the second job waits; then 2 + 1 = 3 fits
+    assert batches(run) == [[jobs[0]], [jobs[1], jobs[2]]]
+    assert [j.future.result() for j in jobs] == [
+        ["translate:None:a", "translate:None:b"],
+        ["translate:None:c", "translate:None:d"],
+        ["translate:None:e"],
+    ]
+
+
+def test_a_failing_call_reaches_the_jobs_of_that_call_only(loop):
+    t1, c1, t2, c2 = job(loop), job(loop, kind="classify"), job(loop, texts=["b"]), job(loop, kind="classify")
+    g = job(loop, kind="generate", stream=True)
+    later = job(loop, kind="embed")
+    run, batcher = run_all(loop, [t1, c1, t2, c2, g, later], fail_kinds=("classify", "generate"))
+    assert batches(run) == [[t1, t2], [c1, c2], [g], [later]]  # the worker went on after the failures
+    assert t1.future.result() == ["translate:None:a"] and t2.future.result() == ["translate:None:b"]
+    for j in (c1, c2):
+        with pytest.raises(RuntimeError, match="classify failed"):
+            j.future.result()
+    with pytest.raises(RuntimeError, match="generate failed"):
+        g.future.result()
+    assert g.stream.get_nowait() is None  # a streaming handler is told the stream ended
+    assert later.future.result() == ["embed:None:a"]
+    assert batcher.batches == 2  # only the calls that returned count
+
+
+def test_cancelled_jobs_are_not_run(loop):
+    gone, kept = job(loop, texts=["gone"]), job(loop, texts=["kept"])
+    gone.cancelled = True
+    alone = job(loop, texts=["alone"])
+    alone.cancelled = True
+    run, _ = run_all(loop, [gone, kept])
+    assert batches(run) == [[kept]] and run.calls[0][2] == ["kept"]
+    assert not gone.future.done()
+    run, batcher = run_all(loop, [alone])
+    assert run.calls == [] and batcher.batches == 0
+
+
+def test_a_streamed_call_delivers_nothing_itself(loop):
+    j = job(loop, kind="generate", stream=True)
+
+    def stream(kind, settings, texts, jobs):
+        for piece in ("he", "llo"):
+            jobs[0].emit(piece)
+        jobs[0].emit(None)
+        jobs[0].deliver("done")
+        return None
+
+    batcher = Batcher(stream, 1000, FOREVER_MS, 1000)
+    batcher.submit(j)
+    batcher.close(timeout=30)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [j.stream.get_nowait() for _ in range(3)] == ["he", "llo", None]
+    assert j.future.result() == "done" and batcher.batches == 1
+
+
+def test_a_job_settles_only_once_and_a_job_without_a_loop_is_ignored(loop):
+    j = job(loop)
+    j.deliver(["first"])
+    j.deliver(error=RuntimeError("late"))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert j.future.result() == ["first"]
+    Job("translate", ["a"]).deliver(["x"])  # no loop, no future: nothing to do, no error
+    Job("translate", ["a"]).emit("x")
