@@ -141,6 +141,85 @@ def tiny_bert_dir(path, num_labels: int = 0, seed: int = 0):
     return path, model
 
 
+# Chat templates of the two kinds the families ship, written for the tests: Llama 3's headers and ChatML (Qwen's)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = """{%- if messages[0]['role'] != 'system' %}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+DECODER_SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
+
+
+def decoder_tokenizer(add_bos: bool):
+    """A small byte-level BPE `tokenizers.Tokenizer` with the chat templates' special tokens (ids 0-7), trained
+    on a few sentences; `add_bos` puts <s> before each text, as Llama's tokenizers do (Qwen's add nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["You are a helpful assistant.", "What is two plus two?", "Write a function that adds two numbers."] * 5
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=DECODER_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(text, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def tiny_decoder_dir(path, family: str = "llama", seed: int = 0, chat: str = "", **overrides):
+    """A small decoder-only model of a Hugging Face family ("llama", "qwen2", "qwen3", "mistral", "gemma",
+    "phi3"), random weights (std 0.2, so that logits differ enough to test), saved by `transformers` with a
+    byte-level BPE tokenizer.json, and `chat` ("llama3" or "chatml") a chat template in tokenizer_config.json.
+    `overrides` replace config keys. Returns (path, the transformers model in eval mode)."""
+    import json
+
+    import torch
+    import transformers
+
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+        "gemma": transformers.GemmaConfig,
+        "phi3": transformers.Phi3Config,
+    }
+    keys = dict(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, tie_word_embeddings=family == "gemma", head_dim=8)  # fmt: skip
+    keys.update(overrides)
+    cfg = classes[family](**keys)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    decoder_tokenizer(add_bos=family in ("llama", "mistral", "gemma")).save(str(path / "tokenizer.json"))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+               "pad_token": "<pad>"}  # fmt: skip
+    if chat:
+        tok_cfg["chat_template"] = {"llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE}[chat]
+        tok_cfg["eos_token"] = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}[chat]
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return path, model
+
+
 # headless Chromium with nothing of its own that reaches the network
 CHROMIUM_FLAGS = [
     "--headless",

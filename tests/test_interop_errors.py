@@ -165,8 +165,8 @@ def test_a_config_that_is_not_a_json_object_is_named(copy, text):
 
 def test_an_unknown_model_type_is_named(copy):
     path = copy("gpt2")
-    edit_config(path, "model_type", "llama")
-    refused(path, path / "config.json", "model_type='llama' is not supported")
+    edit_config(path, "model_type", "bloom")
+    refused(path, path / "config.json", "model_type='bloom' is not supported")
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])

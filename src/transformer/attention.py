@@ -8,7 +8,7 @@ them with `&`. A query row with no key allowed (e.g. a source that is all paddin
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .cpu.linear import Linear
 from .dropout import dropout
+from .rope import apply_rotary
 
 # ----------------------------------------------------------------------------------------------------------
 # Masks
@@ -42,9 +43,11 @@ def attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """The six steps of self-attention, written out. Returns (output, weights).
 
-    q: (B, H, T, D); k, v: (B, H, S, D); mask broadcasts to (B, H, T, S), True = may attend.
+    q: (B, H, T, D); k, v: (B, H_kv, S, D), H_kv dividing H (grouped-query attention: each key/value head
+    serves H / H_kv query heads); mask broadcasts to (B, H, T, S), True = may attend.
     Step 1 (making q, k, v from the input) is the projections in `MultiHeadAttention`.
     """
+    k, v = _share_kv_heads(q, k, v)
     d_k = q.size(-1)
     scores = q @ k.transpose(-2, -1)  # step 2: dot products of each query with every key   (B, H, T, S)
     scores = scores / math.sqrt(d_k)  # step 3: scale by sqrt(d_k)
@@ -58,6 +61,15 @@ def attention_reference(
     # Steps 5 and 6: multiply each V by its weight and sum over the keys: that is one matrix product.
     out = weights @ v  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
     return out, weights
+
+
+def _share_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k, v with each of their H_kv heads repeated for the H / H_kv query heads it serves (a copy: the fused
+    kernel avoids it where this torch has `enable_gqa`)."""
+    groups = q.size(1) // k.size(1)
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
 def _use_matmul_path(q: Tensor, k: Tensor) -> bool:
@@ -85,14 +97,25 @@ def attention(
             mask = c if mask is None else mask & c
         out, weights = attention_reference(q, k, v, mask, dropout_p)
         return out, (weights if need_weights else None)
+    gqa = {}
+    if k.size(1) != q.size(1):
+        if _HAS_ENABLE_GQA:
+            gqa = {"enable_gqa": True}  # the kernel reads each key/value head for its group of query heads
+        else:  # pragma: no cover - torch < 2.5
+            k, v = _share_kv_heads(q, k, v)
     if q.is_cuda and _NOT_CUDNN is not None:
         # cuDNN's kernel (picked for bf16 by recent torch) builds a plan for every new shape: decoding, whose
         # shapes change at every step, would spend most of its time building plans (docs/decoding.md).
         with sdpa_kernel(_NOT_CUDNN):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa
+            )
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa)
     return out, None
+
+
+_HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 try:  # every fused backend but cuDNN's, where this torch knows them
@@ -184,28 +207,57 @@ def _grow(x: Tensor, capacity: int, length: int) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with fused projections.
 
-    Self-attention (`cross=False`) projects q, k, v with one (E -> 3E) matrix; cross-attention projects q from
-    the decoder with one matrix and k, v from the encoder output ("memory") with one fused (E -> 2E) matrix.
-    Each head attends in its own d_model / n_heads subspace; an output projection mixes the heads.
+    Self-attention (`cross=False`) projects q, k, v with one matrix (E -> (H + 2 H_kv) D); cross-attention
+    projects q from the decoder with one matrix and k, v from the encoder output ("memory") with one fused
+    matrix. Each head attends in its own D-dimensional subspace; an output projection mixes the heads.
+
+    Args:
+        d_model, n_heads: E and H; D = E / H unless `head_dim` says otherwise.
+        n_kv_heads: H_kv key/value heads, each shared by H / H_kv query heads (grouped-query attention; None:
+            H). A KV cache holds only these.
+        qkv_bias, out_bias: biases on the q/k/v projection and on the output projection.
+        qk_norm: a module applied to each head's queries and keys (Qwen3's RMSNorm), None for none.
+    `forward(..., rotary=(cos, sin))` rotates queries and keys by their positions (rope.py) before they meet,
+    and before keys enter the cache.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, cross: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        cross: bool = False,
+        n_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        qk_norm: Optional[Callable[[], nn.Module]] = None,
+    ) -> None:
         super().__init__()
-        if d_model % n_heads:
+        if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.d_model, self.n_heads = d_model, n_heads
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.dropout = dropout
         self.cross = cross
+        q_width, kv_width = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_width, kv_width, kv_width)  # the fused projection's output: queries, keys, values
         if cross:
-            self.q_proj = Linear(d_model, d_model)
-            self.kv_proj = Linear(d_model, 2 * d_model)
+            self.q_proj = Linear(d_model, q_width, bias=qkv_bias)
+            self.kv_proj = Linear(d_model, 2 * kv_width, bias=qkv_bias)
         else:
-            self.qkv_proj = Linear(d_model, 3 * d_model)
-        self.out_proj = Linear(d_model, d_model)
+            self.qkv_proj = Linear(d_model, q_width + 2 * kv_width, bias=qkv_bias)
+        self.out_proj = Linear(q_width, d_model, bias=out_bias)
+        self.q_norm = qk_norm() if qk_norm is not None else None
+        self.k_norm = qk_norm() if qk_norm is not None else None
 
-    def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape  # (B, T, E) -> (B, H, T, D)
-        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+    def _heads(self, x: Tensor, n_heads: int, norm: Optional[nn.Module] = None) -> Tensor:
+        B, T, _ = x.shape  # (B, T, n_heads * D) -> (B, n_heads, T, D)
+        x = x.view(B, T, n_heads, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
 
     def forward(
         self,
@@ -215,23 +267,30 @@ class MultiHeadAttention(nn.Module):
         is_causal: bool = False,
         cache: Optional[KVCache] = None,
         need_weights: bool = False,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """x: (B, T, E) queries (and keys/values for self-attention); memory: (B, S, E) for cross-attention.
-        Returns the (B, T, E) output and, if `need_weights`, the (B, H, T, S) attention weights."""
+        """x: (B, T, E) queries (and keys/values for self-attention); memory: (B, S, E) for cross-attention;
+        rotary: (cos, sin) of the T positions of x. Returns the (B, T, E) output and, if `need_weights`, the
+        (B, H, T, S) attention weights."""
         B, T, E = x.shape
+        H, H_kv = self.n_heads, self.n_kv_heads
         if self.cross:
-            q = self._heads(self.q_proj(x))
+            q = self._heads(self.q_proj(x), H, self.q_norm)
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v  # the source's keys/values, computed on the first step
             else:
-                k, v = (self._heads(t) for t in self.kv_proj(memory).split(E, dim=-1))
+                k, v = self.kv_proj(memory).split(self.split[1:], dim=-1)
+                k, v = self._heads(k, H_kv, self.k_norm), self._heads(v, H_kv)
                 if cache is not None:
                     cache.set(k, v)
         else:
-            q, k, v = (self._heads(t) for t in self.qkv_proj(x).split(E, dim=-1))
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+            q, k, v = self._heads(q, H, self.q_norm), self._heads(k, H_kv, self.k_norm), self._heads(v, H_kv)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
             if cache is not None:
                 k, v = cache.append(k, v)
         dropout_p = self.dropout if self.training else 0.0
         out, weights = attention(q, k, v, mask, dropout_p, is_causal, need_weights)
-        out = out.transpose(1, 2).reshape(B, T, E)  # (B, H, T, D) -> (B, T, E)
+        out = out.transpose(1, 2).reshape(B, T, H * self.head_dim)  # (B, H, T, D) -> (B, T, H * D)
         return self.out_proj(out), weights

@@ -20,7 +20,9 @@ from .errors import ConfigError
 from .task_registry import TRAINABLE
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
-Positional = Literal["sinusoidal", "sinusoidal_halves", "learned"]
+Positional = Literal["sinusoidal", "sinusoidal_halves", "learned", "rope"]
+RopeScaling = Literal["none", "linear", "dynamic", "llama3"]
+Norm = Literal["layernorm", "rmsnorm", "gemma_rmsnorm"]
 Tying = Literal["none", "decoder", "all"]
 Arch = Literal["encoder-decoder", "decoder-only", "encoder-only"]
 
@@ -48,6 +50,17 @@ class ModelConfig:
     ids decoding starts (`bos_id`) and stops (`eos_id`) at. The encoder-only heads: a sentence vector is the
     first token's or the mean of the real tokens' (`pooling`), through BERT's dense + tanh layer for
     classification if `pooler`, into `num_labels` classes; embeddings can be L2-normalised.
+
+    The refinements of today's decoder-only models (Llama, Qwen, Mistral, Gemma), each usable from scratch:
+    `positional: rope` (rotary positions, `rope_theta`; `rope_scaling` linear, dynamic or llama3 with
+    `rope_factor`, `rope_original_max_positions` and llama3's `rope_low_freq_factor`/`rope_high_freq_factor`;
+    `rope_fraction` < 1 rotates only part of each head), `norm: rmsnorm` (or `gemma_rmsnorm`, which scales by
+    1 + weight), `qk_norm` (an RMSNorm over each head's queries and keys, Qwen3's), `feed_forward: gated`
+    (act(x W_gate) * (x W_up), then W_down: SwiGLU with `activation: silu`, GeGLU with gelu/gelu_tanh),
+    `n_kv_heads` < n_heads (grouped-query attention; 1 is multi-query), `head_dim` (when it is not d_model /
+    n_heads), biases per projection (`qkv_bias`, `out_bias`, `ffn_bias`), `sliding_window` (each token attends
+    to itself and the sliding_window - 1 before it, Mistral's) and `extra_eos_ids` (more ids that end a
+    generation, e.g. an end-of-turn token).
     """
 
     src_vocab_size: int = 0
@@ -80,6 +93,23 @@ class ModelConfig:
     pooler: bool = False
     normalize_embeddings: bool = False
     init_from: Optional[str] = None  # a checkpoint to start from (its architecture, weights and tokenizer)
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_original_max_positions: int = 0  # the context the scaled frequencies stretch (dynamic, llama3)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_fraction: float = 1.0  # the share of each head's dimensions that rotate
+    norm: Norm = "layernorm"
+    qk_norm: bool = False
+    feed_forward: Literal["plain", "gated"] = "plain"
+    n_kv_heads: Optional[int] = None  # None: n_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    qkv_bias: bool = True
+    out_bias: bool = True
+    ffn_bias: bool = True
+    sliding_window: int = 0  # 0: attend to every earlier token
+    extra_eos_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -94,12 +124,16 @@ class ModelConfig:
             _check(self.n_encoder_layers > 0, "n_encoder_layers", self.n_encoder_layers, "must be > 0")
         if self.arch != "encoder-only":
             _check(self.n_decoder_layers > 0, "n_decoder_layers", self.n_decoder_layers, "must be > 0")
-        _check(
-            self.d_model % self.n_heads == 0,
-            "d_model",
-            self.d_model,
-            f"must be divisible by n_heads={self.n_heads}",
-        )
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.n_heads == 0,
+                "d_model",
+                self.d_model,
+                f"must be divisible by n_heads={self.n_heads} (or set head_dim)",
+            )
+        else:
+            _check(self.head_dim > 0, "head_dim", self.head_dim, "must be > 0")
+        self._check_attention_and_positions()
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v < 1.0, name, v, "must be in [0, 1)")
@@ -119,14 +153,63 @@ class ModelConfig:
                 f"!= tgt_vocab_size={self.tgt_vocab_size}",
             )
 
+    def _check_attention_and_positions(self) -> None:
+        kv = self.kv_heads
+        _check(kv > 0, "n_kv_heads", kv, "must be > 0")
+        _check(self.n_heads % kv == 0, "n_kv_heads", kv, f"must divide n_heads={self.n_heads}")
+        _check(self.sliding_window >= 0, "sliding_window", self.sliding_window, "must be >= 0 (0: no window)")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(0.0 < self.rope_fraction <= 1.0, "rope_fraction", self.rope_fraction, "must be in (0, 1]")
+        if self.positional == "rope":
+            _check(
+                self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
+                "rope_fraction",
+                self.rope_fraction,
+                f"must leave an even number (>= 2) of rotating dimensions per head, got {self.rotary_dim}",
+            )
+        if self.rope_scaling != "none":
+            _check(self.rope_factor > 0, "rope_factor", self.rope_factor, "must be > 0")
+        if self.rope_scaling in ("dynamic", "llama3"):
+            _check(
+                self.rope_original_max_positions > 0,
+                "rope_original_max_positions",
+                self.rope_original_max_positions,
+                f"must be > 0 for rope_scaling={self.rope_scaling!r}",
+            )
+        if self.rope_scaling == "llama3":
+            _check(
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                "rope_high_freq_factor",
+                self.rope_high_freq_factor,
+                f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} (both > 0)",
+            )
+        for i, eos in enumerate(self.extra_eos_ids):
+            _check(eos >= 0, f"extra_eos_ids[{i}]", eos, "must be a token id (>= 0)")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when unset."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """The width of one attention head: head_dim, or d_model / n_heads when unset."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of a head's dimensions rotate under RoPE."""
+        return int(self.head_size * self.rope_fraction)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a generation: eos_id, then extra_eos_ids."""
+        return [self.eos_id, *(i for i in self.extra_eos_ids if i != self.eos_id)]
+
     @property
     def feed_forward_dropout(self) -> float:
         """Dropout inside the feed-forward: `activation_dropout`, or `dropout` when that is unset."""
         return self.dropout if self.activation_dropout is None else self.activation_dropout
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def max_source_len(self) -> Optional[int]:
@@ -422,6 +505,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping")

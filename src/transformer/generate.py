@@ -408,6 +408,21 @@ def _draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     return idx.squeeze(1)
 
 
+def pick_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """(B, V) next-token logits -> (B,) tokens: the most probable at temperature 0, else a draw from the
+    softmax of logits / temperature restricted to the top k / top p (see `sample`)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return _draw(probs, generator)
+
+
 @torch.no_grad()
 def sample(
     model: TransformerLM,
@@ -418,12 +433,14 @@ def sample(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     context: Optional[int] = None,
+    attention_mask: Optional[Tensor] = None,
 ) -> Iterator[Tensor]:
     """Yield (B,) new tokens one step at a time from a language model.
 
     Args:
         model: a decoder-only model in eval mode.
-        prompt: (B, T) ids to continue, T >= 1.
+        prompt: (B, T) ids to continue, T >= 1; prompts of different lengths are left-padded, with
+        attention_mask: (B, T), 1 for tokens and 0 for the padding before them (as Hugging Face's).
         max_new_tokens: how many tokens to yield.
         temperature: divides the logits; 0 picks the most probable token (greedy).
         top_k, top_p: sample only from the k most probable tokens / the smallest set with probability >= p.
@@ -441,21 +458,22 @@ def sample(
     if cfg.max_source_len is not None:  # a learned table: no position beyond it
         context = min(context or cfg.max_source_len, cfg.max_source_len)
     tokens = prompt if context is None else prompt[:, -context:]
+    real = None if attention_mask is None else attention_mask[:, -tokens.size(1) :].bool()
     capacity = context or tokens.size(1) + max_new_tokens
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
         cache = model.decoder.new_cache(capacity)
-        logits = model(tokens, cache)[:, -1]
+        logits = model(tokens, cache, attention_mask=real)[:, -1]
         for _ in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-                nxt = _draw(probs, generator)
+            nxt = pick_next(logits, temperature, top_k, top_p, generator)
             yield nxt
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if real is not None:
+                real = torch.cat([real, real.new_ones(real.size(0), 1)], dim=1)
             if context is not None and cache.length >= context:  # window full: re-read its last 3/4
                 cache = model.decoder.new_cache(capacity)
-                logits = model(tokens[:, -max(1, context * 3 // 4) :], cache)[:, -1]
+                keep = max(1, context * 3 // 4)
+                logits = model(tokens[:, -keep:], cache, attention_mask=None if real is None else real[:, -keep:])
+                logits = logits[:, -1]
             else:
                 logits = model(nxt[:, None], cache)[:, -1]
 

@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .cpu.linear import Linear
 from .dropout import Dropout
 from .errors import TransformerError
+from .norms import RMSNorm, norm_layer
 
 
 class TokenEmbedding(nn.Module):
@@ -74,10 +75,14 @@ class SinusoidalPositionalEncoding(nn.Module):
             table[:, 0::2], table[:, 1::2] = sin, cos
         return table.float()
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        end = offset + x.size(1)
+    def forward(self, x: Tensor, offset: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        """`positions` (B, T), when given, are each token's own position (rows of left-padded prompts start
+        at different offsets); else the T tokens take positions offset .. offset + T - 1."""
+        end = offset + x.size(1) if positions is None else int(positions.max()) + 1
         if end > self.table.size(0):
             self.table = self._make(max(end, 2 * self.table.size(0))).to(x.device)
+        if positions is not None:
+            return x + self.table[positions].to(x.dtype)
         return x + self.table[offset:end].to(x.dtype)
 
 
@@ -92,18 +97,23 @@ class LearnedPositionalEncoding(nn.Module):
         # small init leaves position drowned out (a worse validation loss on the Shakespeare recipe).
         nn.init.normal_(self.embedding.weight, std=2**-0.5)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        end = offset + x.size(1)
+    def forward(self, x: Tensor, offset: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        end = offset + x.size(1) if positions is None else int(positions.max()) + 1
         if end > self.embedding.num_embeddings:
             raise TransformerError(
                 f"a sequence of {end} positions is longer than the learned positional table "
                 f"(max_positions={self.embedding.num_embeddings}); shorten the input"
             )
+        if positions is not None:
+            return x + self.embedding.weight[positions]
         return x + self.embedding.weight[offset:end]
 
 
-def positional_encoding(cfg: ModelConfig) -> nn.Module:
-    """The positional encoding `cfg.positional` names."""
+def positional_encoding(cfg: ModelConfig) -> Optional[nn.Module]:
+    """The positional encoding `cfg.positional` adds to the input: None for rotary positions, which rotate
+    queries and keys inside attention instead (rope.py)."""
+    if cfg.positional == "rope":
+        return None
     if cfg.positional == "learned":
         return LearnedPositionalEncoding(cfg.max_positions, cfg.d_model)
     return SinusoidalPositionalEncoding(cfg.d_model, halves=cfg.positional == "sinusoidal_halves")
@@ -119,17 +129,29 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward: Linear(d_model -> d_ff), activation, dropout, Linear(d_ff -> d_model).
+
+    `gated` (SwiGLU with silu, GeGLU with gelu): linear1 makes two d_ff-wide halves, a gate and a value
+    (Llama's gate_proj and up_proj, fused into one product); the hidden vector is act(gate) * value.
     Shapes: (B, T, d_model) -> (B, T, d_model), each position on its own."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, dropout: float, activation: str, gated: bool = False, bias: bool = True
+    ) -> None:
         super().__init__()
-        self.linear1 = Linear(d_model, d_ff)
-        self.linear2 = Linear(d_ff, d_model)
+        self.gated = gated
+        self.linear1 = Linear(d_model, 2 * d_ff if gated else d_ff, bias=bias)
+        self.linear2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = Dropout(dropout)
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        h = self.linear1(x)
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            h = self.activation(gate) * value
+        else:
+            h = self.activation(h)
+        return self.linear2(self.dropout(h))
 
 
 def residual_connection(
@@ -143,31 +165,51 @@ def residual_connection(
     return norm(add(x, x))
 
 
+def attention_layer(cfg: ModelConfig, cross: bool = False) -> MultiHeadAttention:
+    """The multi-head attention `cfg` describes: heads, key/value heads, head width, biases, QK-norm."""
+
+    def qk_norm() -> nn.Module:  # over each head's D features (Qwen3 normalises queries and keys by RMS)
+        return RMSNorm(cfg.head_size, cfg.layer_norm_eps, unit_offset=cfg.norm == "gemma_rmsnorm")
+
+    return MultiHeadAttention(
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.attention_dropout,
+        cross=cross,
+        n_kv_heads=cfg.kv_heads,
+        head_dim=cfg.head_size,
+        qkv_bias=cfg.qkv_bias,
+        out_bias=cfg.out_bias,
+        qk_norm=qk_norm if cfg.qk_norm else None,
+    )
+
+
 class TransformerLayer(nn.Module):
     """Self-attention, optional cross-attention, feed-forward; each wrapped in dropout, a residual connection
-    and LayerNorm: after the residual (post-norm, the paper) or on the sublayer's input (pre-norm).
+    and a norm (LayerNorm, or RMSNorm: `cfg.norm`): after the residual (post-norm, the paper) or on the
+    sublayer's input (pre-norm).
 
     Args:
-        cfg: sizes, dropout, activation, norm placement.
+        cfg: sizes, dropout, activation, norm kind and placement, attention and feed-forward variants.
         cross_attention: add attention to an encoder's output (a decoder layer of the encoder-decoder).
     """
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool) -> None:
         super().__init__()
-        d = cfg.d_model
         self.norm_first = cfg.norm_first
-        self.self_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout)
-        self.self_attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.self_attn = attention_layer(cfg)
+        self.self_attn_norm = norm_layer(cfg)
         self.cross_attn: Optional[MultiHeadAttention] = None
-        self.cross_attn_norm: Optional[nn.LayerNorm] = None
+        self.cross_attn_norm: Optional[nn.Module] = None
         if cross_attention:
-            self.cross_attn = MultiHeadAttention(d, cfg.n_heads, cfg.attention_dropout, cross=True)
-            self.cross_attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.ff = FeedForward(d, cfg.d_ff, cfg.feed_forward_dropout, cfg.activation)
-        self.ff_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+            self.cross_attn = attention_layer(cfg, cross=True)
+            self.cross_attn_norm = norm_layer(cfg)
+        gated = cfg.feed_forward == "gated"
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.feed_forward_dropout, cfg.activation, gated, cfg.ffn_bias)
+        self.ff_norm = norm_layer(cfg)
         self.dropout = Dropout(cfg.dropout)
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         return residual_connection(x, norm, lambda h, r: r + self.dropout(sublayer(h)), self.norm_first)
 
     def forward(
@@ -179,16 +221,20 @@ class TransformerLayer(nn.Module):
         memory_mask: Optional[Tensor] = None,
         cache: Optional[tuple[KVCache, KVCache]] = None,
         attn_maps: Optional[list] = None,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
         """x: (B, T, E). mask/is_causal: self-attention mask. memory: (B, S, E) encoder output, with
         memory_mask (B, 1, 1, S). cache: (self, cross) KV caches when decoding step by step. attn_maps: a list
-        to append this layer's attention weights to ({"self": (B, H, T, T), "cross": (B, H, T, S)})."""
+        to append this layer's attention weights to ({"self": (B, H, T, T), "cross": (B, H, T, S)}). rotary:
+        (cos, sin) of x's positions, for rotary positions."""
         need = attn_maps is not None
         record = {}
         self_cache, cross_cache = cache if cache is not None else (None, None)
 
         def self_attention(h: Tensor) -> Tensor:
-            out, record["self"] = self.self_attn(h, mask=mask, is_causal=is_causal, cache=self_cache, need_weights=need)
+            out, record["self"] = self.self_attn(
+                h, mask=mask, is_causal=is_causal, cache=self_cache, need_weights=need, rotary=rotary
+            )
             return out
 
         x = self._residual(x, self.self_attn_norm, self_attention)

@@ -24,22 +24,25 @@ from .dropout import Dropout
 from .errors import TransformerError
 from .layers import TokenEmbedding, TransformerLayer, positional_encoding
 from .loss import label_smoothed_loss
+from .norms import norm_layer
+from .rope import RotaryEmbedding
 
 
 class Encoder(nn.Module):
     """Source ids -> contextual vectors ("memory"): embedding, positions (and token types, and a LayerNorm, as
-    BERT has), dropout, N layers, optional final LayerNorm. `forward(src (B, S), mask (B, 1, 1, S), attn_maps,
+    BERT has), dropout, N layers, optional final norm. `forward(src (B, S), mask (B, 1, 1, S), attn_maps,
     token_types (B, S) or None)` -> (B, S, E); `attn_maps`, a list, receives each layer's attention weights."""
 
     def __init__(self, cfg: ModelConfig, embed: TokenEmbedding) -> None:
         super().__init__()
         self.embed = embed
         self.positions = positional_encoding(cfg)
+        self.rotary = RotaryEmbedding(cfg) if cfg.positional == "rope" else None
         self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.embed_norm else None
         self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention=False) for _ in range(cfg.n_encoder_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+        self.norm = norm_layer(cfg) if cfg.final_norm else None
 
     def forward(
         self,
@@ -48,24 +51,31 @@ class Encoder(nn.Module):
         attn_maps: Optional[list] = None,
         token_types: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.positions(self.embed(src))
+        x = self.embed(src)
+        rotary = None
+        if self.rotary is not None:  # sources are right-padded: every row's positions are 0 .. S - 1
+            rotary = self.rotary(torch.arange(src.size(1), device=src.device)[None])
+        else:
+            x = self.positions(x)
         if self.token_types is not None:  # no types given: every token is of type 0, as in BERT
             x = x + (self.token_types(token_types) if token_types is not None else self.token_types.weight[0])
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.dropout(x)
         for layer in self.layers:
-            x = layer(x, mask=mask, attn_maps=attn_maps)
+            x = layer(x, mask=mask, attn_maps=attn_maps, rotary=rotary)
         return self.norm(x) if self.norm is not None else x
 
 
 class DecoderCache:
-    """Per-layer key/value caches for incremental decoding (self-attention keys/values (B, H, t, D) growing
-    with each step; the source's, for cross-attention, computed once), plus how many positions are cached."""
+    """Per-layer key/value caches for incremental decoding (self-attention keys/values (B, H_kv, t, D) growing
+    with each step; the source's, for cross-attention, computed once), plus how many positions are cached and,
+    once a left-padded prompt has been read, which of them are real tokens (`real`, (B, length) bool)."""
 
     def __init__(self, n_layers: int, capacity: int, cross: bool) -> None:
         self.layers = [(KVCache(capacity), KVCache(static=True) if cross else None) for _ in range(n_layers)]
         self.length = 0
+        self.real: Optional[Tensor] = None  # None: every cached position is a real token
 
     def reorder(self, index: Tensor, cross: bool = True) -> None:
         """Keep batch rows `index`, in that order (beam search, dropping finished sentences). `cross=False`
@@ -75,24 +85,51 @@ class DecoderCache:
             self_cache.reorder(index)
             if cross and cross_cache is not None:
                 cross_cache.reorder(index)
+        if self.real is not None:
+            self.real = self.real.index_select(0, index)
+
+
+def _self_attention_mask(
+    T: int, offset: int, real: Optional[Tensor], window: int, device: torch.device
+) -> tuple[Optional[Tensor], bool]:
+    """The decoder's self-attention mask for T new tokens after `offset` cached ones: causal; within the
+    last `window` positions if window > 0; only real (not padding) keys if `real` (B, offset + T) is given.
+    Returns (mask or None, is_causal): the plain causal case is left to the fused kernel's `is_causal`."""
+    keys = offset + T
+    if real is None and (window == 0 or keys <= window):
+        if offset == 0 and T > 1:
+            return None, True
+        return (causal_mask(T, device, keys=keys) if T > 1 else None), False
+    mask = causal_mask(T, device, keys=keys)
+    if window:  # key j is seen from query i only if i - j < window
+        query_at = torch.arange(offset, keys, device=device)[:, None]
+        mask = mask & (torch.arange(keys, device=device)[None] > query_at - window)
+    if real is not None:
+        mask = mask & real[:, None, None, :]
+    return mask, False
 
 
 class Decoder(nn.Module):
     """Target ids (+ memory) -> hidden states; causal. Without cross-attention this is the decoder-only
     language model's stack.
 
-    `forward(tgt (B, T), memory (B, S, E), memory_mask (B, 1, 1, S), cache, attn_maps)` -> (B, T, E). With a
-    cache, `tgt` holds only the new tokens and their keys/values are appended to it.
+    `forward(tgt (B, T), memory (B, S, E), memory_mask (B, 1, 1, S), cache, attn_maps, attention_mask)` ->
+    (B, T, E). With a cache, `tgt` holds only the new tokens and their keys/values are appended to it.
+    `attention_mask` (B, T), as Hugging Face's (1/True: a token, 0/False: padding), lets a batch of
+    left-padded prompts be read at once: each row's positions start at its first token, and no token
+    attends to padding.
     """
 
     def __init__(self, cfg: ModelConfig, embed: TokenEmbedding, cross_attention: bool) -> None:
         super().__init__()
         self.embed = embed
         self.positions = positional_encoding(cfg)
+        self.rotary = RotaryEmbedding(cfg) if cfg.positional == "rope" else None
+        self.window = cfg.sliding_window
         self.dropout = Dropout(cfg.dropout)
         self.cross_attention = cross_attention
         self.layers = nn.ModuleList(TransformerLayer(cfg, cross_attention) for _ in range(cfg.n_decoder_layers))
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.final_norm else None
+        self.norm = norm_layer(cfg) if cfg.final_norm else None
 
     def new_cache(self, capacity: int = 64) -> DecoderCache:
         return DecoderCache(len(self.layers), capacity, self.cross_attention)
@@ -104,23 +141,51 @@ class Decoder(nn.Module):
         memory_mask: Optional[Tensor] = None,
         cache: Optional[DecoderCache] = None,
         attn_maps: Optional[list] = None,
+        attention_mask: Optional[Tensor] = None,
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
-        T = tgt.size(1)
-        # Self-attention mask: causal. One new token attends to every cached one (no mask at all); a block of
-        # new tokens after cached ones needs the causal mask shifted by the cache length.
-        mask, is_causal = None, False
-        if offset == 0 and T > 1:
-            is_causal = True
-        elif T > 1:
-            mask = causal_mask(T, tgt.device, keys=offset + T)
-        x = self.dropout(self.positions(self.embed(tgt), offset))
+        B, T = tgt.shape
+        real = _real_tokens(cache, attention_mask, B, T, tgt.device)  # (B, offset + T), or None: all real
+        if real is None:
+            positions = torch.arange(offset, offset + T, device=tgt.device)[None]  # (1, T)
+        else:  # each row counts only its real tokens (padding takes position 0, unseen)
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, offset:]
+        mask, is_causal = _self_attention_mask(T, offset, real, self.window, tgt.device)
+        x = self.embed(tgt)
+        rotary = None
+        if self.rotary is not None:
+            rotary = self.rotary(positions)
+        elif real is None:
+            x = self.positions(x, offset)
+        else:
+            x = self.positions(x, positions=positions)
+        x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = layer(x, mask, is_causal, memory, memory_mask, layer_cache, attn_maps)
+            x = layer(x, mask, is_causal, memory, memory_mask, layer_cache, attn_maps, rotary)
         if cache is not None:
             cache.length += T
+            cache.real = real
         return self.norm(x) if self.norm is not None else x
+
+
+def _real_tokens(
+    cache: Optional[DecoderCache], attention_mask: Optional[Tensor], B: int, T: int, device: torch.device
+) -> Optional[Tensor]:
+    """(B, cached + T) bool: which positions hold real tokens, the cached ones and the new ones; None while
+    all of them do (the common case, which keeps the plain causal mask)."""
+    before = cache.real if cache is not None else None
+    new = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+    if new is not None and bool(new.all()):
+        new = None
+    if before is None and new is None:
+        return None
+    offset = cache.length if cache is not None else 0
+    if before is None:
+        before = torch.ones(B, offset, dtype=torch.bool, device=device)
+    if new is None:
+        new = torch.ones(B, T, dtype=torch.bool, device=device)
+    return torch.cat([before, new], dim=1)
 
 
 def _token_embedding(cfg: ModelConfig, vocab_size: int) -> TokenEmbedding:
@@ -200,9 +265,16 @@ class TransformerLM(nn.Module):
         if cfg.tie_embeddings != "none":
             self.output.weight = embed.weight
 
-    def forward(self, ids: Tensor, cache: Optional[DecoderCache] = None, attn_maps: Optional[list] = None) -> Tensor:
-        """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens."""
-        return self.output(self.decoder(ids, cache=cache, attn_maps=attn_maps))
+    def forward(
+        self,
+        ids: Tensor,
+        cache: Optional[DecoderCache] = None,
+        attn_maps: Optional[list] = None,
+        attention_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens.
+        `attention_mask` (B, T): 1 for tokens, 0 for the left padding of a batch of prompts (see `Decoder`)."""
+        return self.output(self.decoder(ids, cache=cache, attn_maps=attn_maps, attention_mask=attention_mask))
 
     def loss(self, ids: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Mean label-smoothed cross entropy of predicting `targets` (B, T), the tokens after `ids` (B, T)."""

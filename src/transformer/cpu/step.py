@@ -427,12 +427,28 @@ def _hooked(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.decoder.modules())
 
 
+def _classic_blocks(cfg) -> bool:
+    """Does the model use the blocks this step is written for (added positions, one key/value head per query
+    head of width d_model / n_heads, a plain feed-forward)? Rotary positions, grouped-query attention, QK-norm,
+    gated feed-forwards and sliding windows decode by the module path."""
+    return (
+        cfg.positional != "rope"
+        and cfg.kv_heads == cfg.n_heads
+        and cfg.head_size * cfg.n_heads == cfg.d_model
+        and cfg.feed_forward == "plain"
+        and not cfg.qk_norm
+        and not cfg.sliding_window
+    )
+
+
 def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
     """The `StepDecoder` of an encoder-decoder `model` for decoding now, or None where the module path decodes
     (GPU, training mode, a decoder-only model, a model with weights in another dtype). Inside a
     `packed_weights(model)` or `int8_weights(model)` block it is prepared once and reused by every decoding call
     of the block (the decoding functions open one per call; `translate_texts` one for all its batches)."""
     if model.training or getattr(model.config, "arch", None) == "decoder-only" or not hasattr(model, "encoder"):
+        return None
+    if not _classic_blocks(model.config):
         return None
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or _hooked(model):

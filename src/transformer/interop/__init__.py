@@ -1,6 +1,6 @@
-"""Pretrained checkpoints in and out: Hugging Face BERT, Marian and GPT-2 directories on local disk <-> this
-package's models and checkpoints. The model code knows nothing of Hugging Face; the name tables are in
-`families.py`, the tokenizer bridges in `tokenizers.py`.
+"""Pretrained checkpoints in and out: Hugging Face BERT, Marian, GPT-2, Llama, Qwen2, Qwen3, Mistral, Gemma and
+Phi-3 directories on local disk <-> this package's models and checkpoints. The model code knows nothing of
+Hugging Face; the name tables are in `families.py` and `decoders.py`, the tokenizer bridges in `tokenizers.py`.
 
     ckpt = from_pretrained("path/to/hf_dir")          # a Checkpoint: model, config, tokenizers
     save_checkpoint(out, ckpt.model, ckpt.task, ckpt.tokenizers)   # or: transformer import HF_DIR --out CKPT
@@ -14,9 +14,10 @@ the weights file's header before a model is built, so each mistake in it is one 
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -25,8 +26,14 @@ from ..errors import CheckpointError
 from ..files import atomic_path, foreign_entries, new_directory, read_json, write_json_atomic
 from ..model import build_model
 from ..tokenizers import PretrainedTokenizer, SentencePieceTokenizer
-from .families import FAMILIES, Bert
+from .decoders import DECODERS, REFUSED, family_for
+from .families import FAMILIES as _CLASSIC
+from .families import Bert
 from .metadata import Keys, inside, show
+
+log = logging.getLogger("transformer")
+
+FAMILIES = {**_CLASSIC, **DECODERS}
 
 # Where a family may store one tensor under another name (tied weights are saved once, under any of them).
 _ALIASES = {
@@ -36,18 +43,23 @@ _ALIASES = {
 }
 
 
-def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: str = "auto") -> Checkpoint:
     """A Hugging Face model directory (config.json, model.safetensors, tokenizer files) as a Checkpoint of this
     package, its weights copied exactly. Raises CheckpointError naming the file and the setting it refuses (a
-    DataError for a tokenizer.json that `tokenizers` cannot read)."""
+    DataError for a tokenizer.json that `tokenizers` cannot read).
+
+    dtype: "auto" keeps bf16 weights as bf16 where the device computes in bf16 natively (else fp32, logged);
+    "fp32" or "bf16" force one. A decoder-only model's end ids come from generation_config.json and its chat
+    template from tokenizer_config.json (or chat_template.jinja), kept in `meta["chat"]`."""
     hf_dir = Path(hf_dir)
     hf = read_json(hf_dir / "config.json", CheckpointError, f"missing; {hf_dir} is not a Hugging Face model directory")
     keys = Keys(hf, str(hf_dir / "config.json"))
     model_type = keys.text("model_type")
     family = FAMILIES.get(model_type)
     if family is None:
+        why = f" ({REFUSED[model_type]}): refused rather than approximated" if model_type in REFUSED else ""
         raise CheckpointError(
-            f"{keys.where}: model_type={model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+            f"{keys.where}: model_type={model_type!r} is not supported{why} (supported: {', '.join(FAMILIES)})"
         )
     extra = _sentence_transformers(hf_dir) if family.model_type == "bert" else {}
     files = _weight_files(hf_dir)
@@ -56,17 +68,83 @@ def from_pretrained(hf_dir: str | Path, device: str | torch.device = "cpu") -> C
         extra.setdefault("pooler", any(k.endswith("pooler.dense.weight") for k in shapes))
     cfg = family.config(keys, **extra)
     _check_shapes(family, cfg, shapes, hf_dir, keys.where)  # before anything is built or loaded
+    modern = family.model_type in DECODERS
+    meta: dict[str, Any] = {"imported_from": str(hf_dir), "hf_model_type": family.model_type}
+    if modern:
+        cfg = _with_generation_config(cfg, hf_dir)
+        meta["chat"] = _chat_metadata(hf_dir)
     tokenizers = _tokenizers(family.model_type, hf_dir)
     tensors = _read_weights(files)
     model = build_model(cfg)
     state = _map_in(family, cfg, tensors, hf_dir)
     load_weights(model, state, hf_dir / "model.safetensors")
-    model.to(device).eval()
+    model.to(device=device, dtype=_dtype(dtype, tensors, device, hf_dir)).eval()
     task = {"bert": "classification" if cfg.num_labels else "embedding", "gpt2": "lm", "marian": "translation"}
-    meta = {"imported_from": str(hf_dir), "hf_model_type": family.model_type}
     if cfg.num_labels:
         meta["labels"] = Bert.labels(keys)
-    return Checkpoint(model, cfg, task[family.model_type], tokenizers, meta, hf_dir)
+    return Checkpoint(model, cfg, "lm" if modern else task[family.model_type], tokenizers, meta, hf_dir)
+
+
+def _dtype(wanted: str, tensors: dict[str, torch.Tensor], device: str | torch.device, hf_dir: Path) -> torch.dtype:
+    """The dtype to hold imported weights in (see `from_pretrained`)."""
+    from ..backend import bf16_is_native
+
+    if wanted not in ("auto", "fp32", "bf16"):
+        raise CheckpointError(f"dtype={wanted!r}: expected auto, fp32 or bf16")
+    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if wanted == "auto":
+        if stored != {torch.bfloat16}:
+            return torch.float32
+        native = bf16_is_native(torch.device(device))
+        log.info(
+            "%s: bf16 weights, loaded as %s", hf_dir, "bf16 (native here)" if native else "fp32 (no native bf16 here)"
+        )
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if wanted == "bf16" else torch.float32
+
+
+def _with_generation_config(cfg, hf_dir: Path):
+    """`cfg` with the end ids of generation_config.json (a list, for chat models' end-of-turn tokens) added."""
+    import dataclasses
+
+    path = hf_dir / "generation_config.json"
+    if not path.is_file():
+        return cfg
+    keys = Keys(read_json(path, CheckpointError, "unreadable"), str(path))
+    ends = keys.token_ids("eos_token_id", [])
+    vocab = cfg.tgt_vocab_size
+    for i in ends:
+        if i >= vocab:
+            raise keys.error("eos_token_id", f"holds {i}, outside the vocabulary of {vocab} tokens")
+    extra = [i for i in [*cfg.extra_eos_ids, *ends] if i != cfg.eos_id]
+    return dataclasses.replace(cfg, extra_eos_ids=list(dict.fromkeys(extra)))
+
+
+def _chat_metadata(hf_dir: Path) -> dict:
+    """The chat template and the special tokens' texts it may refer to (bos_token, eos_token, ...), from
+    tokenizer_config.json, with chat_template.jinja taking precedence as in transformers v5. {} without one."""
+    path = hf_dir / "tokenizer_config.json"
+    data = read_json(path, CheckpointError, "unreadable") if path.is_file() else {}
+    keys = Keys(data, str(path))
+    template = keys.data.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise keys.error("chat_template", f"must be a string or a list of named templates, got {show(template)}")
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if template is None:
+        return {}
+    special = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+        value = keys.data.get(name)
+        if isinstance(value, dict):  # a serialised AddedToken
+            value = value.get("content")
+        if isinstance(value, str):
+            special[name] = value
+    return {"template": template, "special_tokens": special}
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:
@@ -160,7 +238,7 @@ def _lookup(tensors: dict[str, torch.Tensor], name: str, hf_dir: Path) -> torch.
 def _prefix(model_type: str, tensors: dict) -> str:
     """The prefix a head model puts before the base model's names (BertFor...: "bert.", GPT2LMHeadModel:
     "transformer.", MarianMTModel: "model.")."""
-    prefix = {"bert": "bert.", "gpt2": "transformer.", "marian": "model."}[model_type]
+    prefix = {"bert": "bert.", "gpt2": "transformer.", "marian": "model."}.get(model_type, "model.")
     return prefix if any(k.startswith(prefix) for k in tensors) else ""
 
 
@@ -207,7 +285,8 @@ def _tokenizers(model_type: str, hf_dir: Path) -> dict:
         return _marian_tokenizers(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: missing (only tokenizer.json tokenizers are read)")
-    tok = PretrainedTokenizer.from_file(hf_dir / "tokenizer.json", add_special_tokens=model_type == "bert")
+    # BERT's [CLS] ... [SEP] and Llama's <s> are added as transformers adds them by default; GPT-2 adds none
+    tok = PretrainedTokenizer.from_file(hf_dir / "tokenizer.json", add_special_tokens=model_type != "gpt2")
     return {"src": tok} if model_type == "bert" else {"tgt": tok}
 
 
@@ -275,6 +354,8 @@ def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Pat
     out = Path(out)
     cfg = ckpt.config
     family = {"encoder-only": FAMILIES["bert"], "decoder-only": FAMILIES["gpt2"]}.get(cfg.arch, FAMILIES["marian"])
+    if cfg.arch == "decoder-only" and (cfg.positional == "rope" or cfg.norm != "layernorm"):
+        family = family_for(cfg, ckpt.meta.get("hf_model_type"))  # Llama and the families built like it
     where = str(ckpt.path or "checkpoint")
     if cfg.arch == "encoder-decoder" and cfg.norm_first:
         raise CheckpointError(
@@ -285,11 +366,12 @@ def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Pat
     hf = family.hf_config(cfg, where)
     ours = ckpt.model.state_dict()
     tensors = {}
-    prefix = {"bert": "bert." if cfg.num_labels else "", "gpt2": "transformer.", "marian": "model."}[family.model_type]
+    prefix = {"bert": "bert." if cfg.num_labels else "", "gpt2": "transformer."}.get(family.model_type, "model.")
     for mine, theirs, how in family.names(cfg, prefix):
         names = theirs.split("|")
         value = ours[mine]
-        parts = value.chunk(len(names)) if how == "cat" else [value]
+        sizes = family.split(cfg, mine) if how == "cat" and hasattr(family, "split") else None
+        parts = (value.split(sizes) if sizes else value.chunk(len(names))) if how == "cat" else [value]
         for name, part in zip(names, parts):
             part = part.t() if how == "t" else part.reshape(1, -1) if how == "row" else part
             tensors[name] = part.detach().contiguous().cpu()
@@ -352,7 +434,16 @@ def _export_tokenizers(ckpt: Checkpoint, hf: dict, out: Path) -> None:
         raise CheckpointError(f"{ckpt.path}: its tokenizer ({type(tok).__name__}) has no tokenizer.json form")
     with atomic_path(out / "tokenizer.json") as tmp:
         tmp.write_text(inner.to_str(), encoding="utf-8")
-    write_json_atomic(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+    tokenizer_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if hf["model_type"] in DECODERS:
+        chat = ckpt.meta.get("chat") or {}
+        tokenizer_config.update(chat.get("special_tokens", {}))
+        if chat.get("template"):
+            tokenizer_config["chat_template"] = chat["template"]
+        cfg = ckpt.config
+        generation = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_ids if len(cfg.eos_ids) > 1 else cfg.eos_id}
+        write_json_atomic(out / "generation_config.json", generation)
+    write_json_atomic(out / "tokenizer_config.json", tokenizer_config)
 
 
 __all__ = ["from_pretrained", "export_hf"]

@@ -123,6 +123,13 @@ def _check(cfg, where: str) -> None:
         off.append("final_norm with post-norm (no final LayerNorm after post-norm layers)")
     if cfg.embed_norm or cfg.type_vocab_size:
         off.append("embedding LayerNorm or token types")
+    classic = dict(positional=("sinusoidal", "sinusoidal_halves", "learned"), norm=("layernorm",),
+                   feed_forward=("plain",), qk_norm=(False,), sliding_window=(0,))  # fmt: skip
+    off += [f"{k}={getattr(cfg, k)!r}" for k, allowed in classic.items() if getattr(cfg, k) not in allowed]
+    if cfg.kv_heads != cfg.n_heads or cfg.head_size * cfg.n_heads != cfg.d_model:
+        off.append("grouped-query attention or a head_dim other than d_model / n_heads")
+    if not (cfg.qkv_bias and cfg.out_bias and cfg.ffn_bias):
+        off.append("projections without biases")
     if off:
         raise CheckpointError(f"{where}: CTranslate2's Transformer cannot represent this model: {'; '.join(off)}")
 

@@ -67,6 +67,16 @@ class Keys:
         value = self._value(key, default, kind, ok)
         return value[0] if isinstance(value, list) else value
 
+    def token_ids(self, key: str, default: Any) -> Any:
+        """Every id of a key that holds a token id or a list of them (generation_config's eos_token_id)."""
+
+        def ok(v: Any) -> bool:
+            ids = v if isinstance(v, list) and v else [v]
+            return all(_is_int(i) and i >= 0 for i in ids)
+
+        value = self._value(key, default, "a token id (an integer >= 0) or a list of them", ok)
+        return value if isinstance(value, list) or value is default else [value]
+
     def number(self, key: str, default: Any) -> Any:
         return self._value(key, default, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
 
