@@ -168,6 +168,10 @@ class KVCache:
         self.length += t
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the buffer stays; later appends overwrite them)."""
+        self.length = min(self.length, length)
+
     def set(self, k: Tensor, v: Tensor) -> None:
         self.k, self.v, self.length = k, v, k.size(2)
 

@@ -88,6 +88,14 @@ class DecoderCache:
         if self.real is not None:
             self.real = self.real.index_select(0, index)
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions only (a conversation that changed after them is read again)."""
+        for self_cache, _ in self.layers:
+            self_cache.truncate(length)
+        self.length = min(self.length, length)
+        if self.real is not None:
+            self.real = self.real[:, : self.length]
+
 
 def _self_attention_mask(
     T: int, offset: int, real: Optional[Tensor], window: int, device: torch.device

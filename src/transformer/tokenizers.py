@@ -213,6 +213,11 @@ class PretrainedTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)]
 
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of `text` alone, no special tokens added: for text that already holds them (a rendered chat
+        template, as transformers tokenises it)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 

@@ -30,6 +30,7 @@ COMMANDS = [
     serve.add_serve,
     train.add_average,
     generate.add_generate,
+    generate.add_chat,
     viz.add_attention,
     viz.add_plot,
 ]

@@ -1,10 +1,11 @@
-"""`generate`: sample text from a language-model checkpoint, streamed to stdout."""
+"""`generate`: sample text from a language-model checkpoint, streamed to stdout; `chat`: talk to a chat model."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..errors import TransformerError
 from .common import device_option, load, positive_int
 
 
@@ -18,8 +19,61 @@ def add_generate(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with probability >= p")
     g.add_argument("--num-samples", type=positive_int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--chat", metavar="MESSAGE", help="one chat turn: the reply to MESSAGE, in the model's chat template"
+    )
+    g.add_argument("--system", help="with --chat: a system message")
     device_option(g)
     g.set_defaults(fn=generate)
+
+
+def add_chat(sub) -> None:
+    c = sub.add_parser("chat", help="talk to a chat model (its chat template, the cache kept across turns)")
+    c.add_argument("checkpoint")
+    c.add_argument("--system", help="a system message that opens the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=512, help="the longest reply, in tokens")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0)
+    device_option(c)
+    c.set_defaults(fn=chat)
+
+
+def _session(args: argparse.Namespace):
+    from ..chat import ChatSession
+    from ..generate import SamplingSettings
+
+    s = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    ckpt = load(args, "lm")
+    return ChatSession(ckpt.model, ckpt.tgt_tokenizer, ckpt.meta.get("chat") or {}, args.system, s)
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Read a message per line from stdin, stream each reply; `/reset` starts over, end of input ends."""
+    session = _session(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        sys.stderr.write("(a message per line; /reset starts over; Ctrl-D ends)\n")
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            sys.stderr.write("(conversation reset)\n")
+            continue
+        if not text.strip():
+            continue
+        for piece in session.reply(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -27,6 +81,14 @@ def generate(args: argparse.Namespace) -> int:
 
     from ..generate import SamplingSettings, TextStream, sample
 
+    if args.chat is not None:
+        for piece in _session(args).reply(args.chat):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    if args.system is not None:
+        raise TransformerError("--system goes with --chat (or use `transformer chat`)")
     s = SamplingSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = load(args, "lm")
     tok = ckpt.tgt_tokenizer
