@@ -54,6 +54,15 @@ def test_a_failing_op_turns_its_path_off(monkeypatch):
     assert not cpu.paths.decide().packed_bf16
 
 
+def test_a_first_product_under_bf16_autocast_decides_as_without_it():
+    # the first product of a process may come under autocast (a bf16 training step): the check that oneDNN's
+    # fp32 linear works must not compare it against a bf16 reference and turn it off for the whole machine
+    plain = cpu.paths.works(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu.paths.works(torch.float32) == plain
+        assert cpu.paths.works(torch.bfloat16) == cpu.paths.works(torch.bfloat16)
+
+
 def test_environment_switches(monkeypatch):
     monkeypatch.setenv("TRANSFORMER_ONEDNN", "0")
     assert cpu.paths.decide() == cpu.CpuPaths(why="TRANSFORMER_ONEDNN=0")

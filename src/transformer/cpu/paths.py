@@ -70,14 +70,17 @@ def pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def works(dtype: torch.dtype) -> bool:
     """Can this CPU run oneDNN's linear, plain and with a packed weight, in `dtype`, with F.linear's result?
-    A CPU without the needed instructions raises (e.g. bf16 packing needs AVX512-BF16/AVX-NE-CONVERT)."""
+    A CPU without the needed instructions raises (e.g. bf16 packing needs AVX512-BF16/AVX-NE-CONVERT).
+    Checked outside autocast whatever the caller's context: under bf16 autocast the fp32 reference itself would
+    be computed in bf16, and fp32 oneDNN would be found wrong (and recorded so for the whole machine)."""
     try:
-        x, w, b = timing.fixed(3, 8, dtype), timing.fixed(5, 8, dtype).cos(), torch.arange(5.0).to(dtype)
-        ref = F.linear(x.float(), w.float(), b.float())
-        tol = 1e-5 if dtype == torch.float32 else 5e-2
-        for out in (onednn_linear(x, w, b), onednn_linear(x, pack(w, 3), b)):
-            if not torch.allclose(out.float(), ref, atol=tol, rtol=tol):
-                return False
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            x, w, b = timing.fixed(3, 8, dtype), timing.fixed(5, 8, dtype).cos(), torch.arange(5.0).to(dtype)
+            ref = F.linear(x.float(), w.float(), b.float())
+            tol = 1e-5 if dtype == torch.float32 else 5e-2
+            for out in (onednn_linear(x, w, b), onednn_linear(x, pack(w, 3), b)):
+                if not torch.allclose(out.float(), ref, atol=tol, rtol=tol):
+                    return False
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
