@@ -5,7 +5,8 @@ Runs each workload's contenders interleaved in this one process and prints a tab
 then writes the same figures as JSON. Every contender must do the same work in every round (the same target
 tokens, the same number of decoded tokens), or the run fails.
 Workloads: train-small, train-base (fp32 and bf16 each), greedy (fp32 and bf16), beam, ct2 (against CTranslate2),
-int8 (the int8 products of a decoding step: our int8 kernel against fbgemm), lm, mfu, memory.
+int8 (the int8 products of a decoding step: our int8 kernel against fbgemm), lm, llama (a Llama-shaped model's
+prefill and decode against transformers' generate(), batch 1 and 8), mfu, memory.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import torch
 
 from transformer import backend, cpu
 
+from . import llm
 from . import workloads as W
 from .harness import AGREE, BUSY, SPREAD, Quiet, compare, ratio, unreliable
 
-ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "int8", "lm", "mfu", "memory"]
+ALL = ["train-small", "train-base", "greedy", "beam", "ct2", "int8", "lm", "llama", "mfu", "memory"]
 
 # Targets from the issues: (workload row, peer) -> minimum ratio
 TARGETS = {
@@ -43,6 +45,12 @@ TARGETS = {
     ("greedy base", "naive recompute"): 8.0,
     ("beam5 base", "HF generate"): 1.5,
     ("lm step", "HF GPT-2"): 1.0,
+    **{
+        (f"llama {phase} {precision} b{batch}", "HF generate"): 1.5
+        for phase in ("prefill", "decode")
+        for precision in ("fp32", "bf16")
+        for batch in (1, 8)
+    },
     ("train base bf16", "ours fp32"): 1.5,
     **{
         (f"ct2 {kind} {size} {q}", "CTranslate2"): 1.0
@@ -193,6 +201,11 @@ def main(argv=None) -> int:
         block, lm_batch = (16, 2) if args.smoke else (64, 12)
         res = compare(W.lm_contenders(hf, block=block, batch=lm_batch), rounds, warmup)
         table.add("lm step", res, block * lm_batch, "tokens/s")
+    if "llama" in chosen:
+        if not hf:
+            print("# llama rows skipped: HF transformers is not installed (pip install .[bench])")
+        else:
+            _llama(table, args.smoke, bf16_modes, rounds, warmup)
     if "mfu" in chosen:
         for bf16 in bf16_modes:
             table.put([_mfu(base, bf16, batch, length, rounds, warmup)])
@@ -277,6 +290,19 @@ def _ct2_race(
                     "tokens/s",
                     info={"ours": ours_row, "CTranslate2": theirs},
                 )
+
+
+def _llama(table: Table, smoke: bool, bf16_modes: tuple, rounds: int, warmup: int) -> None:
+    """Prefill and decode rows of the Llama-shaped model (bench/llm.py), per precision and batch."""
+    ours, hf = llm.models(smoke)
+    prompt, new = (8, 4) if smoke else (128, 32)
+    for bf16 in bf16_modes:
+        for batch in (1, 8):
+            name = f"{'bf16' if bf16 else 'fp32'} b{batch}"
+            res = compare(llm.contenders(ours, hf, batch, prompt, new, bf16), rounds, warmup, same_work=False)
+            prefill, decode = llm.split(res)
+            table.add(f"llama prefill {name}", prefill, batch * prompt, "tokens/s")
+            table.add(f"llama decode {name}", decode, batch * new, "tokens/s")
 
 
 def _int8_kind() -> str:

@@ -44,6 +44,8 @@ def test_bench_smoke(tmp_path):
             ("lm step", "HF GPT-2"),
             ("lm step", "HF GPT-2 gelu_new"),
             ("train small fp32 Marian defaults", "HF Marian"),
+            ("llama prefill fp32 b1", "HF generate"),
+            ("llama decode fp32 b8", "HF generate"),
         } <= names
     for r in data["rows"]:
         if "ratio" in r:

@@ -127,7 +127,7 @@ class ChatSession:
             self.cache = self.model.decoder.new_cache(len(ids) + self.settings.max_new_tokens)
         self.cache.truncate(n)
         self.reused, self.last_prompt, self.last_reply = n, list(ids), []
-        logits = self.model(torch.tensor([ids[n:]], device=device), self.cache)[:, -1]
+        logits = self.model(torch.tensor([ids[n:]], device=device), self.cache, last_only=True)[:, -1]
         self.cached = list(ids)
         stream, s = TextStream(self.tokenizer, ids), self.settings
         for _ in range(s.max_new_tokens):

@@ -254,7 +254,7 @@ class _PromptSteps(DecodingSteps):
     def logits(self, last: Tensor) -> Tensor:
         if self.prompt is not None:
             last, self.prompt = self.prompt, None
-        return self.model(last, self.cache)[:, -1]
+        return self.model(last, self.cache, last_only=True)[:, -1]
 
     def keep(self, rows: Tensor, sentence_rows: Optional[Tensor]) -> None:
         self.cache.reorder(rows)
@@ -462,7 +462,7 @@ def sample(
     capacity = context or tokens.size(1) + max_new_tokens
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
         cache = model.decoder.new_cache(capacity)
-        logits = model(tokens, cache, attention_mask=real)[:, -1]
+        logits = model(tokens, cache, attention_mask=real, last_only=True)[:, -1]
         for _ in range(max_new_tokens):
             nxt = pick_next(logits, temperature, top_k, top_p, generator)
             yield nxt
@@ -472,8 +472,8 @@ def sample(
             if context is not None and cache.length >= context:  # window full: re-read its last 3/4
                 cache = model.decoder.new_cache(capacity)
                 keep = max(1, context * 3 // 4)
-                logits = model(tokens[:, -keep:], cache, attention_mask=None if real is None else real[:, -keep:])
-                logits = logits[:, -1]
+                mask = None if real is None else real[:, -keep:]
+                logits = model(tokens[:, -keep:], cache, attention_mask=mask, last_only=True)[:, -1]
             else:
                 logits = model(nxt[:, None], cache)[:, -1]
 

@@ -279,10 +279,14 @@ class TransformerLM(nn.Module):
         cache: Optional[DecoderCache] = None,
         attn_maps: Optional[list] = None,
         attention_mask: Optional[Tensor] = None,
+        last_only: bool = False,
     ) -> Tensor:
         """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens.
-        `attention_mask` (B, T): 1 for tokens, 0 for the left padding of a batch of prompts (see `Decoder`)."""
-        return self.output(self.decoder(ids, cache=cache, attn_maps=attn_maps, attention_mask=attention_mask))
+        `attention_mask` (B, T): 1 for tokens, 0 for the left padding of a batch of prompts (see `Decoder`).
+        `last_only`: the logits of the last position only, (B, 1, V), what decoding after a prompt needs (the
+        output layer over a long prompt's every position can cost as much as the rest of the model)."""
+        hidden = self.decoder(ids, cache=cache, attn_maps=attn_maps, attention_mask=attention_mask)
+        return self.output(hidden[:, -1:] if last_only else hidden)
 
     def loss(self, ids: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Mean label-smoothed cross entropy of predicting `targets` (B, T), the tokens after `ids` (B, T)."""
