@@ -51,7 +51,7 @@ def models(smoke: bool):
 
 
 def contenders(ours, hf, batch: int, prompt: int, new: int, bf16: bool) -> dict[str, Callable[[], int]]:
-    """"ours/HF prefill" and "ours/HF generate" calls, each returning the tokens it wrote."""
+    """ "ours/HF prefill" and "ours/HF generate" calls, each returning the tokens it wrote."""
     ids = torch.randint(5, ours.config.tgt_vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
 
     def ours_run(n: int) -> int:

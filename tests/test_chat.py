@@ -63,10 +63,10 @@ def greedy_reply(ckpt, ids, n):
 def test_a_second_turn_reuses_the_cache_and_replies_as_a_fresh_read_would(chat_model):
     _, ckpt = chat_model
     settings = SamplingSettings(max_new_tokens=6, temperature=0)
-    session = ChatSession(ckpt.model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings)
-    "".join(session.reply("What is two plus two?"))
-    first_prompt = session.last_prompt
-    "".join(session.reply("And three?"))
+    with ChatSession(ckpt.model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings) as session:
+        "".join(session.reply("What is two plus two?"))
+        first_prompt = session.last_prompt
+        "".join(session.reply("And three?"))
     assert session.reused >= len(first_prompt)  # the first turn was not read again
     assert session.last_prompt[: len(first_prompt)] == first_prompt
     assert session.last_reply == greedy_reply(ckpt, session.last_prompt, len(session.last_reply))
@@ -76,14 +76,14 @@ def test_a_second_turn_reuses_the_cache_and_replies_as_a_fresh_read_would(chat_m
 def test_a_reply_stops_at_any_end_of_turn_id(chat_model):
     _, ckpt = chat_model
     settings = SamplingSettings(max_new_tokens=8, temperature=0)
-    session = ChatSession(ckpt.model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings)
-    "".join(session.reply("hi"))
+    with ChatSession(ckpt.model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings) as session:
+        "".join(session.reply("hi"))
     tokens = session.last_reply
     model = ckpt.model
     model.config = dataclasses.replace(model.config, extra_eos_ids=[tokens[2]])
     try:
-        session = ChatSession(model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings)
-        "".join(session.reply("hi"))
+        with ChatSession(model, ckpt.tgt_tokenizer, ckpt.meta["chat"], settings=settings) as session:
+            "".join(session.reply("hi"))
         assert session.last_reply == tokens[: tokens.index(tokens[2])]
     finally:
         model.config = ckpt.config

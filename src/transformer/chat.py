@@ -11,6 +11,7 @@ is kept while the rendered conversation still starts with what it holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime
 from typing import Any, Iterator, Optional, Sequence
@@ -18,6 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .cpu.linear import packed_weights
+from .cpu.lm_step import lm_step_decoder
 from .errors import TransformerError
 from .generate import SamplingSettings, TextStream, pick_next
 
@@ -78,7 +81,8 @@ class ChatSession:
     `reply(text)` adds the user's message, renders the conversation, feeds the model the tokens its cache does
     not hold yet, and yields the reply's text piece by piece as tokens come, stopping at any of the model's end
     ids (`ModelConfig.eos_ids`: the end-of-turn tokens) or after `settings.max_new_tokens`. `reset()` starts
-    over (the system message, if any, kept)."""
+    over (the system message, if any, kept). The model's weights are prepared for decoding once, for the whole
+    session: `close()` (or leaving a `with` block) releases them, and the weights must not change before."""
 
     def __init__(
         self,
@@ -97,7 +101,18 @@ class ChatSession:
         self.system = system
         self.stop = set(model.config.eos_ids)
         self.generator = torch.Generator().manual_seed(settings.seed)
+        self._prepared = contextlib.ExitStack()
+        self._prepared.enter_context(packed_weights(model.decoder, model.output))
         self.reset()
+
+    def close(self) -> None:
+        self._prepared.close()
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
@@ -130,12 +145,14 @@ class ChatSession:
         logits = self.model(torch.tensor([ids[n:]], device=device), self.cache, last_only=True)[:, -1]
         self.cached = list(ids)
         stream, s = TextStream(self.tokenizer, ids), self.settings
+        fast = lm_step_decoder(self.model)  # the lean step where it applies, else the modules
         for _ in range(s.max_new_tokens):
             token = int(pick_next(logits, s.temperature, s.top_k, s.top_p, self.generator)[0])
             if token in self.stop:
                 break
             self.last_reply.append(token)
             yield stream.push(token)
-            logits = self.model(torch.tensor([[token]], device=device), self.cache)[:, -1]
+            last = torch.tensor([token], device=device)
+            logits = fast.step(last, self.cache) if fast is not None else self.model(last[:, None], self.cache)[:, -1]
             self.cached.append(token)
         self.messages.append({"role": "assistant", "content": self.tokenizer.decode(self.last_reply)})

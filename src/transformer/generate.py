@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .batching import pad_batch
 from .cpu.linear import packed_weights
+from .cpu.lm_step import lm_step_decoder
 from .cpu.step import step_decoder
 from .errors import TransformerError
 from .model import Transformer, TransformerLM
@@ -461,8 +462,9 @@ def sample(
     real = None if attention_mask is None else attention_mask[:, -tokens.size(1) :].bool()
     capacity = context or tokens.size(1) + max_new_tokens
     with packed_weights(model.decoder, model.output):  # the same weights at every step: pack them once
+        fast = lm_step_decoder(model)  # the lean step where it applies (a CPU), else the modules
         cache = model.decoder.new_cache(capacity)
-        logits = model(tokens, cache, attention_mask=real, last_only=True)[:, -1]
+        logits = model(tokens, cache, attention_mask=real, last_only=True)[:, -1]  # the prompt in one pass
         for _ in range(max_new_tokens):
             nxt = pick_next(logits, temperature, top_k, top_p, generator)
             yield nxt
@@ -474,6 +476,8 @@ def sample(
                 keep = max(1, context * 3 // 4)
                 mask = None if real is None else real[:, -keep:]
                 logits = model(tokens[:, -keep:], cache, attention_mask=mask, last_only=True)[:, -1]
+            elif fast is not None:
+                logits = fast.step(nxt, cache)
             else:
                 logits = model(nxt[:, None], cache)[:, -1]
 

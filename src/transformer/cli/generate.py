@@ -51,7 +51,11 @@ def _session(args: argparse.Namespace):
 
 def chat(args: argparse.Namespace) -> int:
     """Read a message per line from stdin, stream each reply; `/reset` starts over, end of input ends."""
-    session = _session(args)
+    with _session(args) as session:
+        return _conversation(session)
+
+
+def _conversation(session) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         sys.stderr.write("(a message per line; /reset starts over; Ctrl-D ends)\n")
@@ -82,9 +86,10 @@ def generate(args: argparse.Namespace) -> int:
     from ..generate import SamplingSettings, TextStream, sample
 
     if args.chat is not None:
-        for piece in _session(args).reply(args.chat):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        with _session(args) as session:
+            for piece in session.reply(args.chat):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
     if args.system is not None:

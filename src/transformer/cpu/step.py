@@ -183,7 +183,7 @@ def _recorded(product: str, kinds: list[str], decide: Callable[[], str]) -> str:
         return kinds[0]
 
 
-def _mode(linear: Linear) -> str:
+def product_mode(linear: Linear) -> str:
     """How to decode with `linear` now: "bf16" under CPU bf16 autocast, "int8" inside int8_weights(), else
     "fp32"."""
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
@@ -191,7 +191,7 @@ def _mode(linear: Linear) -> str:
     return "int8" if linear.prepared is not None and linear.prepared.int8 is not None else "fp32"
 
 
-def _scaled(linear: Linear, rows: int, scale: float) -> tuple[Tensor, Optional[Tensor]]:
+def scaled_rows(linear: Linear, rows: int, scale: float) -> tuple[Tensor, Optional[Tensor]]:
     """`linear`'s weight and bias with their first `rows` output rows multiplied by `scale`."""
     w = linear.weight.detach().clone()
     w[:rows] *= scale
@@ -209,17 +209,17 @@ class _Layer:
         E = layer.self_attn.d_model
         scale = 1.0 / math.sqrt(layer.self_attn.head_dim)
         self.norm_first = layer.norm_first
-        self.qkv = _make(layer.self_attn.qkv_proj, *_scaled(layer.self_attn.qkv_proj, E, scale))
-        self.self_out = _make(layer.self_attn.out_proj)
-        self.cross_q = _make(layer.cross_attn.q_proj, *_scaled(layer.cross_attn.q_proj, E, scale))
+        self.qkv = make_product(layer.self_attn.qkv_proj, *scaled_rows(layer.self_attn.qkv_proj, E, scale))
+        self.self_out = make_product(layer.self_attn.out_proj)
+        self.cross_q = make_product(layer.cross_attn.q_proj, *scaled_rows(layer.cross_attn.q_proj, E, scale))
         self.cross_kv = layer.cross_attn.kv_proj  # once per source: the module as it is
-        self.cross_out = _make(layer.cross_attn.out_proj)
-        self.ff1 = _make(layer.ff.linear1, activation=activation)
-        self.ff2 = _make(layer.ff.linear2)
-        self.norms = [_norm(n) for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ff_norm)]
+        self.cross_out = make_product(layer.cross_attn.out_proj)
+        self.ff1 = make_product(layer.ff.linear1, activation=activation)
+        self.ff2 = make_product(layer.ff.linear2)
+        self.norms = [bound_norm(n) for n in (layer.self_attn_norm, layer.cross_attn_norm, layer.ff_norm)]
 
 
-def _norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
+def bound_norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """`module` (a norm layer) as a function of x: a LayerNorm's arguments bound once (a module call costs more
     Python time than the norm itself at a step's size); any other kind of norm is called as it is."""
     if type(module) is nn.LayerNorm:
@@ -228,12 +228,12 @@ def _norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return module
 
 
-def _make(
+def make_product(
     linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation: Optional[str] = None
 ) -> _Product:
     if weight is None:
         weight, bias = linear.weight, linear.bias
-    return _Product(weight, bias, _mode(linear), activation)
+    return _Product(weight, bias, product_mode(linear), activation)
 
 
 class StepState:
@@ -319,8 +319,8 @@ class StepDecoder:
         self.embedding, self.embed_scale = dec.embed.embedding.weight.detach(), dec.embed.scale
         self.positions = dec.positions
         self.layers = [_Layer(layer, cfg.activation) for layer in dec.layers]
-        self.final_norm = None if dec.norm is None else _norm(dec.norm)
-        self.output = _make(model.output)
+        self.final_norm = None if dec.norm is None else bound_norm(dec.norm)
+        self.output = make_product(model.output)
         self.output_module = model.output  # its forward hooks (logit processors) run on each step's logits
 
     def start(self, memory: Tensor, memory_mask: Tensor, capacity: int, beams: int = 1) -> StepState:
@@ -379,10 +379,7 @@ class StepDecoder:
         if self.final_norm is not None:
             x = self.final_norm(x)
         state.length += 1
-        logits = self.output(x)
-        for hook in self.output_module._forward_hooks.values():
-            logits = _or(hook(self.output_module, (x,), logits), logits)
-        return logits
+        return output_hooks(self.output_module, x, self.output(x))
 
     def _self_attention(self, q: Tensor, flat: Tensor, state: StepState) -> Tensor:
         """(n, H, D) scaled queries -> (n, E) attention over each row's history in the cache `flat`
@@ -414,11 +411,16 @@ class StepDecoder:
         return a.view(n, E) if K == 1 else a.view(B, H, K, D).transpose(1, 2).reshape(n, E)
 
 
-def _or(value, default):
-    return default if value is None else value
+def output_hooks(output: nn.Module, x: Tensor, logits: Tensor) -> Tensor:
+    """`logits` after the forward hooks of the output layer (logit processors) have run on them, as they run
+    when the module is called."""
+    for hook in output._forward_hooks.values():
+        changed = hook(output, (x,), logits)
+        logits = logits if changed is None else changed
+    return logits
 
 
-def _hooked(model: nn.Module) -> bool:
+def hooked(model: nn.Module) -> bool:
     """Does a hook expect to see the decoder's modules run (any hook but a forward hook on the output layer)?"""
     from torch.nn.modules import module as M
 
@@ -450,19 +452,26 @@ def step_decoder(model: nn.Module) -> Optional[StepDecoder]:
         return None
     if not _classic_blocks(model.config):
         return None
+    return prepared_once(model, "step", StepDecoder)
+
+
+def prepared_once(model: nn.Module, key: str, build: Callable[[nn.Module], object]) -> Optional[object]:
+    """`build(model)` for a CPU fp32 model without hooks on its decoder (else None: the module path decodes).
+    Inside a `packed_weights(model)` or `int8_weights(model)` block, it is built once and reused by every
+    decoding call of the block."""
     weight = model.output.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or _hooked(model):
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or hooked(model):
         return None
     linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
     tokens = [m.prepared for m in linears]
-    how = ([_mode(m) for m in linears], cpu_paths())
-    found = None if tokens[-1] is None else tokens[-1].derived.get("step")
+    how = ([product_mode(m) for m in linears], cpu_paths())
+    found = None if tokens[-1] is None else tokens[-1].derived.get(key)
     if found is not None and found[1] == how and all(a is b for a, b in zip(found[0], tokens)):
         return found[2]
-    prepared = StepDecoder(model)
+    prepared = build(model)
     # Inside packed_weights()/int8_weights() blocks the weights must not change: keep what was prepared for the
     # next call, on the output layer, until the block ends (it clears it). Outside them, nothing is kept: an
     # optimizer's in-place step (the fused AdamW's) changes weights without bumping their version counters.
     if all(t is not None for t in tokens):
-        model.output.prepared.derived["step"] = (tokens, how, prepared)
+        model.output.prepared.derived[key] = (tokens, how, prepared)
     return prepared
