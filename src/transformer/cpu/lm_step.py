@@ -29,6 +29,9 @@ from ..layers import ACTIVATIONS, residual_connection
 from ..rope import apply_rotary
 from .step import bound_norm, make_product, output_hooks, prepared_once, scaled_rows
 
+# the rows each product's kind is timed at: a language model often decodes one sequence (a chat, a prompt)
+ROWS = 1
+
 
 class _LMLayer:
     """One decoder layer's products, norms and attention shape, as a step needs them."""
@@ -39,15 +42,15 @@ class _LMLayer:
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.scale = 1.0 / math.sqrt(self.head_dim)
         if attn.q_norm is None:  # fold the scale into the query rows; QK-norm would undo it, so scale after it
-            self.qkv = make_product(attn.qkv_proj, *scaled_rows(attn.qkv_proj, attn.split[0], self.scale))
+            self.qkv = make_product(attn.qkv_proj, *scaled_rows(attn.qkv_proj, attn.split[0], self.scale), rows=ROWS)
             self.scale = 1.0
         else:
-            self.qkv = make_product(attn.qkv_proj)
-        self.out = make_product(attn.out_proj)
+            self.qkv = make_product(attn.qkv_proj, rows=ROWS)
+        self.out = make_product(attn.out_proj, rows=ROWS)
         self.gated = layer.ff.gated
         self.act = ACTIVATIONS[activation]
-        self.ff1 = make_product(layer.ff.linear1, activation=None if self.gated else activation)
-        self.ff2 = make_product(layer.ff.linear2)
+        self.ff1 = make_product(layer.ff.linear1, activation=None if self.gated else activation, rows=ROWS)
+        self.ff2 = make_product(layer.ff.linear2, rows=ROWS)
         self.split = attn.split
         self.norm_first = layer.norm_first
         self.attn_norm, self.ff_norm = bound_norm(layer.self_attn_norm), bound_norm(layer.ff_norm)
@@ -65,7 +68,7 @@ class LMStepDecoder:
         self.positions, self.rotary, self.window = dec.positions, dec.rotary, dec.window
         self.layers = [_LMLayer(layer, cfg.activation) for layer in dec.layers]
         self.final_norm = None if dec.norm is None else bound_norm(dec.norm)
-        self.output = make_product(model.output)
+        self.output = make_product(model.output, rows=ROWS)
         self.output_module = model.output
 
     def step(self, tokens: Tensor, cache) -> Tensor:

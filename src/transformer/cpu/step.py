@@ -69,11 +69,13 @@ class _Product:
       residual as it writes the result.
     Under bf16 autocast the candidates take bf16 weights, converted once."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Optional[Tensor], mode: str, activation: Optional[str] = None, rows: int = 32
+    ) -> None:
         self.act_fn = ACTIVATIONS[activation] if activation else None
         self.promote = mode == "bf16"  # bf16 products, fp32 residual stream: add out of place, as autocast does
         relu = activation == "relu"
-        self.kind, self.fn = _choose(weight.detach(), None if bias is None else bias.detach(), mode, relu)
+        self.kind, self.fn = _choose(weight.detach(), None if bias is None else bias.detach(), mode, relu, rows)
         if relu and self.kind in ("int8", "vnni"):  # applied inside the product
             self.act_fn = None
 
@@ -135,7 +137,7 @@ _chosen: dict[tuple[str, str], str] = {}
 
 
 def _choose(
-    weight: Tensor, bias: Optional[Tensor], mode: str, relu: bool = False
+    weight: Tensor, bias: Optional[Tensor], mode: str, relu: bool = False, rows: int = 32
 ) -> tuple[str, Callable[[Tensor], Tensor]]:
     """The kind of product for `weight` in `mode`, and that product (see the module's docstring): forced by
     `TRANSFORMER_STEP_PRODUCT` where it names one available; in int8 the kernel where it runs, else fbgemm, by
@@ -150,12 +152,14 @@ def _choose(
         kind = kinds[0]
     else:
         product = f"{mode} {weight.size(0)}x{weight.size(1)} bias={bias is not None} among {','.join(kinds)}"
+        if rows != 32:  # timed at another typical row count (the decoder-only step's single row)
+            product += f" rows={rows}"
         key = (machine.machine_key(), product)
         fns: dict[str, Callable[[Tensor], Tensor]] = {}
 
         def timed() -> str:
             fns.update((k, _build(k, weight, bias, mode, relu)) for k in kinds)
-            return _fastest(fns, weight.size(1))
+            return _fastest(fns, weight.size(1), rows)
 
         if key not in _chosen:
             _chosen[key] = _recorded(product, kinds, timed)
@@ -165,11 +169,12 @@ def _choose(
     return kind, _build(kind, weight, bias, mode, relu)
 
 
-def _fastest(fns: dict[str, Callable[[Tensor], Tensor]], in_features: int) -> str:
-    """The fastest of `fns` at 32 rows (decoding's typical batch). Each timing starts with the weights out of
-    the core's caches, as a decoding step meets them (every other weight of the step came in between): timed
-    with them cached, fp32 won products that int8, with a quarter of the bytes to read, wins in decoding."""
-    x = timing.fixed(32, in_features)
+def _fastest(fns: dict[str, Callable[[Tensor], Tensor]], in_features: int, rows: int = 32) -> str:
+    """The fastest of `fns` at `rows` rows (32: a translation batch's; 1: a chat's). Each timing starts with the
+    weights out of the core's caches, as a decoding step meets them (every other weight of the step came in
+    between): timed with them cached, fp32 won products that int8, with a quarter of the bytes to read, wins in
+    decoding."""
+    x = timing.fixed(rows, in_features)
     return timing.fastest({k: functools.partial(fn, x) for k, fn in fns.items()}, before_each=timing.evicting())
 
 
@@ -229,11 +234,16 @@ def bound_norm(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def make_product(
-    linear: Linear, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation: Optional[str] = None
+    linear: Linear,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    rows: int = 32,
 ) -> _Product:
+    """`linear` (or `weight` and `bias` in its place) as a prepared product, its kind chosen for `rows` rows."""
     if weight is None:
         weight, bias = linear.weight, linear.bias
-    return _Product(weight, bias, product_mode(linear), activation)
+    return _Product(weight, bias, product_mode(linear), activation, rows)
 
 
 class StepState:
