@@ -110,6 +110,8 @@ def generate(args: argparse.Namespace) -> int:
         for tokens in sample(
             ckpt.model, prompt[n : n + 1], s.max_new_tokens, s.temperature, s.top_k, s.top_p, gen, context
         ):
+            if int(tokens[0]) in ckpt.config.eos_ids:  # the model ended its text
+                break
             sys.stdout.write(stream.push(int(tokens[0])))
             sys.stdout.flush()
         sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---\n")

@@ -110,7 +110,7 @@ class Runner:
         ):
             if job.cancelled:
                 break
-            if int(token[0]) == ck.config.eos_id:  # the model ended its text
+            if int(token[0]) in ck.config.eos_ids:  # the model ended its text (or its turn)
                 break
             piece = stream.push(int(token[0]))
             pieces.append(piece)
