@@ -32,6 +32,37 @@ def _check(ok: bool, name: str, value: Any, why: str) -> None:
         raise ConfigError(f"{name}={value!r}: {why}")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "ffn", "all-linear")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021): each targeted projection W gains a trainable B A (A: r x in,
+    B: out x r, B starting at zero), scaled by alpha / r, while W stays frozen. `targets` name projections: q, k,
+    v, o (attention), gate, up, down (feed-forward; ffn: all three), or all-linear (every projection but the
+    output layer). `train_also`: "head" (the output or classification layer) and/or "norms" train as well."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    train_also: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", self.r, "must be > 0")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(bool(self.targets), "lora.targets", self.targets, "must name at least one projection")
+        for t in self.targets:
+            _check(t in LORA_TARGETS, "lora.targets", t, f"must be one of {', '.join(LORA_TARGETS)}")
+        for t in self.train_also:
+            _check(t in ("head", "norms"), "lora.train_also", t, "must be head or norms")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
 @dataclass
 class ModelConfig:
     """The shape of a Transformer. Defaults are the base model of "Attention Is All You Need".
@@ -110,6 +141,7 @@ class ModelConfig:
     ffn_bias: bool = True
     sliding_window: int = 0  # 0: attend to every earlier token
     extra_eos_ids: list[int] = field(default_factory=list)
+    lora: Optional[LoRAConfig] = None  # low-rank adapters on the projections (set by train.lora)
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -338,6 +370,7 @@ class TrainConfig:
     log_every: int = 50
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss/gradient before training stops
     fsdp: bool = False  # shard parameters with FSDP2 (under torchrun) instead of replicating them (DDP)
+    lora: Optional[LoRAConfig] = None  # train low-rank adapters only, the model's own weights frozen
 
     def __post_init__(self) -> None:
         _check_literals(self)

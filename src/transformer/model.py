@@ -347,8 +347,13 @@ class TransformerEncoder(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model that `cfg.arch` names."""
-    return {"decoder-only": TransformerLM, "encoder-only": TransformerEncoder}.get(cfg.arch, Transformer)(cfg)
+    """The model that `cfg.arch` names (with low-rank adapters on its projections if `cfg.lora`)."""
+    model = {"decoder-only": TransformerLM, "encoder-only": TransformerEncoder}.get(cfg.arch, Transformer)(cfg)
+    if cfg.lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -41,6 +41,7 @@ from .distributed import (
 from .errors import CheckpointError, TransformerError
 from .files import check_output_dir
 from .generate import DecodingSettings, translate_texts
+from .lora import trainable_parameters
 from .model import build_model, count_parameters
 from .tasks import build_task
 
@@ -133,7 +134,8 @@ def adamw(
     groups = []
     for is_head in (False, True):
         peak = (t.head_lr or t.lr) if is_head else t.lr
-        chosen = [(n, p) for n, p in model.named_parameters() if (n in head) == is_head]
+        # frozen parameters (a LoRA run's base weights) get no optimizer state at all
+        chosen = [(n, p) for n, p in model.named_parameters() if (n in head) == is_head and p.requires_grad]
         for decay in (True, False):
             params = [p for n, p in chosen if (p.dim() >= 2) == decay]
             if params:
@@ -223,13 +225,21 @@ class Trainer:
             base = load_checkpoint(run.model.init_from)
         tokenizers = state.checkpoint.tokenizers if state else base.tokenizers if base else None
         self.task = build_task(run, tokenizers)
-        self.run = dataclasses.replace(run, model=_model_config(run, self.task, base))
+        model_cfg = _model_config(run, self.task, base)
+        if run.train.lora is not None:  # adapters are part of the model: checkpoints and --resume rebuild them
+            model_cfg = dataclasses.replace(model_cfg, lora=run.train.lora)
+        self.run = dataclasses.replace(run, model=model_cfg)
         self.model = build_model(self.run.model).to(self.device)
         head: frozenset[str] = frozenset()
         if state is not None:  # weights go in before any sharding
             load_weights(self.model, state.checkpoint.model.state_dict(), self.out / "last")
         elif base is not None:
             head = frozenset(_start_from(self.model, base, run.model.init_from, self.dist.main))
+        if run.train.lora is not None:
+            trained = trainable_parameters(self.model, run.train.lora)
+            if self.dist.main:
+                n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                log.info("LoRA: %d tensors (%d parameters) train, the rest frozen", len(trained), n)
         self.fsdp = self.run.train.fsdp
         self.step_module = data_parallel(self.model, _LossStep(self.model, self.task), self.dist, self.fsdp)
         self.optimizer = adamw(self.model, self.run.train, fused=not self.fsdp, head=head)
@@ -492,6 +502,7 @@ def _model_config(run: RunConfig, task, base) -> ModelConfig:
 def _start_from(model: nn.Module, base, where: str, main: bool) -> list[str]:
     """Copy the starting checkpoint's weights into `model`; returns the names of the layers it did not provide."""
     missing, unused = load_matching(model, base.model.state_dict())
+    missing = [n for n in missing if ".lora_A." not in n and ".lora_B." not in n]  # new adapters are expected
     if main:
         if missing:
             log.warning("not in %s, initialised afresh: %s", where, ", ".join(missing))

@@ -25,6 +25,7 @@ COMMANDS = [
     translate.add_evaluate,
     pretrained.add_import,
     pretrained.add_export,
+    pretrained.add_merge,
     encoder.add_classify,
     encoder.add_embed,
     serve.add_serve,

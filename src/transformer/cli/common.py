@@ -99,6 +99,7 @@ def decoding_options(q: argparse.ArgumentParser) -> None:
         "--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly different)"
     )
     device_option(q)
+    adapter_option(q)
 
 
 def decoding_settings(args: argparse.Namespace) -> DecodingSettings:
@@ -141,12 +142,24 @@ def run_trainer(run, out: Path, resume: bool, quiet: bool, overwrite: bool = Fal
     return trainer, record, seconds
 
 
+def adapter_option(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft's layout) to decode with, unmerged")
+
+
 def load(args: argparse.Namespace, task: str):
-    """The checkpoint named on the command line, on the device that --device names."""
+    """The checkpoint named on the command line, on the device that --device names, with the LoRA adapter that
+    --adapter names (where the command has the option)."""
     from ..backend import resolve_device
     from ..checkpoint import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, device=resolve_device(args.device), task=task)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device), task=task)
+    if getattr(args, "adapter", None):
+        from ..interop.peft import load_adapter
+
+        load_adapter(ckpt.model, args.adapter, ckpt.meta)
+        ckpt.model.to(resolve_device(args.device)).eval()
+        ckpt.config = ckpt.model.config
+    return ckpt
 
 
 def decoding(ckpt, args: argparse.Namespace):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import TransformerError
-from .common import device_option, load, positive_int
+from .common import adapter_option, device_option, load, positive_int
 
 
 def add_generate(sub) -> None:
@@ -23,6 +23,7 @@ def add_generate(sub) -> None:
         "--chat", metavar="MESSAGE", help="one chat turn: the reply to MESSAGE, in the model's chat template"
     )
     g.add_argument("--system", help="with --chat: a system message")
+    adapter_option(g)
     device_option(g)
     g.set_defaults(fn=generate)
 
@@ -36,6 +37,7 @@ def add_chat(sub) -> None:
     c.add_argument("--top-k", type=int, default=0)
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--seed", type=int, default=0)
+    adapter_option(c)
     device_option(c)
     c.set_defaults(fn=chat)
 

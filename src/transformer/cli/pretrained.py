@@ -1,4 +1,5 @@
-"""Checkpoints in and out of other libraries: `import` (Hugging Face) and `export` (Hugging Face, CTranslate2)."""
+"""Checkpoints in and out of other libraries: `import` (Hugging Face), `export` (Hugging Face, CTranslate2, a peft
+adapter) and `merge` (LoRA adapters folded into the weights)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from .common import overwrite_option
 
 
 def add_import(sub) -> None:
-    im = sub.add_parser("import", help="turn a Hugging Face model directory (BERT, Marian, GPT-2) into a checkpoint")
+    im = sub.add_parser(
+        "import", help="turn a Hugging Face model directory (BERT, Marian, GPT-2, Llama, Qwen, ...) into a checkpoint"
+    )
     im.add_argument("hf_dir", help="a local directory with config.json, model.safetensors and tokenizer files")
     im.add_argument("--out", required=True, help="checkpoint directory to write")
     overwrite_option(im, "a checkpoint in --out")
@@ -37,9 +40,10 @@ def add_export(sub) -> None:
     ex.add_argument("checkpoint")
     ex.add_argument(
         "--to",
-        choices=["hf", "ct2"],
+        choices=["hf", "ct2", "peft"],
         default="hf",
-        help="hf: a Hugging Face transformers directory; ct2: a CTranslate2 model directory",
+        help="hf: a Hugging Face transformers directory; ct2: a CTranslate2 model directory; peft: a LoRA "
+        "checkpoint's adapters as a peft adapter directory",
     )
     ex.add_argument("out", help="directory to write")
     ex.add_argument(
@@ -64,6 +68,42 @@ def export(args: argparse.Namespace) -> int:
         return 0
     if args.quantization:
         raise TransformerError("--quantization applies to --to ct2 only")
+    if args.to == "peft":
+        from ..interop.peft import export_adapter
+
+        out = export_adapter(ckpt, args.out, overwrite=args.overwrite)
+        print(f"wrote a peft adapter directory to {out}")
+        return 0
     out = export_hf(ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote a Hugging Face model directory to {out}")
+    return 0
+
+
+def add_merge(sub) -> None:
+    mg = sub.add_parser("merge", help="fold LoRA adapters into a checkpoint's weights")
+    mg.add_argument("checkpoint", help="a LoRA run's checkpoint, or any checkpoint with --adapter")
+    mg.add_argument("--adapter", metavar="DIR", help="a peft adapter directory to fold in")
+    mg.add_argument("--out", required=True, help="checkpoint directory to write")
+    overwrite_option(mg, "a checkpoint in --out")
+    mg.set_defaults(fn=merge)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """CKPT (+ ADAPTER) -> a checkpoint whose weights hold the adapters' updates and that has no adapters."""
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..lora import has_lora, merge_lora
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if args.adapter:
+        from ..interop.peft import load_adapter
+
+        if has_lora(ckpt.model):
+            raise TransformerError(f"{args.checkpoint}: already holds adapters; merge them first, then add --adapter")
+        load_adapter(ckpt.model, args.adapter, ckpt.meta)
+    elif not has_lora(ckpt.model):
+        raise TransformerError(f"{args.checkpoint}: has no adapters to merge (name a peft adapter with --adapter)")
+    merge_lora(ckpt.model)
+    meta = {**ckpt.meta, "merged_adapter": str(args.adapter or args.checkpoint)}
+    out = save_checkpoint(args.out, ckpt.model, ckpt.task, ckpt.tokenizers, meta, overwrite=args.overwrite)
+    print(f"wrote {out}: the adapters folded into the weights")
     return 0

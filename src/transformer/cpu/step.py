@@ -472,6 +472,8 @@ def prepared_once(model: nn.Module, key: str, build: Callable[[nn.Module], objec
     weight = model.output.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or hooked(model):
         return None
+    if getattr(model.config, "lora", None) is not None:  # unmerged adapters: the modules add their updates
+        return None
     linears = [m for m in model.decoder.modules() if isinstance(m, Linear)] + [model.output]
     tokens = [m.prepared for m in linears]
     how = ([product_mode(m) for m in linears], cpu_paths())

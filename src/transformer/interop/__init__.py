@@ -353,6 +353,11 @@ def export_hf(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -> Pat
 
     out = Path(out)
     cfg = ckpt.config
+    if ckpt.model.config.lora is not None:
+        raise CheckpointError(
+            f"{ckpt.path or 'checkpoint'}: holds unmerged LoRA adapters; fold them in first (transformer merge) or "
+            "export the adapters alone (--to peft)"
+        )
     family = {"encoder-only": FAMILIES["bert"], "decoder-only": FAMILIES["gpt2"]}.get(cfg.arch, FAMILIES["marian"])
     if cfg.arch == "decoder-only" and (cfg.positional == "rope" or cfg.norm != "layernorm"):
         family = family_for(cfg, ckpt.meta.get("hf_model_type"))  # Llama and the families built like it

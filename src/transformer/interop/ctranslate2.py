@@ -117,6 +117,8 @@ def export_ct2(
 
 def _check(cfg, where: str) -> None:
     off = []
+    if cfg.lora is not None:
+        off.append("unmerged LoRA adapters (fold them in first: transformer merge)")
     if cfg.arch != "encoder-decoder":
         off.append(f"arch={cfg.arch!r} (an encoder-decoder only)")
     if not cfg.norm_first and cfg.final_norm:
