@@ -45,6 +45,47 @@ class LMBatch:
 
 
 @dataclass
+class PackedBatch:
+    """Rows of packed examples: inputs, next tokens, which targets count (responses), the example of each token."""
+
+    x: Tensor  # (B, T) token ids
+    y: Tensor  # (B, T) the token after each one
+    counts: Tensor  # (B, T) bool: targets in the loss
+    segments: Tensor  # (B, T) the example each token belongs to (padding: an example of its own)
+    n_tokens: int  # targets that count
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(self.x.to(device), self.y.to(device), self.counts.to(device), self.segments.to(device),
+                           self.n_tokens)  # fmt: skip
+
+
+def pack_examples(
+    examples: Sequence[tuple[list[int], list[bool]]], block: int, pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Examples (token ids, and for each token whether predicting it counts) packed in order into rows of
+    `block` (input, target) positions, an example that does not fit in what is left of a row starting the next
+    one (an example longer than a row is cut to it). Returns x, y, counts, segments, each (rows, block)."""
+    rows: list[list[tuple[int, int, bool, int]]] = [[]]
+    for number, (ids, counted) in enumerate(examples):
+        steps = [(ids[j], ids[j + 1], counted[j + 1], number) for j in range(min(len(ids) - 1, block))]
+        if len(rows[-1]) + len(steps) > block:
+            rows.append([])
+        rows[-1].extend(steps)
+    rows = [r for r in rows if r]
+    x = torch.full((len(rows), block), pad, dtype=torch.long)
+    y = torch.full((len(rows), block), pad, dtype=torch.long)
+    counts = torch.zeros(len(rows), block, dtype=torch.bool)
+    segments = torch.full((len(rows), block), -1, dtype=torch.long)  # padding: an example of its own
+    for i, row in enumerate(rows):
+        n = len(row)
+        x[i, :n] = torch.tensor([s[0] for s in row])
+        y[i, :n] = torch.tensor([s[1] for s in row])
+        counts[i, :n] = torch.tensor([s[2] for s in row])
+        segments[i, :n] = torch.tensor([s[3] for s in row])
+    return x, y, counts, segments
+
+
+@dataclass
 class ClassBatch:
     """A batch of labelled texts; the loss averages over examples, so `n_tokens` counts examples."""
 

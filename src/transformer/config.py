@@ -302,6 +302,8 @@ class DataConfig:
     val_tgt: Optional[str] = None
     val_tsv: Optional[str] = None
     text: Optional[str] = None
+    train_jsonl: Optional[str] = None  # task causal-lm: {"prompt", "response"} or {"messages": [...]} per line
+    val_jsonl: Optional[str] = None
     val_fraction: float = 0.1
     tokenizer: Literal["bpe", "bytebpe", "char", "sentencepiece"] = "bpe"
     tokenizer_from: Optional[str] = None  # reuse a tokenizer: a checkpoint directory or a tokenizer file

@@ -139,6 +139,42 @@ def read_labelled(path: str | Path, what: str, known: Optional[Sequence[str]] = 
     return out_labels, texts
 
 
+def read_instructions(path: str | Path, what: str = "instruction file") -> list[tuple[int, dict]]:
+    """The records of a JSONL file of instructions, each with its line number: {"prompt": str, "response": str}
+    or {"messages": [{"role": str, "content": str}, ...]} with at least one "assistant" message. A line that is
+    not such a record is a DataError naming the file and line; blank lines are skipped."""
+    import json
+
+    records = []
+    for number, line in enumerate(iter_lines(path, what), 1):
+        if not line:
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "messages" in record:
+            messages = record["messages"]
+            ok = isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+            if not ok or not any(m["role"] == "assistant" for m in messages):
+                raise DataError(
+                    f'{where}: "messages" must be a list of {{"role": ..., "content": ...}} strings with at least '
+                    "one assistant message"
+                )
+        elif not (isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)):
+            raise DataError(f'{where}: a record needs "prompt" and "response" strings, or "messages"')
+        records.append((number, record))
+    if not records:
+        raise DataError(f"{path}: no records (one JSON object per line)")
+    return records
+
+
 def label_names(labels: Iterable[str]) -> list[str]:
     """The distinct labels in class order: numerically if all are integers, else alphabetically."""
     distinct = set(labels)

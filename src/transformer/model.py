@@ -150,6 +150,7 @@ class Decoder(nn.Module):
         cache: Optional[DecoderCache] = None,
         attn_maps: Optional[list] = None,
         attention_mask: Optional[Tensor] = None,
+        segments: Optional[Tensor] = None,
     ) -> Tensor:
         offset = cache.length if cache is not None else 0
         B, T = tgt.shape
@@ -159,6 +160,8 @@ class Decoder(nn.Module):
         else:  # each row counts only its real tokens (padding takes position 0, unseen)
             positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, offset:]
         mask, is_causal = _self_attention_mask(T, offset, real, self.window, tgt.device)
+        if segments is not None:  # packed examples: each attends within itself, its positions from 0
+            mask, is_causal, positions = _within_segments(segments, mask, is_causal)
         x = self.embed(tgt)
         rotary = None
         if self.rotary is not None:
@@ -175,6 +178,20 @@ class Decoder(nn.Module):
             cache.length += T
             cache.real = real
         return self.norm(x) if self.norm is not None else x
+
+
+def _within_segments(segments: Tensor, mask: Optional[Tensor], is_causal: bool) -> tuple[Tensor, bool, Tensor]:
+    """For a row of packed examples, `segments` (B, T) numbering them: the self-attention mask restricted to
+    keys of the query's own example, and each token's position within its example."""
+    B, T = segments.shape
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = mask if mask is not None else causal_mask(T, segments.device)
+    mask = causal & same[:, None]
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    return mask, False, index - first
 
 
 def _real_tokens(
@@ -280,18 +297,32 @@ class TransformerLM(nn.Module):
         attn_maps: Optional[list] = None,
         attention_mask: Optional[Tensor] = None,
         last_only: bool = False,
+        segments: Optional[Tensor] = None,
     ) -> Tensor:
         """(B, T) ids -> next-token logits (B, T, V). With a cache, `ids` holds only the new tokens.
         `attention_mask` (B, T): 1 for tokens, 0 for the left padding of a batch of prompts (see `Decoder`).
         `last_only`: the logits of the last position only, (B, 1, V), what decoding after a prompt needs (the
-        output layer over a long prompt's every position can cost as much as the rest of the model)."""
-        hidden = self.decoder(ids, cache=cache, attn_maps=attn_maps, attention_mask=attention_mask)
+        output layer over a long prompt's every position can cost as much as the rest of the model).
+        `segments` (B, T): the example each token belongs to, for rows that pack several (no attention across
+        examples, positions from each example's start)."""
+        hidden = self.decoder(ids, cache=cache, attn_maps=attn_maps, attention_mask=attention_mask, segments=segments)
         return self.output(hidden[:, -1:] if last_only else hidden)
 
-    def loss(self, ids: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        """Mean label-smoothed cross entropy of predicting `targets` (B, T), the tokens after `ids` (B, T)."""
-        logits = self(ids)
-        return label_smoothed_loss(logits.flatten(0, 1), targets.flatten(), label_smoothing)
+    def loss(
+        self,
+        ids: Tensor,
+        targets: Tensor,
+        label_smoothing: float = 0.0,
+        segments: Optional[Tensor] = None,
+        counts: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Mean label-smoothed cross entropy of predicting `targets` (B, T), the tokens after `ids` (B, T);
+        `counts` (B, T) bool: only those targets count (an instruction's response), the output layer running
+        on them alone; `segments`: as in `forward`."""
+        hidden = self.decoder(ids, segments=segments)
+        if counts is None:
+            return label_smoothed_loss(self.output(hidden).flatten(0, 1), targets.flatten(), label_smoothing)
+        return label_smoothed_loss(self.output(hidden[counts]), targets[counts], label_smoothing)
 
 
 class TransformerEncoder(nn.Module):

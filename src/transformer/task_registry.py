@@ -22,6 +22,8 @@ TASKS: dict[str, TaskKind] = {
     for t in (
         TaskKind("translation", True, ("translation",), frozenset({"translate", "attention"}), "bleu"),
         TaskKind("lm", True, ("lm",), frozenset({"generate"}), "val_loss"),
+        # instruction tuning of a language model: the loss on responses only, examples packed into windows
+        TaskKind("causal-lm", True, ("lm",), frozenset({"generate"}), "val_loss"),
         # the built-in task: translation on made-up data, scored by exact match
         TaskKind("synthetic", True, ("synthetic", "translation"), frozenset({"translate", "attention"}), "exact_match"),
         # a classifier also embeds sentences

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -24,14 +25,16 @@ from .batching import (
     ClassBatch,
     EpochBatches,
     LMBatch,
+    PackedBatch,
     collate,
     lm_blocks,
+    pack_examples,
     pad_batch,
     pair_lengths,
     token_batches,
 )
 from .config import RunConfig
-from .data import SyntheticTask, encode_pairs, label_names, read_labelled, read_parallel
+from .data import SyntheticTask, encode_pairs, label_names, read_instructions, read_labelled, read_parallel
 from .errors import DataError
 from .metrics import accuracy, bleu_score, exact_match, macro_f1
 from .prepare import prepare
@@ -188,6 +191,99 @@ class LanguageModelTask:
         return {"val_loss": sum(losses) / len(losses)}
 
 
+class CausalLMTask:
+    """Instruction tuning: prompt/response (or chat) examples packed into windows of `data.block_size`, the loss
+    on response tokens only, no attention across the examples of a window; validated by the response loss.
+
+    Args:
+        run: the recipe (block size, batch size in windows or tokens, seed, label smoothing).
+        tok: the tokenizer (a pretrained model's).
+        train, val: (token ids, which tokens count) per example (`encode_instruction`).
+        chat: the chat template the examples were rendered with, kept in checkpoints.
+    """
+
+    name = "causal-lm"
+    metric = TASKS["causal-lm"].metric
+
+    def __init__(self, run: RunConfig, tok: Tokenizer, train: list, val: list, chat: dict, pad: int) -> None:
+        self.run, self.tok, self.chat = run, tok, chat
+        d, t = run.data, run.train
+        self.train = pack_examples(train, d.block_size, pad)
+        self.val = pack_examples(val, d.block_size, pad)
+        self.rows = t.batch_size or max(1, t.max_tokens // d.block_size)
+        cut = sum(len(ids) > d.block_size + 1 for ids, _ in train)
+        log.info("%d training examples packed into %d windows of %d tokens%s", len(train), len(self.train[0]),
+                 d.block_size, f"; {cut} longer than a window were cut to it" if cut else "")  # fmt: skip
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        return {"tgt": self.tok}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"chat": self.chat} if self.chat else {}
+
+    def num_batches(self, epoch: int) -> int:
+        return max(1, -(-len(self.train[0]) // self.rows))
+
+    def batch(self, epoch: int, i: int) -> PackedBatch:
+        """Windows i * rows ... of this epoch's order (shuffled by seed and epoch)."""
+        g = torch.Generator().manual_seed(hash((self.run.train.seed, epoch)) & 0x7FFFFFFF)
+        order = torch.randperm(len(self.train[0]), generator=g)[i * self.rows : (i + 1) * self.rows]
+        return _packed(self.train, order)
+
+    def loss(self, model: nn.Module, batch: PackedBatch) -> Tensor:
+        return model.loss(batch.x, batch.y, self.run.train.label_smoothing, batch.segments, batch.counts)
+
+    def padding_fraction(self, epoch: int) -> float:
+        return float((self.train[3] < 0).float().mean())
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, translate: Any = None) -> dict[str, Any]:
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(self.val[0]), self.rows):
+            b = _packed(self.val, torch.arange(start, min(start + self.rows, len(self.val[0])))).to(device)
+            total += float(model.loss(b.x, b.y, 0.0, b.segments, b.counts)) * b.n_tokens
+            count += b.n_tokens
+        return {"val_loss": total / max(count, 1)}
+
+
+def _packed(packed: tuple[Tensor, ...], rows: Tensor) -> PackedBatch:
+    x, y, counts, segments = (t[rows] for t in packed)
+    return PackedBatch(x, y, counts, segments, int(counts.sum()))
+
+
+def encode_instruction(record: dict, tok, chat: dict, eos: int, where: str) -> tuple[list[int], list[bool]]:
+    """One record's token ids and, for each, whether predicting it counts: a prompt/response record is the
+    prompt (with the tokenizer's own start tokens), then the response and the end token, which count; a chat
+    record is the conversation in the model's chat template, its assistant turns counting."""
+    if "messages" not in record:
+        prompt, response = tok.encode(record["prompt"]), _plain(tok, record["response"]) + [eos]
+        return prompt + response, [False] * len(prompt) + [True] * len(response)
+    if not chat.get("template"):
+        raise DataError(f"{where}: a chat record needs a model with a chat template (tokenizer_config.json's)")
+    from .chat import render_chat
+
+    messages, special = record["messages"], chat.get("special_tokens")
+    ids = _plain(tok, render_chat(chat["template"], messages, False, special))
+    counted = [False] * len(ids)
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _plain(tok, render_chat(chat["template"], messages[:j], True, special)) if j else []
+        through = _plain(tok, render_chat(chat["template"], messages[: j + 1], False, special))
+        if ids[: len(through)] != through or through[: len(before)] != before:
+            raise DataError(f"{where}: the chat template does not render this conversation turn by turn")
+        counted[len(before) : len(through)] = [True] * (len(through) - len(before))
+    return ids, counted
+
+
+def _plain(tok, text: str) -> list[int]:
+    return tok.encode_plain(text) if hasattr(tok, "encode_plain") else tok.encode(text)
+
+
 class ClassificationTask:
     """Labelled texts in length-bucketed batches (at most `batch_size` texts, `max_tokens` padded tokens each);
     validated by accuracy and macro-F1, the loss averaged over examples.
@@ -269,6 +365,8 @@ def build_task(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]] = None
         return _synthetic(run, tokenizers)
     if d.task == "lm":
         return _language_model(run, tokenizers)
+    if d.task == "causal-lm":
+        return _causal_lm(run, tokenizers)
     if d.task == "classification":
         return _classification(run, tokenizers)
     return _translation(run, tokenizers)
@@ -334,3 +432,26 @@ def _language_model(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) 
     """One text file, prepared once into two memory-mapped token streams (training, validation)."""
     prepared = prepare(run, tokenizers)
     return LanguageModelTask(run, prepared.tokenizers["tgt"], prepared.train, prepared.val)
+
+
+def _causal_lm(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> CausalLMTask:
+    """JSONL instructions, rendered and tokenised with the starting model's tokenizer and chat template."""
+    from .files import read_json
+
+    d = run.data
+    if not d.train_jsonl or not d.val_jsonl:
+        raise DataError("data: a causal-lm task needs data.train_jsonl and data.val_jsonl (one JSON record a line)")
+    if not tokenizers:
+        raise DataError("data: a causal-lm task starts from a language model: set model.init_from (a checkpoint)")
+    # the starting model's end and padding ids and chat template (the recipe's model section sets neither)
+    model, chat = {"eos_id": run.model.eos_id, "pad_id": run.model.pad_id}, {}
+    if run.model.init_from:
+        config = read_json(Path(run.model.init_from) / "config.json", DataError, "missing")
+        chat = (config.get("meta") or {}).get("chat") or {}
+        model.update({k: v for k, v in (config.get("model") or {}).items() if k in model})
+    tok = tokenizers["tgt"]
+    sets = []
+    for path in (d.train_jsonl, d.val_jsonl):
+        records = read_instructions(path)
+        sets.append([encode_instruction(r, tok, chat, model["eos_id"], f"{path}:{n}") for n, r in records])
+    return CausalLMTask(run, tok, sets[0], sets[1], chat, model["pad_id"])
