@@ -208,3 +208,49 @@ def test_the_commands_decode_with_an_adapter_as_with_its_merge(llama, tmp_path, 
     assert outputs[0] == outputs[1] != outputs[2]  # the adapter decodes as its merge, and changes the model
     assert main(["export", str(tmp_path / "merged"), "--to", "peft", str(tmp_path / "out")]) == 2
     assert "has no adapters" in capsys.readouterr().err
+
+
+def test_a_lora_classifier_trains_its_new_head_and_resumes_exactly(tmp_path):
+    from helpers import tiny_bert_dir
+    from transformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from transformer.rundir import read_run_config
+
+    path, _ = tiny_bert_dir(tmp_path / "bert")
+    base = from_pretrained(path)
+    save_checkpoint(tmp_path / "base", base.model, base.task, base.tokenizers, base.meta)
+    lines = ["label\ttext"] + [f"{i % 2}\t{'a big dog runs' if i % 2 else 'the small cat sleeps'}" for i in range(40)]
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+    def run(steps):
+        r = RunConfig(
+            model=ModelConfig(init_from=str(tmp_path / "base"), dropout=0.0, attention_dropout=0.0, pooling="mean"),
+            data=DataConfig(
+                task="classification", train_tsv=str(tmp_path / "train.tsv"), val_tsv=str(tmp_path / "dev.tsv")
+            ),  # fmt: skip
+            train=TrainConfig(
+                max_steps=steps,
+                batch_size=8,
+                lr=1e-2,
+                warmup_steps=50,
+                eval_every=1000,
+                precision="fp32",
+                lora=LoRAConfig(r=2, targets=["q", "v"]),
+            ),  # fmt: skip
+        )
+        return r
+
+    straight = Trainer(run(6), tmp_path / "straight")
+    straight.train()
+    trained = dict(straight.model.named_parameters())
+    assert (
+        trained["classifier.weight"].requires_grad and not trained["encoder.layers.0.ff.linear1.weight"].requires_grad
+    )
+    Trainer(run(3), tmp_path / "split").train()
+    again = read_run_config(tmp_path / "split")  # what `train --resume` reads: the recipe as it ran
+    again.train.max_steps = 6
+    resumed = Trainer(again, tmp_path / "split", resume=True)
+    assert dict(resumed.model.named_parameters())["classifier.weight"].requires_grad  # the new head trains again
+    resumed.train()
+    for name, p in resumed.model.state_dict().items():
+        assert torch.equal(p, straight.model.state_dict()[name]), name

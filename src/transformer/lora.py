@@ -85,14 +85,16 @@ class LoRALinear(Linear):
     def forward(self, x: Tensor) -> Tensor:
         y = super().forward(x)
         h = dropout(x, self.p if self.training else 0.0)
-        pieces = []
-        for part, size in zip(self.parts, self.sizes):
-            if part in self.lora_A:
-                a, b = self.lora_A[part], self.lora_B[part]
-                pieces.append((h.to(a.dtype) @ a.t()) @ b.t() * self.scaling)
-            else:
-                pieces.append(y.new_zeros(*y.shape[:-1], size))
-        return y + torch.cat(pieces, dim=-1).to(y.dtype)
+        # every adapted part at once: x A^T with the parts' A stacked (.., P r), then one product with their B laid
+        # out block-diagonally over the output rows (zeros for the rows of parts without an adapter), added to y
+        a = torch.cat([self.lora_A[p] for p in self.parts if p in self.lora_A])
+        blocks = [
+            self.lora_B[p] if p in self.lora_A else self.weight.new_zeros(n, 0) for p, n in zip(self.parts, self.sizes)
+        ]
+        b = torch.block_diag(*blocks) * self.scaling  # (out, P r)
+        z = h.reshape(-1, h.size(-1)).to(a.dtype) @ a.t()
+        out = torch.addmm(y.reshape(-1, y.size(-1)), z.to(y.dtype), b.t().to(y.dtype))
+        return out.view_as(y)
 
 
 def _projections(model: nn.Module) -> Iterator[tuple[nn.Module, str, Linear, nn.Module]]:
@@ -157,12 +159,11 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def trainable_parameters(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Freeze everything but the adapters (and the head and norms if `cfg.train_also` says so); returns the
-    names of what trains."""
+def trainable_parameters(model: nn.Module, cfg: LoRAConfig, also: frozenset[str] = frozenset()) -> list[str]:
+    """Freeze everything but the adapters (and the head and norms if `cfg.train_also` says so, and the
+    parameters named in `also`: layers a pretrained model did not provide); returns the names of what trains."""
     from .norms import RMSNorm
 
-    also = set(cfg.train_also)
     norms = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)) for p in m.parameters()}
     heads = set()
     for attr in ("output", "classifier", "pooler"):
@@ -172,8 +173,9 @@ def trainable_parameters(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     names = []
     for name, p in model.named_parameters():
         train = ".lora_A." in name or ".lora_B." in name
-        train |= "norms" in also and id(p) in norms
-        train |= "head" in also and id(p) in heads
+        train |= "norms" in cfg.train_also and id(p) in norms
+        train |= "head" in cfg.train_also and id(p) in heads
+        train |= name in also
         p.requires_grad_(train)
         if train:
             names.append(name)

@@ -233,10 +233,11 @@ class Trainer:
         head: frozenset[str] = frozenset()
         if state is not None:  # weights go in before any sharding
             load_weights(self.model, state.checkpoint.model.state_dict(), self.out / "last")
+            head = _not_in_base(self.model, run.model.init_from)  # the new head keeps its own learning rate
         elif base is not None:
             head = frozenset(_start_from(self.model, base, run.model.init_from, self.dist.main))
-        if run.train.lora is not None:
-            trained = trainable_parameters(self.model, run.train.lora)
+        if run.train.lora is not None:  # the adapters train, and so do layers the base did not have (a new head)
+            trained = trainable_parameters(self.model, run.train.lora, also=head)
             if self.dist.main:
                 n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
                 log.info("LoRA: %d tensors (%d parameters) train, the rest frozen", len(trained), n)
@@ -497,6 +498,29 @@ def _model_config(run: RunConfig, task, base) -> ModelConfig:
         return sized_for(run.model, task.tokenizers)
     labels = {"num_labels": len(task.labels)} if hasattr(task, "labels") else {}
     return fine_tuned(base.config, run.model, **labels)
+
+
+def _not_in_base(model: nn.Module, init_from: Optional[str]) -> frozenset[str]:
+    """The model's parameters that the starting checkpoint's weights file has no tensor for (a new head): on
+    resuming, they get the head's learning rate (and train beside a LoRA run's adapters) as they did from the
+    start. Read from the file's header alone."""
+    if not init_from:
+        return frozenset()
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(Path(init_from) / "model.safetensors"), "pt") as f:
+            held = set(f.keys())
+    except (OSError, SafetensorError) as e:
+        log.warning("%s: unreadable (%s); every layer taken as the starting checkpoint's", init_from, e)
+        return frozenset()
+    names: dict[int, list[str]] = {}  # a tied parameter is held under any one of its names
+    for name, p in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(p), []).append(name)
+    first = {id(p): n for n, p in model.named_parameters()}
+    return frozenset(
+        first[i] for i, ns in names.items() if i in first and ".lora_" not in ns[0] and not held.intersection(ns)
+    )
 
 
 def _start_from(model: nn.Module, base, where: str, main: bool) -> list[str]:

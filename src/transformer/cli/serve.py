@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import device_option, nonneg_float, positive_int
+from .common import adapter_option, device_option, nonneg_float, positive_int
 
 
 def add_serve(sub) -> None:
@@ -34,6 +34,7 @@ def add_serve(sub) -> None:
     sv.add_argument(
         "--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly different results)"
     )
+    adapter_option(sv)
     device_option(sv)
     sv.set_defaults(fn=serve)
 
@@ -54,5 +55,6 @@ def serve(args: argparse.Namespace) -> int:
         args.max_wait_ms,
         args.max_batch,
         args.int8,
+        args.adapter,
     )
     return 0

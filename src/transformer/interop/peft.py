@@ -70,6 +70,11 @@ def export_adapter(ckpt: Checkpoint, out: str | Path, overwrite: bool = False) -
     lora = cfg.lora
     if lora is None:
         raise CheckpointError(f"{where}: has no adapters (it was not trained with train.lora)")
+    if cfg.arch == "encoder-only" and cfg.num_labels:
+        raise CheckpointError(
+            f"{where}: a classifier's head is a new layer, not an adapter, and a peft LoRA adapter does not hold it; "
+            "merge instead (transformer merge)"
+        )
     if lora.train_also:
         raise CheckpointError(
             f"{where}: its adapters train {', '.join(lora.train_also)} too, which a peft LoRA adapter does not "

@@ -428,8 +428,10 @@ def serve(
     max_wait_ms: float = 25.0,
     max_batch: int = 64,
     int8: bool = False,
+    adapter: Optional[str] = None,
 ) -> None:
-    """Load `checkpoint` and serve it until SIGTERM or Ctrl-C (which finish the requests in flight first)."""
+    """Load `checkpoint` (with the peft LoRA adapter in `adapter`, unmerged, if given) and serve it until SIGTERM
+    or Ctrl-C (which finish the requests in flight first)."""
     try:
         import uvicorn
     except ImportError:
@@ -438,6 +440,12 @@ def serve(
     from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, device=resolve_device(device))
+    if adapter:
+        from ..interop.peft import load_adapter
+
+        load_adapter(ckpt.model, adapter, ckpt.meta)
+        ckpt.model.to(resolve_device(device)).eval()
+        ckpt.config = ckpt.model.config
     app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16, int8)
     log.info("serving %s (%s) on http://%s:%d  (pid %d)", checkpoint, ckpt.task, host, port, os.getpid())
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
