@@ -116,3 +116,23 @@ def test_lora_instruction_tuning_learns_the_responses(chat_model, tmp_path):
     after = trainer.train()["val_loss"]
     # random weights near the uniform loss (log 320 = 5.77); a rank-8 update of a 32-wide model moves it clearly
     assert after < 0.85 * before
+
+
+def test_without_files_the_built_in_task_gives_the_instructions(tmp_path):
+    from transformer.tasks import build_task
+    from transformer.tokenizers import CharTokenizer
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz :\n")
+    model = tiny_model("decoder-only", vocab=tok.vocab_size)
+    save_checkpoint(tmp_path / "base", model, "lm", {"tgt": tok})
+    run = RunConfig(data=DataConfig(task="causal-lm", synthetic_train_size=20, synthetic_val_size=5, block_size=64))
+    run.model.init_from = str(tmp_path / "base")
+    task = build_task(run, {"tgt": tok})
+    _, y, counts, _ = task.train
+    # what counts is the reversed letters and one end token per example, never the prompt "reverse: ...\n"
+    assert set(y[counts].tolist()) <= set(tok.encode("abcdefghijklmnopqrstuvwxyz")) | {2}
+    assert int((y[counts] == 2).sum()) == 20
+    one_file = RunConfig(data=DataConfig(task="causal-lm", train_jsonl=str(tmp_path / "t.jsonl")))
+    one_file.model.init_from = str(tmp_path / "base")
+    with pytest.raises(DataError, match="needs both data.train_jsonl and data.val_jsonl"):
+        build_task(one_file, {"tgt": tok})

@@ -302,7 +302,9 @@ class DataConfig:
     val_tgt: Optional[str] = None
     val_tsv: Optional[str] = None
     text: Optional[str] = None
-    train_jsonl: Optional[str] = None  # task causal-lm: {"prompt", "response"} or {"messages": [...]} per line
+    # task causal-lm: {"prompt", "response"} or {"messages": [...]} per line; neither file set: the built-in task's
+    # strings as instructions ("reverse: abc\n" -> "cba")
+    train_jsonl: Optional[str] = None
     val_jsonl: Optional[str] = None
     val_fraction: float = 0.1
     tokenizer: Literal["bpe", "bytebpe", "char", "sentencepiece"] = "bpe"

@@ -439,8 +439,11 @@ def _causal_lm(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> Ca
     from .files import read_json
 
     d = run.data
-    if not d.train_jsonl or not d.val_jsonl:
-        raise DataError("data: a causal-lm task needs data.train_jsonl and data.val_jsonl (one JSON record a line)")
+    builtin = not d.train_jsonl and not d.val_jsonl
+    if not builtin and not (d.train_jsonl and d.val_jsonl):
+        raise DataError(
+            "data: a causal-lm task needs both data.train_jsonl and data.val_jsonl (one JSON record a line)"
+        )
     if not tokenizers:
         raise DataError("data: a causal-lm task starts from a language model: set model.init_from (a checkpoint)")
     # the starting model's end and padding ids and chat template (the recipe's model section sets neither)
@@ -450,8 +453,16 @@ def _causal_lm(run: RunConfig, tokenizers: Optional[dict[str, Tokenizer]]) -> Ca
         chat = (config.get("meta") or {}).get("chat") or {}
         model.update({k: v for k, v in (config.get("model") or {}).items() if k in model})
     tok = tokenizers["tgt"]
-    sets = []
-    for path in (d.train_jsonl, d.val_jsonl):
-        records = read_instructions(path)
-        sets.append([encode_instruction(r, tok, chat, model["eos_id"], f"{path}:{n}") for n, r in records])
+    if builtin:  # no files: the built-in task's strings as instructions ("reverse: abc" -> "cba")
+        log.info("no data.train_jsonl: instructions made from the built-in task %r", d.synthetic_task)
+        task = SyntheticTask(d.synthetic_task, d.synthetic_min_len, d.synthetic_max_len)
+        splits = task.split(d.synthetic_train_size, d.synthetic_val_size, seed=run.train.seed)
+        records = [[(i, {"prompt": f"{d.synthetic_task}: {a}\n", "response": b}) for i, (a, b) in enumerate(split, 1)]
+                   for split in splits]  # fmt: skip
+        where = ["built-in task", "built-in task"]
+    else:
+        records = [read_instructions(d.train_jsonl), read_instructions(d.val_jsonl)]
+        where = [d.train_jsonl, d.val_jsonl]
+    sets = [[encode_instruction(r, tok, chat, model["eos_id"], f"{w}:{n}") for n, r in recs]
+            for recs, w in zip(records, where)]  # fmt: skip
     return CausalLMTask(run, tok, sets[0], sets[1], chat, model["pad_id"])
