@@ -7,6 +7,7 @@ them with `&`. A query row with no key allowed (e.g. a source that is all paddin
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -103,14 +104,10 @@ def attention(
             gqa = {"enable_gqa": True}  # the kernel reads each key/value head for its group of query heads
         else:  # pragma: no cover - torch < 2.5
             k, v = _share_kv_heads(q, k, v)
-    if q.is_cuda and _NOT_CUDNN is not None:
-        # cuDNN's kernel (picked for bf16 by recent torch) builds a plan for every new shape: decoding, whose
-        # shapes change at every step, would spend most of its time building plans (docs/decoding.md).
-        with sdpa_kernel(_NOT_CUDNN):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa
-            )
-    else:
+    # cuDNN's kernel (picked for bf16 by recent torch) builds a plan for every new shape: decoding, whose shapes
+    # change at every step, would spend most of its time building plans (docs/decoding.md).
+    backends = sdpa_kernel(_NOT_CUDNN) if q.is_cuda and _NOT_CUDNN is not None else contextlib.nullcontext()
+    with backends:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa)
     return out, None
 

@@ -15,6 +15,7 @@ matrices of Hugging Face models (`interop/peft.py` converts between the two).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterator, Optional
 
@@ -125,8 +126,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Put adapters on the projections `cfg.targets` names (in place; returns `model`, its config's `lora`
     set). The model's own weights are shared, not copied; freezing them is the trainer's
     (`trainable_parameters`)."""
-    import dataclasses
-
     if isinstance(getattr(model, "config", None), ModelConfig) and model.config.lora != cfg:
         model.config = dataclasses.replace(model.config, lora=cfg)
     wanted = _wanted(cfg.targets)
@@ -141,8 +140,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W + (alpha / r) B A) and put plain `Linear`s back; the model's
     config loses its `lora`. In place; returns `model`."""
-    import dataclasses
-
     for parent, name, module, _ in list(_projections(model)):
         if isinstance(module, LoRALinear):
             plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)

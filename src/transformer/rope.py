@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig, theta: float | None = None) -> Tensor:
-    """(rotary_dim / 2,) float32 frequencies of a head's rotating pairs, before any length-dependent scaling."""
+def inverse_frequencies(cfg: ModelConfig, theta: float | Tensor | None = None) -> Tensor:
+    """(rotary_dim / 2,) float32 frequencies of a head's rotating pairs for base `theta` (default rope_theta),
+    before any length-dependent scaling."""
     dim = cfg.rotary_dim
     theta = cfg.rope_theta if theta is None else theta
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -75,8 +76,7 @@ class RotaryEmbedding(nn.Module):
         dim, factor = cfg.rotary_dim, cfg.rope_factor
         # float32 tensor arithmetic, as transformers computes the grown base (a float64 base differs in the last bits)
         grown = torch.tensor(length) * factor / old - (factor - 1)
-        theta = cfg.rope_theta * grown ** (dim / (dim - 2))
-        return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).to(positions.device)
+        return inverse_frequencies(cfg, cfg.rope_theta * grown ** (dim / (dim - 2))).to(positions.device)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         inv = self._frequencies(positions)

@@ -152,13 +152,12 @@ def load(args: argparse.Namespace, task: str):
     from ..backend import resolve_device
     from ..checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device), task=task)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device, task=task)
     if getattr(args, "adapter", None):
-        from ..interop.peft import load_adapter
+        from ..interop.peft import with_adapter
 
-        load_adapter(ckpt.model, args.adapter, ckpt.meta)
-        ckpt.model.to(resolve_device(args.device)).eval()
-        ckpt.config = ckpt.model.config
+        ckpt = with_adapter(ckpt, args.adapter, device)
     return ckpt
 
 

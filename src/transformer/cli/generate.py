@@ -73,13 +73,17 @@ def _conversation(session) -> int:
             session.reset()
             sys.stderr.write("(conversation reset)\n")
             continue
-        if not text.strip():
-            continue
-        for piece in session.reply(text):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        if text.strip():
+            _print_reply(session, text)
+
+
+def _print_reply(session, text: str) -> None:
+    """The reply to `text`, streamed to stdout as it comes, then a newline."""
+    for piece in session.reply(text):
+        sys.stdout.write(piece)
         sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -89,10 +93,7 @@ def generate(args: argparse.Namespace) -> int:
 
     if args.chat is not None:
         with _session(args) as session:
-            for piece in session.reply(args.chat):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
+            _print_reply(session, args.chat)
         return 0
     if args.system is not None:
         raise TransformerError("--system goes with --chat (or use `transformer chat`)")

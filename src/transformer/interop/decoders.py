@@ -17,7 +17,16 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .families import ACTIVATION_IN, Shape, Stack, _activation, _layer_names, _model_config, _refuse
+from .families import (
+    ACTIVATION_IN,
+    Shape,
+    Stack,
+    _activation,
+    _layer_names,
+    _model_config,
+    _refuse,
+    _representable,
+)
 from .metadata import Keys, show
 
 # families whose blocks this package cannot reproduce, and why: refused by name
@@ -163,10 +172,7 @@ class DecoderFamily:
             wanted["sliding_window"] = 0
         if self.model_type != "phi3":
             wanted["rope_fraction"] = 1.0
-        off = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
-        if off:
-            what = f"a Hugging Face {self.architecture}"
-            raise CheckpointError(f"{where}: {what} cannot represent this model: {'; '.join(off)}")
+        _representable(cfg, wanted, self.architecture, where)
         act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}[cfg.activation]
         hf = {
             "model_type": self.model_type,

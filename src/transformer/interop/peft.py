@@ -11,6 +11,7 @@ an adapter that also trains the head or the norms, and peft's variants (DoRA, rs
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..config import LoRAConfig, ModelConfig
 from ..errors import CheckpointError
 from ..files import atomic_path, foreign_entries, new_directory, read_json, write_json_atomic
 from ..lora import LoRALinear, apply_lora
-from .decoders import DECODERS, family_for
+from .decoders import family_for
 from .families import FAMILIES
 from .metadata import Keys, show
 
@@ -178,9 +179,16 @@ def _copy_shell(model: nn.Module) -> nn.Module:
     from ..model import build_model
 
     with torch.device("meta"):
-        import dataclasses
-
         return build_model(dataclasses.replace(model.config, lora=None))
 
 
-__all__ = ["export_adapter", "load_adapter", "DECODERS"]
+def with_adapter(ckpt: Checkpoint, adapter_dir: str | Path, device: torch.device) -> Checkpoint:
+    """`ckpt` with the peft adapter in `adapter_dir` on its model (unmerged), on `device`, in eval mode, its
+    config the adapted model's (what `--adapter` does for every command and the server)."""
+    load_adapter(ckpt.model, adapter_dir, ckpt.meta)
+    ckpt.model.to(device).eval()
+    ckpt.config = ckpt.model.config
+    return ckpt
+
+
+__all__ = ["export_adapter", "load_adapter", "with_adapter"]

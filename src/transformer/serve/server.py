@@ -441,11 +441,9 @@ def serve(
 
     ckpt = load_checkpoint(checkpoint, device=resolve_device(device))
     if adapter:
-        from ..interop.peft import load_adapter
+        from ..interop.peft import with_adapter
 
-        load_adapter(ckpt.model, adapter, ckpt.meta)
-        ckpt.model.to(resolve_device(device)).eval()
-        ckpt.config = ckpt.model.config
+        ckpt = with_adapter(ckpt, adapter, resolve_device(device))
     app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16, int8)
     log.info("serving %s (%s) on http://%s:%d  (pid %d)", checkpoint, ckpt.task, host, port, os.getpid())
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
