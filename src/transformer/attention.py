@@ -169,6 +169,32 @@ class KVCache:
         """Forget every position from `length` on (the buffer stays; later appends overwrite them)."""
         self.length = min(self.length, length)
 
+    def regrid(self, parts: list[tuple["KVCache", int, Optional[Tensor]]], length: int, capacity: int) -> None:
+        """Rebuild these buffers from parts (cache, n, rows): the last n positions of that cache's `rows` (None:
+        all), stacked in order and right-aligned to end at `length`, with room for `capacity` positions
+        (continuous batching: `DecoderCache.join`). Positions before a row's own are zeros (finite: masked,
+        they still meet a softmax weight of 0)."""
+        blocks = []
+        for c, n, rows in parts:
+            if c.k is None:
+                continue
+            k, v = c.k[:, :, c.length - n : c.length], c.v[:, :, c.length - n : c.length]
+            blocks.append((k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows)))
+        self._spare_k = self._spare_v = None
+        if not blocks or not sum(k.size(0) for k, _ in blocks):
+            self.k = self.v = None
+            self.length = 0
+            return
+        first = blocks[0][0]
+        shape = (sum(k.size(0) for k, _ in blocks), first.size(1), capacity, first.size(3))
+        self.k, self.v, self.length = first.new_zeros(shape), first.new_zeros(shape), length
+        row = 0
+        for k, v in blocks:
+            b, n = k.size(0), k.size(2)
+            self.k[row : row + b, :, length - n : length] = k
+            self.v[row : row + b, :, length - n : length] = v
+            row += b
+
     def set(self, k: Tensor, v: Tensor) -> None:
         self.k, self.v, self.length = k, v, k.size(2)
 

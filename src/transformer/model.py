@@ -96,6 +96,47 @@ class DecoderCache:
         if self.real is not None:
             self.real = self.real[:, : self.length]
 
+    def row_lengths(self) -> Tensor:
+        """(B,) how many real tokens each row holds (they are the last ones of its row)."""
+        if self.real is None:
+            return torch.full((self.batch_size(),), self.length, dtype=torch.long, device=self.layers[0][0].k.device)
+        return self.real.sum(1)
+
+    def batch_size(self) -> int:
+        k = self.layers[0][0].k if self.layers else None
+        return 0 if k is None else k.size(0)
+
+    def join(self, other: Optional["DecoderCache"], capacity: int, keep: Optional[Tensor] = None) -> None:
+        """Continuous batching: keep rows `keep` of these (None: all), add `other`'s rows after them (None: none),
+        and drop the columns no row uses any more.
+
+        Rows are right-aligned, every row's tokens ending at the last cached position: a row that joins later
+        has padding before its tokens (marked not real, so nothing attends to it, and positions count real
+        tokens only, so each row's positions are the ones it would have decoded alone). The buffers are
+        rebuilt with room for `capacity` positions, at least the longest row. Self-attention caches only (a
+        decoder-only model's)."""
+        parts = []  # (cache, its rows kept or None, the columns they use: the longest row's)
+        for c, rows in ((self, keep), (other, None)):
+            if c is None or not c.batch_size() or (rows is not None and not rows.numel()):
+                continue
+            lengths = c.row_lengths() if rows is None else c.row_lengths().index_select(0, rows)
+            parts.append((c, rows, int(lengths.max())))
+        length = max((n for *_, n in parts), default=0)
+        if length > capacity:
+            raise ValueError(f"a row of {length} positions does not fit a capacity of {capacity}")
+        real = []  # read before the buffers are rebuilt
+        for c, rows, n in parts:
+            k = c.layers[0][0].k
+            tail = c.real[:, -n:] if c.real is not None else torch.ones(k.size(0), n, dtype=torch.bool, device=k.device)
+            tail = tail if rows is None else tail.index_select(0, rows)
+            real.append(F.pad(tail, (length - n, 0), value=False))
+        for i, (mine, cross) in enumerate(self.layers):
+            if cross is not None:
+                raise ValueError("join: a decoder-only model's cache has no cross-attention caches")
+            mine.regrid([(c.layers[i][0], n, rows) for c, rows, n in parts], length, capacity)
+        self.real = torch.cat(real) if real else None
+        self.length = length
+
 
 def _self_attention_mask(
     T: int, offset: int, real: Optional[Tensor], window: int, device: torch.device
