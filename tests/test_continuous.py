@@ -104,11 +104,7 @@ def test_stop_strings_end_a_choice_and_are_not_sent(model):
     job = job_for(Completion(prompt, max_tokens=12, temperature=0.0, seed=0, stop=(stop, "zz")), answers, 0)
     batcher = ContinuousBatcher(model, TOK, max_kv_tokens=1000, max_rows=4)
     run_until_idle(batcher, {0: [job]})
-    assert answers[0][0] == {
-        "text": text[: text.find(stop)],
-        "finish_reason": "stop",
-        "tokens": answers[0][0]["tokens"],
-    }
+    assert answers[0][0]["text"] == text[: text.find(stop)] and answers[0][0]["finish_reason"] == "stop"
     # streamed: the same text, nothing of the stop string ever sent
     job = Job("complete", [], Completion(prompt, max_tokens=12, temperature=0.0, seed=0, stop=(stop,)))
     job.stream = True

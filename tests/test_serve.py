@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from helpers import CHROMIUM_FLAGS, chromium_or_skip  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import DecodingSettings, translate_texts  # noqa: E402
-from transformer.serve import Limits, create_app  # noqa: E402
+from transformer.serve import Batching, Limits, create_app  # noqa: E402
 
 WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
 
@@ -32,7 +32,9 @@ def ckpt(reverse_checkpoint):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    app = create_app(ckpt, Limits(max_texts=10, max_text_chars=50, max_body_bytes=4000, max_beam=8), max_wait_ms=50)
+    app = create_app(
+        ckpt, Limits(max_texts=10, max_text_chars=50, max_body_bytes=4000, max_beam=8), Batching(max_wait_ms=50)
+    )
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 

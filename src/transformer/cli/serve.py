@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import adapter_option, device_option, nonneg_float, positive_int
 
@@ -24,7 +25,19 @@ def add_serve(sub) -> None:
         default=25.0,
         help="wait at most this long for more requests to join a batch (default 25)",
     )
-    sv.add_argument("--max-batch", type=positive_int, default=64, help="texts per batch (1: no batching)")
+    sv.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=64,
+        help="texts per batch, sequences generated at once (1: no batching)",
+    )
+    sv.add_argument(
+        "--max-kv-tokens",
+        type=positive_int,
+        default=32768,
+        help="a language model's KV cache in tokens: sequences x the longest prompt + max_tokens (default 32768)",
+    )
+    sv.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting; beyond, 429 (default 256)")
     sv.add_argument("--max-texts", type=positive_int, default=64, help="texts per request (default 64)")
     sv.add_argument("--max-text-chars", type=positive_int, default=2000, help="characters per text (default 2000)")
     sv.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="request body (default 1 MB)")
@@ -34,16 +47,24 @@ def add_serve(sub) -> None:
     sv.add_argument(
         "--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly different results)"
     )
+    sv.add_argument(
+        "--api-key",
+        default=os.environ.get("TRANSFORMER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $TRANSFORMER_API_KEY)",
+    )
+    sv.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without an API key")
+    sv.add_argument("--name", help="the model's id for OpenAI clients (default: the checkpoint directory's name)")
     adapter_option(sv)
     device_option(sv)
     sv.set_defaults(fn=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ..serve import Limits
+    from ..serve import Batching, Limits
     from ..serve import serve as run_server
 
     limits = Limits(args.max_texts, args.max_text_chars, args.max_body_bytes, args.max_beam, args.max_new_tokens)
+    batching = Batching(args.max_batch_tokens, args.max_wait_ms, args.max_batch, args.max_kv_tokens, args.max_queue)
     run_server(
         args.checkpoint,
         args.host,
@@ -51,10 +72,11 @@ def serve(args: argparse.Namespace) -> int:
         args.device,
         args.bf16,
         limits,
-        args.max_batch_tokens,
-        args.max_wait_ms,
-        args.max_batch,
+        batching,
         args.int8,
         args.adapter,
+        args.api_key,
+        args.insecure,
+        args.name,
     )
     return 0

@@ -54,9 +54,15 @@ class Job:
             self.loop.call_soon_threadsafe(self.stream.put_nowait, piece)
 
 
+class QueueFull(Exception):
+    """The batcher holds `max_queue` waiting jobs already: the server answers 429, try again later."""
+
+
 class Batcher:
     """The worker thread and its queue. `run(kind, settings, texts, jobs)` computes one group: it returns one
-    result per text (sliced back to the jobs here), or streams through the single job it is given."""
+    result per text (sliced back to the jobs here). Jobs of kind "complete" go to `pool` (a
+    `continuous.ContinuousBatcher`), which the worker advances one decoding step at a time, with the other
+    kinds' batches run between steps. At most `max_queue` jobs wait (beyond that `submit` raises QueueFull)."""
 
     def __init__(
         self,
@@ -64,52 +70,82 @@ class Batcher:
         max_batch_tokens: int,
         max_wait_ms: float,
         max_batch: int,
+        pool=None,
+        max_queue: int = 256,
     ) -> None:
         self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
+        self.pool, self.max_queue = pool, max_queue
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
         self.batches = 0  # model calls made (for /v1/model and the tests)
+        self.closing = False
         self.thread = threading.Thread(target=self._work, name="decoding-worker", daemon=True)
         self.thread.start()
 
+    def waiting(self) -> int:
+        """Jobs submitted and not started yet (approximate: read from another thread)."""
+        return self.queue.qsize() + len(self.held) + (len(self.pool.pending) if self.pool is not None else 0)
+
     def submit(self, job: Job) -> None:
+        if self.waiting() >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are waiting already (--max-queue)")
         self.queue.put(job)
 
     def close(self, timeout: float = 60.0) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Finish what is queued and being generated, then stop the worker."""
         self.queue.put(None)
         self.thread.join(timeout)
 
     def _work(self) -> None:
         while True:
-            jobs = self._collect()
+            generating = self.pool is not None and self.pool.busy
+            jobs = self._collect(wait=not generating)
             if jobs is None:
                 return
-            for group in self._groups(jobs):
+            for job in jobs:
+                if job.kind == "complete":
+                    self.pool.add(job)
+            for group in self._groups([j for j in jobs if j.kind != "complete"]):
                 self._run_group(group)
+            if self.pool is not None and self.pool.busy:
+                self._advance()
 
-    def _collect(self) -> Optional[list[Job]]:
-        """The next batch of jobs: at least one (waiting for it), more while they fit and time allows."""
+    def _advance(self) -> None:
+        try:
+            self.pool.advance()
+        except Exception as e:  # every job in the pool is answered with the error; the worker goes on
+            log.exception("generation failed")
+            for job in self.pool.abandon():
+                job.deliver(error=e)
+                job.emit(e)
+
+    def _collect(self, wait: bool = True) -> Optional[list[Job]]:
+        """The next batch of jobs: at least one (waiting for it) if `wait`, more while they fit and time allows;
+        without `wait` (sequences are being generated), only those already queued. None: stop now."""
         jobs, self.held = self.held, []
         free = time.perf_counter()
-        if not jobs:
+        if not jobs and wait:
+            if self.closing:
+                return None
             first = self.queue.get()
             if first is None:
                 return None
             jobs = [first]
+        deadline = free if not jobs else max(jobs[0].arrived, free) + self.max_wait
+        if not wait:
+            deadline = free  # the running sequences' next step waits for nobody
         # Wait at most max_wait from when the first job arrived or the worker came free, whichever is later:
         # under load the clients just answered are sending their next requests, and a batch that waits a few
         # milliseconds for them replaces the next, smaller one (two half batches cost nearly twice one).
-        deadline = max(jobs[0].arrived, free) + self.max_wait
         while sum(j.tokens for j in jobs) < self.max_tokens and sum(len(j.texts) for j in jobs) < self.max_batch:
             try:
                 nxt = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
             if nxt is None:
-                self.queue.put(None)  # stop once this batch is done
+                self.closing = True  # stop once this batch and the sequences being generated are done
                 break
-            if (
+            if nxt.kind != "complete" and (
                 sum(j.tokens for j in jobs) + nxt.tokens > self.max_tokens
                 or sum(len(j.texts) for j in jobs) + len(nxt.texts) > self.max_batch
             ):

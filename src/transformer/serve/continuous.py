@@ -11,7 +11,8 @@ temperature, top-k/top-p, random generator (a `seed` gives the same text as `gen
 and stop strings.
 
 A `Completion` is one request (its prompt's ids, `n` choices); the pool answers it through its `Job`: each text
-piece as (choice, text, finish_reason or None) on the job's stream, or all choices at the end.
+piece as (choice, text, finish_reason or None, tokens so far) on the job's stream, then None; or all choices at
+the end, as dicts (index, text, finish_reason, tokens).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Completion:
     n: int = 1
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    first_index: int = 0  # the choices are numbered from here (a request of several prompts: one job each)
 
     @property
     def reserved(self) -> int:
@@ -59,7 +61,7 @@ class _Row:
 
     def __init__(self, job: Job, index: int, tokenizer: Tokenizer, seed: int) -> None:
         self.job, self.index, self.request = job, index, job.settings
-        self.generator = torch.Generator().manual_seed(seed + index)
+        self.generator = torch.Generator().manual_seed((seed + index) % 2**64)
         self.stream = TextStream(tokenizer, self.request.prompt)
         self.text, self.sent, self.tokens = "", 0, 0
         self.next: Optional[int] = None  # the token sampled last, fed at the next step
@@ -199,7 +201,7 @@ class ContinuousBatcher:
             row.push(token, self.eos)
             piece = row.ready()
             if row.job.stream is not None and (piece or row.finish):
-                row.job.emit((row.index, piece, row.finish))
+                row.job.emit((s.first_index + row.index, piece, row.finish, row.tokens))
 
     def _drop(self, gone: list[_Row]) -> None:
         """Rows that finished or whose client went away leave the batch; a job whose rows are all done is
@@ -226,4 +228,13 @@ class ContinuousBatcher:
             job.emit(None)
             return
         rows = sorted(rows, key=lambda r: r.index)
-        job.deliver([{"text": r.text, "finish_reason": r.finish, "tokens": r.tokens} for r in rows])
+        first = job.settings.first_index
+        job.deliver(
+            [{"index": first + r.index, "text": r.text, "finish_reason": r.finish, "tokens": r.tokens} for r in rows]
+        )
+
+    def abandon(self) -> list[Job]:
+        """Forget every row and pending job (after a failed step), returning their jobs to be answered."""
+        jobs = {id(r.job): r.job for r in self.rows} | {id(j): j for j in self.pending}
+        self.rows, self.pending, self.cache, self.finished = [], collections.deque(), None, {}
+        return list(jobs.values())

@@ -5,20 +5,26 @@
     POST /v1/classify   {"texts": [...]}  -> {"predictions": [{"label", "probabilities"}]}
     POST /v1/embed      {"texts": [...]}  -> {"embeddings": [[...]], "dim": N}
     POST /v1/attention  {"text": "..."}   -> {"translation": "...", "page": "<the attention explorer>"}
+    POST /v1/chat/completions, POST /v1/completions, GET /v1/models: OpenAI's API (`serve/openai.py`)
     GET  /health, GET /v1/model, GET / (a page to try it), GET /docs (OpenAPI)
 
-Every error is JSON {"detail": "..."}: malformed JSON 400, a wrong or missing field 422 naming it, too many or
-too long texts and too large a body 413 with the limit, an unknown route 404. The handlers run the same
-library functions as the command line, through one batching worker (`serve/batcher.py`).
+Every error is JSON {"detail": "..."} (on the OpenAI routes, OpenAI's {"error": {...}}): malformed JSON 400, a
+wrong or missing field 422 naming it (400 on the OpenAI routes, as OpenAI answers), too many or too long texts and
+too large a body 413 with the limit, an unknown route 404, a full queue 429 with Retry-After, a missing or wrong
+API key 401. The handlers run the same library functions as the command line, through one worker
+(`serve/batcher.py`); a language model's requests are generated together by continuous batching
+(`serve/continuous.py`).
 """
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,10 +33,13 @@ from ..backend import check_decoding, decoding
 from ..checkpoint import Checkpoint
 from ..cpu.linear import packed_weights
 from ..errors import TransformerError
-from ..generate import DecodingSettings, SamplingSettings
+from ..generate import DecodingSettings
 from ..task_registry import routes
 from ..templates import template
-from .batcher import Batcher, Job
+from .batcher import Batcher, Job, QueueFull
+from .continuous import Completion, ContinuousBatcher
+from .openai import PATHS as OPENAI_PATHS
+from .openai import APIError, add_openai_routes, error_body
 
 log = logging.getLogger("transformer")
 
@@ -46,27 +55,50 @@ class Limits:
     max_new_tokens: int = 512
 
 
+@dataclass
+class Batching:
+    """How requests share the model (each a `transformer serve` flag)."""
+
+    max_batch_tokens: int = 4096  # source tokens per batch (translate, classify, embed)
+    max_wait_ms: float = 25.0  # how long a batch waits for more requests
+    max_batch: int = 64  # texts per batch; rows generated at once
+    max_kv_tokens: int = 32768  # a language model's KV cache: rows x the widest row's reservation
+    max_queue: int = 256  # requests waiting; more are answered 429
+
+
 class Runner:
     """Runs one batch of one kind with the model: what the worker thread calls."""
 
-    def __init__(self, ckpt: Checkpoint, bf16: bool = False, int8: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, bf16: bool = False, int8: bool = False, batching: Batching = Batching()):
         self.ckpt, self.bf16 = ckpt, bf16
+        model = ckpt.model
         # The served weights never change: decoding prepares them (packed, transposed, int8) once, not per batch.
         self._prepared = contextlib.ExitStack()
         if int8:
-            self._prepared.enter_context(decoding(ckpt.model, int8=True))
-        elif hasattr(ckpt.model, "decoder") and hasattr(ckpt.model, "encoder"):
-            self._prepared.enter_context(packed_weights(ckpt.model.decoder, ckpt.model.output))
+            self._prepared.enter_context(decoding(model, int8=True))
+        elif hasattr(model, "decoder"):
+            self._prepared.enter_context(packed_weights(model.decoder, model.output))
+        self.pool = None  # a language model's requests: continuous batching
+        if ckpt.config.arch == "decoder-only":
+            self.pool = ContinuousBatcher(
+                model, ckpt.tgt_tokenizer, batching.max_kv_tokens, batching.max_batch, self.context
+            )
+
+    @contextlib.contextmanager
+    def context(self):
+        """What every model call runs in: inference mode, and bf16 autocast (per thread: entered in the
+        worker's) if asked for."""
+        with torch.inference_mode(), decoding(self.ckpt.model, bf16=self.bf16):
+            yield
 
     def close(self) -> None:
         """Drop what was prepared: the model multiplies by its own weights again."""
         self._prepared.close()
 
     def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> Optional[list]:
-        """`settings`: a `DecodingSettings` (translate), a `SamplingSettings` (generate) or None."""
+        """`settings`: a `DecodingSettings` (translate) or None."""
         ck = self.ckpt
-        # bf16 autocast is per thread: entered here, in the worker's, for each batch
-        with torch.inference_mode(), decoding(ck.model, bf16=self.bf16):
+        with self.context():
             if kind == "translate":
                 from ..generate import translate_texts
 
@@ -85,94 +117,153 @@ class Runner:
                 maps = attention_maps(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts[0])
                 translation = translate_texts(ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts[:1])[0]
                 return [{"translation": translation, "page": attention_page(maps)}]
-            return self._generate(settings, texts[0], jobs[0])
-
-    def _generate(self, settings, prompt: str, job: Job) -> Optional[list]:
-        from ..generate import TextStream, sample
-
-        ck = self.ckpt
-        s = settings
-        tok = ck.tgt_tokenizer
-        ids = tok.encode(prompt or "\n") or [ck.config.bos_id]
-        device = next(ck.model.parameters()).device
-        context = ck.meta.get("run", {}).get("data", {}).get("block_size")
-        stream, pieces = TextStream(tok, ids), []
-        gen = torch.Generator().manual_seed(s.seed)
-        for token in sample(
-            ck.model,
-            torch.tensor([ids], device=device),
-            s.max_new_tokens,
-            s.temperature,
-            s.top_k,
-            s.top_p,
-            gen,
-            context,
-        ):
-            if job.cancelled:
-                break
-            if int(token[0]) in ck.config.eos_ids:  # the model ended its text (or its turn)
-                break
-            piece = stream.push(int(token[0]))
-            pieces.append(piece)
-            if job.stream is not None and piece:
-                job.emit(piece)
-        if job.stream is not None:
-            job.emit(None)
-            return None
-        return ["".join(pieces)]
+            raise ValueError(f"no batch of kind {kind!r}")
 
 
 class _Service:
     """What the route handlers share: the checkpoint, the routes it can serve, the limits and the worker."""
 
-    def __init__(self, ckpt: Checkpoint, limits: Limits, batching: dict, bf16: bool, int8: bool = False) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, limits: Limits, batching: Batching, bf16: bool, int8: bool, model_id: str
+    ) -> None:
         self.ckpt, self.limits, self.batching, self.bf16, self.int8 = ckpt, limits, batching, bf16, int8
+        self.model_id, self.tokenizer = model_id, ckpt.tgt_tokenizer
         self.kinds = set(routes(ckpt.task))
+        # the positions a language model sees: the windows it was trained on, else its positions' range
+        self.context = ckpt.meta.get("run", {}).get("data", {}).get("block_size") or ckpt.config.max_positions
         self.batcher: Optional[Batcher] = None  # started with the app's lifespan
 
     def require(self, kind: str) -> None:
-        from fastapi import HTTPException
-
         if kind not in self.kinds:
-            raise HTTPException(
+            raise APIError(
                 404,
                 f"this server holds a '{self.ckpt.task}' checkpoint: /v1/{kind} is not available "
                 f"(available: {', '.join('/v1/' + k for k in sorted(self.kinds))})",
             )
 
+    def check_model(self, model: str) -> None:
+        """OpenAI clients name the model: it must be the one served."""
+        self.require("generate")
+        if model != self.model_id:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist: this server serves '{self.model_id}'",
+                "model",
+                "model_not_found",
+            )
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "transformer"}
+
+    @property
+    def created(self) -> int:
+        try:
+            return int(os.stat(self.ckpt.path).st_mtime)
+        except (OSError, TypeError):
+            return 0
+
     def check_texts(self, texts: list[str]) -> int:
         """Refuses too many or too long texts (413); returns a cheap estimate of the tokens they add to a batch."""
-        from fastapi import HTTPException
-
         limits = self.limits
         if len(texts) > limits.max_texts:
-            raise HTTPException(
-                413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)"
-            )
+            raise APIError(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts} (--max-texts)")
         for i, t in enumerate(texts):
             if len(t) > limits.max_text_chars:
-                raise HTTPException(
+                raise APIError(
                     413, f"texts[{i}] has {len(t)} characters; the limit is {limits.max_text_chars} (--max-text-chars)"
                 )
         return sum(len(t) // 4 + 1 for t in texts)
 
+    def fit(self, ids: list[int], max_tokens: Optional[int], n: int = 1, crop: bool = False) -> tuple[list, int]:
+        """A prompt's ids and its number of new tokens (None: as many as the context and the server allow),
+        checked against --max-new-tokens, the model's context (a prompt cropped to its end if `crop`) and the
+        KV budget. Returns (ids, max_tokens)."""
+        cap, context = self.limits.max_new_tokens, self.context
+        if max_tokens is None:
+            max_tokens = min(cap, context - len(ids))
+        if max_tokens > cap:
+            raise APIError(
+                400, f"max_tokens is {max_tokens}; this server allows at most {cap} (--max-new-tokens)", "max_tokens"
+            )
+        if crop and max_tokens < context:
+            ids = ids[-(context - max_tokens) :]
+        if max_tokens < 1 or len(ids) + max_tokens > context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(ids) + max(max_tokens, 1)} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        budget = self.batching.max_kv_tokens
+        if n * (len(ids) + max_tokens) > budget:
+            raise APIError(
+                413,
+                f"{n} x ({len(ids)} prompt + {max_tokens} new) tokens do not fit the server's KV cache of "
+                f"{budget} tokens (--max-kv-tokens)",
+                "max_tokens",
+            )
+        return ids, max_tokens
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue `jobs` (all or none: a full queue cancels those already queued and answers 429)."""
+        for i, job in enumerate(jobs):
+            try:
+                self.batcher.submit(job)
+            except QueueFull as e:
+                for j in jobs[:i]:
+                    j.cancelled = True
+                raise APIError(429, f"the server is busy: {e}; retry later", None, "rate_limit_exceeded",
+                               {"Retry-After": "1"}) from None  # fmt: skip
+
     async def run(self, request, job: Job):
         """Queue `job` for the worker and wait for its results; a client that goes away cancels it."""
-        from fastapi import HTTPException
-
         loop = asyncio.get_running_loop()
         job.loop, job.future = loop, loop.create_future()
-        self.batcher.submit(job)
+        self.submit([job])
         while True:  # a queued job whose client has gone is never run
             done, _ = await asyncio.wait({job.future}, timeout=0.25)
             if done:
                 return job.future.result()
             if await request.is_disconnected():
                 job.cancelled = True
-                raise HTTPException(499, "client closed the request")
+                raise APIError(499, "client closed the request")
+
+    def stream_response(self, requests: list[Completion], chunks):
+        """Queue one job per request, all streaming into one queue; `chunks(events)` turns their events
+        (choice, text, finish_reason, tokens) into server-sent events. A client that goes away cancels them."""
+        from fastapi.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        events_in: asyncio.Queue = asyncio.Queue()
+        jobs = [Job("complete", [], r, loop=loop, future=loop.create_future(), stream=events_in) for r in requests]
+        self.submit(jobs)
+
+        async def events():
+            ended = 0
+            while ended < len(jobs):
+                event = await events_in.get()
+                if event is None:
+                    ended += 1
+                    continue
+                yield event
+                if isinstance(event, BaseException):
+                    return
+
+        async def body():
+            try:
+                async for piece in chunks(events()):
+                    yield piece
+            finally:
+                for job in jobs:
+                    job.cancelled = True  # the client went away mid-stream (or it ended): stop generating
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def info(self) -> dict:
         ck, cfg = self.ckpt, self.ckpt.config
+        pool = self.batcher.pool if self.batcher is not None else None
         return {
             "task": ck.task,
             "checkpoint": str(ck.path),
@@ -184,38 +275,48 @@ class _Service:
             "int8": self.int8,
             "routes": sorted(f"/v1/{k}" for k in self.kinds),
             "limits": self.limits.__dict__,
-            "batching": {**self.batching, "batches_run": self.batcher.batches if self.batcher else 0},
+            "batching": {
+                **self.batching.__dict__,
+                "batches_run": self.batcher.batches if self.batcher else 0,
+                "generation_steps": pool.steps if pool is not None else 0,
+            },
         }
+
+
+def model_id(path) -> str:
+    """The name OpenAI clients call the model by: the checkpoint directory's, with its run's for a run's
+    `best`/`last`/`step-N` checkpoint (e.g. "shakespeare/best")."""
+    path = Path(str(path))
+    if path.name in ("best", "last") or path.name.startswith("step"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name or "model"
 
 
 def create_app(
     ckpt: Checkpoint,
     limits: Limits = Limits(),
-    max_batch_tokens: int = 4096,
-    max_wait_ms: float = 25.0,
-    max_batch: int = 64,
+    batching: Batching = Batching(),
     bf16: bool = False,
     int8: bool = False,
+    api_key: Optional[str] = None,
+    name: Optional[str] = None,
 ):
-    """The ASGI application serving `ckpt` (FastAPI). Its batching worker starts with the app's lifespan; with
-    `int8`, the model multiplies by int8 weights (CPU) while the app runs."""
+    """The ASGI application serving `ckpt` (FastAPI). Its worker starts with the app's lifespan; with `int8`,
+    the model multiplies by int8 weights (CPU) while the app runs; with `api_key`, every route but /health and
+    the page needs `Authorization: Bearer <api_key>`. `name`: the model's id for OpenAI clients (default:
+    `model_id(ckpt.path)`)."""
     from fastapi import FastAPI
 
     from .. import __version__
 
     check_decoding(ckpt.model, bf16, int8)
-    svc = _Service(
-        ckpt,
-        limits,
-        {"max_batch_tokens": max_batch_tokens, "max_wait_ms": max_wait_ms, "max_batch": max_batch},
-        bf16,
-        int8,
-    )
+    svc = _Service(ckpt, limits, batching, bf16, int8, name or model_id(ckpt.path))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        runner = Runner(ckpt, bf16, int8)
-        svc.batcher = Batcher(runner, max_batch_tokens, max_wait_ms, max_batch)
+        runner = Runner(ckpt, bf16, int8, batching)
+        b = batching
+        svc.batcher = Batcher(runner, b.max_batch_tokens, b.max_wait_ms, b.max_batch, runner.pool, b.max_queue)
         yield
         svc.batcher.close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
         runner.close()
@@ -227,35 +328,61 @@ def create_app(
         description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}",
     )
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
     _add_error_handlers(app)
     models = _request_models(limits)
     _add_text_routes(app, svc, models)
     _add_generate_route(app, svc, models["generate"])
+    add_openai_routes(app, svc)
     return app
 
 
+def error_response(path: str, status: int, message: str, param=None, code=None, headers=None):
+    """The JSON error of a route: OpenAI's shape on its routes, {"detail": ...} on the others."""
+    from fastapi.responses import JSONResponse
+
+    openai = path.startswith(OPENAI_PATHS)
+    body = error_body(status, message, param, code) if openai else {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _add_error_handlers(app) -> None:
-    """Every error a JSON {"detail": ...}: malformed JSON 400, a wrong field 422 naming it, a user mistake 422."""
+    """Every error a JSON body (see `error_response`): malformed JSON 400, a wrong field 422 naming it (400 on
+    the OpenAI routes), a user mistake 422."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
+        path, errors = request.url.path, exc.errors()
+        openai = path.startswith(OPENAI_PATHS)
         if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse({"detail": "malformed JSON in the request body"}, status_code=400)
-        parts = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors]
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+            return error_response(path, 400, "malformed JSON in the request body")
+        unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden" and len(e["loc"]) == 2]
+        if openai and unknown:
+            return error_response(path, 400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+        fields = [".".join(str(x) for x in e["loc"][1:]) or "body" for e in errors]
+        parts = [f"{f}: {e['msg']}" for f, e in zip(fields, errors)]
+        return error_response(path, 400 if openai else 422, "; ".join(parts), fields[0] if fields else None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error_response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(TransformerError)
     async def user_error(request: Request, exc: TransformerError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return error_response(request.url.path, 422, str(exc))
 
 
 def _add_text_routes(app, svc: _Service, models: dict) -> None:
     """Health, model information, the page, and the routes that take texts and answer at once."""
-    from fastapi import HTTPException, Request
+    from fastapi import Request
     from fastapi.responses import HTMLResponse
 
     # the request bodies (annotations evaluated here, so FastAPI sees the classes; no postponed annotations)
@@ -300,47 +427,50 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
         svc.require("attention")
         svc.check_texts([body.text])
         if not body.text.strip():
-            raise HTTPException(422, "text: give some text to look at")
+            raise APIError(422, "text: give some text to look at")
         return (await svc.run(request, Job("attention", [body.text])))[0]
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return (
-            template("serve.html")
-            if "attention" in svc.kinds
-            else template("serve-api.html").replace("__TASK__", ckpt.task)
-        )
+        if "attention" in svc.kinds:
+            return template("serve.html")
+        if "generate" in svc.kinds:
+            chat = bool((ckpt.meta.get("chat") or {}).get("template"))
+            return (
+                template("serve-chat.html")
+                .replace("__MODEL__", json.dumps(svc.model_id))
+                .replace("__CHAT__", json.dumps(chat))
+            )
+        return template("serve-api.html").replace("__TASK__", ckpt.task)
 
 
 def _add_generate_route(app, svc: _Service, GenerateBody) -> None:
-    """Generation from a language model: the whole text at once, or (stream) as server-sent events."""
+    """Generation from a language model: the whole text at once, or (stream) as server-sent events; one row of
+    the continuous batch, as the OpenAI routes' requests are."""
     from fastapi import Request
-    from fastapi.responses import StreamingResponse
 
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request):
         svc.require("generate")
         svc.check_texts([body.prompt])
-        settings = SamplingSettings(body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed)
-        job = Job("generate", [body.prompt], settings)
+        ids = svc.tokenizer.encode(body.prompt or "\n") or [svc.ckpt.config.bos_id]
+        if body.max_new_tokens == 0:
+            return {"text": ""}
+        ids, n = svc.fit(ids, body.max_new_tokens, crop=True)
+        req = Completion(tuple(ids), n, body.temperature, body.top_p, body.top_k, 1, body.seed)
         if not body.stream:
-            return {"text": (await svc.run(request, job))[0]}
-        loop = asyncio.get_running_loop()
-        job.loop, job.future, job.stream = loop, loop.create_future(), asyncio.Queue()
-        svc.batcher.submit(job)
+            return {"text": (await svc.run(request, Job("complete", [], req)))[0]["text"]}
 
-        async def events():
-            try:
-                while True:
-                    piece = await job.stream.get()
-                    if piece is None:
-                        break
-                    yield f"data: {json.dumps({'text': piece})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # the client went away mid-stream: stop generating
+        async def chunks(events):
+            async for event in events:
+                if isinstance(event, BaseException):
+                    yield f"data: {json.dumps({'detail': f'generation failed: {event}'})}\n\n"
+                    return
+                if event[1]:
+                    yield f"data: {json.dumps({'text': event[1]})}\n\n"
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return svc.stream_response([req], chunks)
 
 
 def _request_models(limits: Limits) -> dict:
@@ -368,7 +498,7 @@ def _request_models(limits: Limits) -> dict:
         temperature: float = Field(0.8, ge=0.0, le=10.0)
         top_k: int = Field(0, ge=0)
         top_p: float = Field(1.0, gt=0.0, le=1.0)
-        seed: int = 0
+        seed: int = Field(0, ge=-(2**63), le=2**64 - 1)
         stream: bool = False
 
     return {"texts": Texts, "translate": Translate, "attention": Attention, "generate": Generate}
@@ -417,6 +547,27 @@ class _TooLarge(Exception):
     pass
 
 
+class _ApiKey:
+    """ASGI middleware: every request but /health and the page (which holds no data: it asks for the key)
+    needs `Authorization: Bearer <key>`; a missing or wrong one is a 401 (compared in constant time)."""
+
+    OPEN = ("/health", "/")
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if hmac.compare_digest(given, b"Bearer " + self.key):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+        response = error_response(scope["path"], 401, message, None, "invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)
+
+
 def serve(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -424,14 +575,16 @@ def serve(
     device: str = "auto",
     bf16: bool = False,
     limits: Limits = Limits(),
-    max_batch_tokens: int = 4096,
-    max_wait_ms: float = 25.0,
-    max_batch: int = 64,
+    batching: Batching = Batching(),
     int8: bool = False,
     adapter: Optional[str] = None,
+    api_key: Optional[str] = None,
+    insecure: bool = False,
+    name: Optional[str] = None,
 ) -> None:
     """Load `checkpoint` (with the peft LoRA adapter in `adapter`, unmerged, if given) and serve it until SIGTERM
-    or Ctrl-C (which finish the requests in flight first)."""
+    or Ctrl-C (which finish the requests in flight first). Only on this machine's loopback unless `api_key` (or
+    `insecure`) is given: a server reachable from elsewhere without a key serves anyone."""
     try:
         import uvicorn
     except ImportError:
@@ -439,15 +592,31 @@ def serve(
     from ..backend import resolve_device
     from ..checkpoint import load_checkpoint
 
+    check_exposure(host, api_key, insecure)
     ckpt = load_checkpoint(checkpoint, device=resolve_device(device))
     if adapter:
         from ..interop.peft import with_adapter
 
         ckpt = with_adapter(ckpt, adapter, resolve_device(device))
-    app = create_app(ckpt, limits, max_batch_tokens, max_wait_ms, max_batch, bf16, int8)
+    app = create_app(ckpt, limits, batching, bf16, int8, api_key, name)
     log.info("serving %s (%s) on http://%s:%d  (pid %d)", checkpoint, ckpt.task, host, port, os.getpid())
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
     server.run()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(host: str, api_key: Optional[str], insecure: bool) -> None:
+    """Refuse to listen beyond loopback without an API key, unless `insecure` (then warn)."""
+    if host in LOOPBACK or host.startswith("127.") or api_key:
+        return
+    if not insecure:
+        raise TransformerError(
+            f"--host {host} makes the server reachable from other machines: give it an API key (--api-key KEY or "
+            "the TRANSFORMER_API_KEY environment variable), or --insecure to serve anyone who can reach it"
+        )
+    log.warning("serving on %s without an API key (--insecure): anyone who can reach this port can use it", host)
 
 
 def _server_class():
