@@ -243,3 +243,12 @@ def chromium_or_skip():
             pytest.fail("CI installs Debian's chromium (.ci/run): the browser test must run there")
         pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
     return sync_api, chromium
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server the test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

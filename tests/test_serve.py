@@ -3,7 +3,6 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from helpers import CHROMIUM_FLAGS, chromium_or_skip  # noqa: E402
+from helpers import CHROMIUM_FLAGS, chromium_or_skip, free_port  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Batching, Limits, create_app  # noqa: E402
@@ -149,12 +148,6 @@ def test_generation_streams_server_sent_events(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # The real server, over loopback
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ bookkeeping ones (user, metadata, store, service_tier) are accepted and ignored.
 accepts it.
 """
 
-
 import asyncio
 import json
 import time

@@ -279,6 +279,7 @@ class _Service:
                 **self.batching.__dict__,
                 "batches_run": self.batcher.batches if self.batcher else 0,
                 "generation_steps": pool.steps if pool is not None else 0,
+                "generating": len(pool.rows) if pool is not None else 0,
             },
         }
 
