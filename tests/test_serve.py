@@ -45,9 +45,9 @@ def test_translations_are_the_librarys(client, ckpt):
         ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS, DecodingSettings(beam_size=3)
     )
     info = client.get("/v1/model").json()
-    assert info["task"] == "synthetic" and "/v1/translate" in info["routes"]
+    assert info["task"] == "synthetic" and "/v1/translate" in info["routes"] and info["model"].endswith("/best")
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/docs").status_code == 200 and "/v1/translate" in client.get("/openapi.json").text
+    assert client.get("/docs").status_code == 404  # off unless asked for (--docs): its scripts come from a CDN
 
 
 def test_int8_serving_answers_as_the_library_decodes_in_int8(reverse_checkpoint):

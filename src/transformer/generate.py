@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +32,14 @@ class DecodingSettings:
     """How to decode a translation: the settings the command line, the server and `translate_texts` share.
 
     beam_size: 1 is greedy. length_penalty: beam hypotheses are ranked by log-probability / length**penalty.
-    max_len_a, max_len_b: at most a * source tokens + b output tokens (before </s>)."""
+    max_len_a, max_len_b: at most a * source tokens + b output tokens (before </s>); max_len: and at most this
+    many, whatever the source's length (0: no such cap; a server's --max-new-tokens)."""
 
     beam_size: int = 1
     length_penalty: float = 1.0
     max_len_a: float = 1.5
     max_len_b: int = 10
+    max_len: int = 0
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -59,10 +61,21 @@ class SamplingSettings:
         check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
 
 
-def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD) -> Tensor:
-    """(B, S) padded source ids -> (B,) limits on output tokens (before </s>): a * source length + b."""
+def max_lengths(src: Tensor, max_len_a: float, max_len_b: int, pad_id: int = PAD, cap: int = 0) -> Tensor:
+    """(B, S) padded source ids -> (B,) limits on output tokens (before </s>): a * source length + b, at most
+    `cap` if it is not 0."""
     n = (src != pad_id).sum(1)
-    return (n.double() * max_len_a).long() + max_len_b  # float64: the same rounding as Python
+    limits = (n.double() * max_len_a).long() + max_len_b  # float64: the same rounding as Python
+    return limits.clamp(max=cap) if cap else limits
+
+
+class DecodingCancelled(Exception):
+    """Raised between decoding steps when the caller's `should_stop()` says so (a server's abandoned request)."""
+
+
+def _check_stop(should_stop: Optional[Callable[[], bool]]) -> None:
+    if should_stop is not None and should_stop():
+        raise DecodingCancelled("decoding stopped: nobody waits for its result")
 
 
 def _check_lengths(max_len_a: float, max_len_b: int) -> None:
@@ -72,7 +85,13 @@ def _check_lengths(max_len_a: float, max_len_b: int) -> None:
 
 @torch.no_grad()
 def greedy(
-    model: Transformer, src: Tensor, max_len_a: float = 1.5, max_len_b: int = 10, use_cache: bool = True
+    model: Transformer,
+    src: Tensor,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    use_cache: bool = True,
+    max_len: int = 0,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[list[int]]:
     """The most probable next token at each step.
 
@@ -81,13 +100,15 @@ def greedy(
         src: (B, S) source ids, right-padded with the model's pad_id.
         max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens.
         use_cache: False recomputes the whole decoder every step (for comparison only).
+        max_len: at most this many output tokens (0: no cap).
+        should_stop: called before each step; True raises DecodingCancelled.
     Returns:
         B lists of token ids, without <s> and </s>.
     """
     _check_lengths(max_len_a, max_len_b)
     bos, eos = model.config.bos_id, model.config.eos_id
     B = src.size(0)
-    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id)
+    limits = max_lengths(src, max_len_a, max_len_b, model.config.pad_id, max_len)
     steps = _SourceSteps(model, src, 1, int(limits.max()) + 1) if use_cache else _Recompute(model, src)
     with steps.packed():
         limit = limits.tolist()
@@ -95,6 +116,7 @@ def greedy(
         last = torch.full((B, 1), bos, dtype=torch.long, device=src.device)
         out: list[list[int]] = [[] for _ in range(B)]
         for step in range(max(limit)):  # step: tokens each active row has written so far
+            _check_stop(should_stop)
             nxt = argmax(steps.logits(last))
             keep = []
             for i, (row, tok) in enumerate(zip(active, nxt.tolist())):
@@ -269,6 +291,8 @@ def beam_search(
     length_penalty: float = 1.0,
     max_len_a: float = 1.5,
     max_len_b: int = 10,
+    max_len: int = 0,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[list[int]]:
     """Batched beam search.
 
@@ -279,7 +303,8 @@ def beam_search(
         beam_size: hypotheses kept per sentence (1 is exactly greedy).
         length_penalty: ended hypotheses are ranked by log-probability / length ** length_penalty.
         max_len_a, max_len_b: a sentence of n source tokens gets at most a * n + b output tokens (a prompt:
-            max_len_b new tokens).
+            max_len_b new tokens); max_len: at most this many (0: no cap).
+        should_stop: called before each step; True raises DecodingCancelled.
     Returns:
         The best hypothesis of each of the B sentences: token ids without <s> and </s> (the prompt excluded).
 
@@ -296,13 +321,15 @@ def beam_search(
         limits = torch.full((B,), max_len_b, dtype=torch.long, device=src.device)
         steps = _PromptSteps(model, src, K, src.size(1) + max_len_b + 1)
     else:
-        limits = max_lengths(src, max_len_a, max_len_b, cfg.pad_id)
+        limits = max_lengths(src, max_len_a, max_len_b, cfg.pad_id, max_len)
         steps = _SourceSteps(model, src, K, int(limits.max()) + 1)
     with steps.packed():  # the same weights at every step: pack them once
-        return _beam(steps, limits, K, cfg.bos_id, cfg.eos_id, length_penalty)
+        return _beam(steps, limits, K, cfg.bos_id, cfg.eos_id, length_penalty, should_stop)
 
 
-def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: float) -> list[list[int]]:
+def _beam(
+    steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: float, should_stop=None
+) -> list[list[int]]:
     """The search itself, over `steps` (a _SourceSteps or _PromptSteps) for sentences of `limits` (B,).
     Bookkeeping that needs no tensor (which sentences are active, their length limits) stays in Python lists,
     so a step runs few tensor operations besides the decoder's."""
@@ -315,6 +342,7 @@ def _beam(steps, limits: Tensor, K: int, bos: int, eos: int, length_penalty: flo
     block_start = torch.arange(B, device=dev)[:, None] * K  # the first row of each sentence's block
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     for step in range(max(limit) + 1):
+        _check_stop(should_stop)
         n = len(active)
         logp = torch.log_softmax(steps.logits(hyps[:, -1:]).float(), dim=-1)  # (nK, V)
         if min(limit[b] for b in active) <= step:  # some sentences must end now: only </s> may follow
@@ -420,7 +448,10 @@ def pick_next(
     softmax of logits / temperature restricted to the top k / top p (see `sample`)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    logits = logits.float()
+    # less the largest first (the softmax is the same): a tiny temperature then sends the rest to -inf, never
+    # the largest to +inf (which would make every probability NaN)
+    probs = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p).softmax(-1)
     return _draw(probs, generator)
 
 
@@ -514,11 +545,13 @@ def translate_texts(
     texts: Sequence[str],
     settings: DecodingSettings = DecodingSettings(),
     batch_size: int = 64,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[str]:
     """Translate plain sentences: tokenised, batched by length (`batch_size` sentences), decoded as `settings`
     say (greedy, or beam search for beam_size > 1), detokenised, returned in input order. An empty sentence
     translates to an empty string; sources longer than the model can read (`ModelConfig.max_source_len`) are
-    truncated with a warning."""
+    truncated with a warning. `should_stop()`, checked between decoding steps, can abandon the work
+    (DecodingCancelled)."""
     if batch_size < 1:
         raise TransformerError(f"batch size must be >= 1, got {batch_size}")
     model.eval()
@@ -534,19 +567,25 @@ def translate_texts(
     todo = [i for i in order if ids[i]]  # an empty source translates to an empty line
     with packed_weights(model.decoder, model.output):  # weights prepared for decoding once, for all batches
         for start in range(0, len(todo), batch_size):
-            _translate_chunk(model, tgt_tok, ids, todo[start : start + batch_size], results, settings)
+            _translate_chunk(model, tgt_tok, ids, todo[start : start + batch_size], results, settings, should_stop)
     return results
 
 
 def _translate_chunk(
-    model: Transformer, tgt_tok: Tokenizer, ids: list, chunk: list[int], results: list[str], settings: DecodingSettings
+    model: Transformer,
+    tgt_tok: Tokenizer,
+    ids: list,
+    chunk: list[int],
+    results: list[str],
+    settings: DecodingSettings,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Decode the sentences `chunk` (indices into `ids`) as one batch, writing their texts into `results`."""
     src = pad_batch([ids[i] for i in chunk], model.config.pad_id).to(next(model.parameters()).device)
     s = settings
     if s.beam_size == 1:
-        out = greedy(model, src, s.max_len_a, s.max_len_b)
+        out = greedy(model, src, s.max_len_a, s.max_len_b, max_len=s.max_len, should_stop=should_stop)
     else:
-        out = beam_search(model, src, s.beam_size, s.length_penalty, s.max_len_a, s.max_len_b)
+        out = beam_search(model, src, s.beam_size, s.length_penalty, s.max_len_a, s.max_len_b, s.max_len, should_stop)
     for i, toks in zip(chunk, out):
         results[i] = tgt_tok.decode(toks)

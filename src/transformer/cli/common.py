@@ -77,6 +77,7 @@ def number(kind: type, minimum: float, what: str):
 
 positive_int = number(int, 1, "an integer")
 nonneg_float = number(float, 0, "a number")
+positive_float = number(float, 0.1, "a number")
 
 
 def overwrite_option(q: argparse.ArgumentParser, what: str) -> None:

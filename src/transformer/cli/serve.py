@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import adapter_option, device_option, nonneg_float, positive_int
+from .common import adapter_option, device_option, nonneg_float, positive_float, positive_int
 
 
 def add_serve(sub) -> None:
@@ -42,7 +42,32 @@ def add_serve(sub) -> None:
     sv.add_argument("--max-text-chars", type=positive_int, default=2000, help="characters per text (default 2000)")
     sv.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="request body (default 1 MB)")
     sv.add_argument("--max-beam", type=positive_int, default=16)
-    sv.add_argument("--max-new-tokens", type=positive_int, default=512)
+    sv.add_argument(
+        "--max-new-tokens", type=positive_int, default=512, help="output tokens per text or choice, every route (512)"
+    )
+    sv.add_argument(
+        "--max-attention-tokens", type=positive_int, default=128, help="source tokens of /v1/attention (default 128)"
+    )
+    sv.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds a request may wait and run, a stream between two pieces; then 504 (default 300)",
+    )
+    sv.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a client may take to send a request's headers, and its body; then it is cut off (default 10)",
+    )
+    sv.add_argument(
+        "--max-connections", type=positive_int, default=512, help="open connections; beyond, 503 (default 512)"
+    )
+    sv.add_argument("--docs", action="store_true", help="serve the OpenAPI page at /docs (its scripts come from a CDN)")
+    sv.add_argument(
+        "--allowed-hosts",
+        help="comma-separated Host header values to answer (default: loopback names, or any with --host 0.0.0.0)",
+    )
     sv.add_argument("--bf16", action="store_true", help="decode in bf16 (where it is native)")
     sv.add_argument(
         "--int8", action="store_true", help="decode with int8 weights on the CPU (faster, slightly different results)"
@@ -63,8 +88,24 @@ def serve(args: argparse.Namespace) -> int:
     from ..serve import Batching, Limits
     from ..serve import serve as run_server
 
-    limits = Limits(args.max_texts, args.max_text_chars, args.max_body_bytes, args.max_beam, args.max_new_tokens)
-    batching = Batching(args.max_batch_tokens, args.max_wait_ms, args.max_batch, args.max_kv_tokens, args.max_queue)
+    limits = Limits(
+        args.max_texts,
+        args.max_text_chars,
+        args.max_body_bytes,
+        args.max_beam,
+        args.max_new_tokens,
+        args.max_attention_tokens,
+        args.request_timeout,
+        args.body_timeout,
+    )
+    batching = Batching(
+        args.max_batch_tokens,
+        args.max_wait_ms,
+        args.max_batch,
+        args.max_kv_tokens,
+        args.max_queue,
+        args.max_connections,
+    )
     run_server(
         args.checkpoint,
         args.host,
@@ -78,5 +119,7 @@ def serve(args: argparse.Namespace) -> int:
         args.api_key,
         args.insecure,
         args.name,
+        args.docs,
+        [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None,
     )
     return 0

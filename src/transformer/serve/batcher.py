@@ -79,7 +79,8 @@ class Batcher:
         self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
         self.batches = 0  # model calls made (for /v1/model and the tests)
         self.closing = False
-        self.thread = threading.Thread(target=self._work, name="decoding-worker", daemon=True)
+        self.on_death: Optional[Callable[[BaseException], None]] = None  # told if the worker thread dies
+        self.thread = threading.Thread(target=self._live, name="decoding-worker", daemon=True)
         self.thread.start()
 
     def waiting(self) -> int:
@@ -95,6 +96,14 @@ class Batcher:
         """Finish what is queued and being generated, then stop the worker."""
         self.queue.put(None)
         self.thread.join(timeout)
+
+    def _live(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # a bug, or memory exhausted: nothing can be served any more
+            log.critical("the decoding worker died: %r", e, exc_info=True)
+            if self.on_death is not None:
+                self.on_death(e)
 
     def _work(self) -> None:
         while True:
@@ -132,8 +141,10 @@ class Batcher:
                 return None
             jobs = [first]
         deadline = free if not jobs else max(jobs[0].arrived, free) + self.max_wait
-        if not wait:
-            deadline = free  # the running sequences' next step waits for nobody
+        if not wait or jobs[0].kind == "complete":
+            # the running sequences' next step waits for nobody, and a generation need not wait for company:
+            # whoever comes later joins it at its next step
+            deadline = free
         # Wait at most max_wait from when the first job arrived or the worker came free, whichever is later:
         # under load the clients just answered are sending their next requests, and a batch that waits a few
         # milliseconds for them replaces the next, smaller one (two half batches cost nearly twice one).

@@ -52,7 +52,10 @@ class Limits:
     max_text_chars: int = 2000  # characters per text
     max_body_bytes: int = 1_000_000
     max_beam: int = 16
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # output tokens per text or choice, on every route
+    max_attention_tokens: int = 128  # source tokens of /v1/attention (its answer grows with their square)
+    request_timeout: float = 300.0  # seconds a request may wait and run (a stream: between two pieces); then 504
+    body_timeout: float = 10.0  # seconds a client may take to send its request body; then 408
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Batching:
     max_batch: int = 64  # texts per batch; rows generated at once
     max_kv_tokens: int = 32768  # a language model's KV cache: rows x the widest row's reservation
     max_queue: int = 256  # requests waiting; more are answered 429
+    max_connections: int = 512  # open connections (uvicorn's limit_concurrency); more are answered 503
 
 
 class Runner:
@@ -98,12 +102,16 @@ class Runner:
     def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> Optional[list]:
         """`settings`: a `DecodingSettings` (translate) or None."""
         ck = self.ckpt
+
+        def abandoned() -> bool:  # checked between decoding steps: every client gone, or out of time
+            return all(j.cancelled for j in jobs)
+
         with self.context():
             if kind == "translate":
                 from ..generate import translate_texts
 
                 return translate_texts(
-                    ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, settings, batch_size=len(texts)
+                    ck.model, ck.src_tokenizer, ck.tgt_tokenizer, texts, settings, len(texts), abandoned
                 )
             if kind in ("classify", "embed"):
                 from ..classify import classify_texts, embed_texts
@@ -174,6 +182,28 @@ class _Service:
                 )
         return sum(len(t) // 4 + 1 for t in texts)
 
+    def split(self, texts: list[str], s: DecodingSettings) -> list[tuple[list[str], int]]:
+        """Texts to translate as parts that each fit --max-batch-tokens, counting what a text costs a batch:
+        beam x (source + output) tokens, the output at most a x source + b and --max-new-tokens. A text that
+        alone does not fit is a 413. Returns [(texts, cost)]."""
+        budget = self.batching.max_batch_tokens
+        parts: list[tuple[list[str], int]] = []
+        for i, text in enumerate(texts):
+            n = len(self.ckpt.src_tokenizer.encode(text))
+            cost = s.beam_size * (n + min(s.max_len, int(n * s.max_len_a) + s.max_len_b))
+            if cost > budget:
+                raise APIError(
+                    413,
+                    f"texts[{i}] at beam {s.beam_size} needs {cost} token slots (beam x (source + output)); the "
+                    f"server's batches hold {budget} (--max-batch-tokens)",
+                )
+            if parts and parts[-1][1] + cost <= budget:
+                parts[-1][0].append(text)
+                parts[-1] = (parts[-1][0], parts[-1][1] + cost)
+            else:
+                parts.append(([text], cost))
+        return parts
+
     def fit(self, ids: list[int], max_tokens: Optional[int], n: int = 1, crop: bool = False) -> tuple[list, int]:
         """A prompt's ids and its number of new tokens (None: as many as the context and the server allow),
         checked against --max-new-tokens, the model's context (a prompt cropped to its end if `crop`) and the
@@ -218,17 +248,22 @@ class _Service:
                                {"Retry-After": "1"}) from None  # fmt: skip
 
     async def run(self, request, job: Job):
-        """Queue `job` for the worker and wait for its results; a client that goes away cancels it."""
+        """Queue `job` for the worker and wait for its results; a client that goes away cancels it, and so does
+        --request-timeout (504)."""
         loop = asyncio.get_running_loop()
         job.loop, job.future = loop, loop.create_future()
         self.submit([job])
-        while True:  # a queued job whose client has gone is never run
-            done, _ = await asyncio.wait({job.future}, timeout=0.25)
+        deadline = loop.time() + self.limits.request_timeout
+        while True:  # a queued job whose client has gone is never run; a running one stops at its next step
+            done, _ = await asyncio.wait({job.future}, timeout=max(0.0, min(0.25, deadline - loop.time())))
             if done:
                 return job.future.result()
             if await request.is_disconnected():
                 job.cancelled = True
                 raise APIError(499, "client closed the request")
+            if loop.time() >= deadline:
+                job.cancelled = True
+                raise APIError(504, f"the request took over {self.limits.request_timeout:g} s (--request-timeout)")
 
     def stream_response(self, requests: list[Completion], chunks):
         """Queue one job per request, all streaming into one queue; `chunks(events)` turns their events
@@ -241,9 +276,13 @@ class _Service:
         self.submit(jobs)
 
         async def events():
-            ended = 0
+            ended, timeout = 0, self.limits.request_timeout
             while ended < len(jobs):
-                event = await events_in.get()
+                try:
+                    event = await asyncio.wait_for(events_in.get(), timeout)
+                except asyncio.TimeoutError:
+                    yield TimeoutError(f"no progress for {timeout:g} s (--request-timeout)")
+                    return
                 if event is None:
                     ended += 1
                     continue
@@ -262,15 +301,16 @@ class _Service:
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def info(self) -> dict:
-        ck, cfg = self.ckpt, self.ckpt.config
+        """What a client needs to know: the model's name and kind, the routes, the limits; nothing of the host
+        (no path, no full configuration)."""
+        cfg = self.ckpt.config
         pool = self.batcher.pool if self.batcher is not None else None
         return {
-            "task": ck.task,
-            "checkpoint": str(ck.path),
+            "model": self.model_id,
+            "task": self.ckpt.task,
             "arch": cfg.arch,
-            "config": cfg.to_dict(),
-            "labels": ck.meta.get("labels"),
-            "device": str(next(ck.model.parameters()).device),
+            "labels": self.ckpt.meta.get("labels"),
+            "context": self.context if "generate" in self.kinds else None,
             "bf16": self.bf16,
             "int8": self.int8,
             "routes": sorted(f"/v1/{k}" for k in self.kinds),
@@ -282,6 +322,9 @@ class _Service:
                 "generating": len(pool.rows) if pool is not None else 0,
             },
         }
+
+    def healthy(self) -> bool:
+        return self.batcher is not None and self.batcher.thread.is_alive()
 
 
 def model_id(path) -> str:
@@ -301,11 +344,16 @@ def create_app(
     int8: bool = False,
     api_key: Optional[str] = None,
     name: Optional[str] = None,
+    docs: bool = False,
+    allowed_hosts: Optional[list[str]] = None,
 ):
     """The ASGI application serving `ckpt` (FastAPI). Its worker starts with the app's lifespan; with `int8`,
     the model multiplies by int8 weights (CPU) while the app runs; with `api_key`, every route but /health and
     the page needs `Authorization: Bearer <api_key>`. `name`: the model's id for OpenAI clients (default:
-    `model_id(ckpt.path)`)."""
+    `model_id(ckpt.path)`). `docs`: the OpenAPI page at /docs (its scripts come from a CDN) and /openapi.json.
+    `allowed_hosts`: the Host header must name one of them (400 otherwise: a web page cannot reach a local
+    server through DNS rebinding); None: not checked. If the worker dies, /health answers 503 and
+    `app.state.on_worker_death` (default: none) is called."""
     from fastapi import FastAPI
 
     from .. import __version__
@@ -318,19 +366,21 @@ def create_app(
         runner = Runner(ckpt, bf16, int8, batching)
         b = batching
         svc.batcher = Batcher(runner, b.max_batch_tokens, b.max_wait_ms, b.max_batch, runner.pool, b.max_queue)
+        svc.batcher.on_death = lambda e: app.state.on_worker_death and app.state.on_worker_death(e)
         yield
         svc.batcher.close()  # SIGTERM/Ctrl-C: uvicorn stops accepting and lets requests finish first
         runner.close()
 
-    app = FastAPI(
-        title="transformer",
-        version=__version__,
-        lifespan=lifespan,
-        description=f"Serving a '{ckpt.task}' checkpoint: {ckpt.path}",
-    )
-    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="transformer", version=__version__, lifespan=lifespan, **hidden)
+    app.state.service, app.state.on_worker_death = svc, None
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout=limits.body_timeout)
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)
+    if allowed_hosts is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     _add_error_handlers(app)
     models = _request_models(limits)
     _add_text_routes(app, svc, models)
@@ -384,7 +434,7 @@ def _add_error_handlers(app) -> None:
 def _add_text_routes(app, svc: _Service, models: dict) -> None:
     """Health, model information, the page, and the routes that take texts and answer at once."""
     from fastapi import Request
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     # the request bodies (annotations evaluated here, so FastAPI sees the classes; no postponed annotations)
     TranslateBody, TextsBody, AttentionBody = models["translate"], models["texts"], models["attention"]
@@ -392,6 +442,8 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
 
     @app.get("/health")
     async def health():
+        if not svc.healthy():
+            return JSONResponse({"status": "error", "detail": "the decoding worker died"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -401,9 +453,15 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
     @app.post("/v1/translate")
     async def translate(body: TranslateBody, request: Request):
         svc.require("translate")
-        tokens = svc.check_texts(body.texts)
-        settings = DecodingSettings(body.beam, body.length_penalty, body.max_len_a, body.max_len_b)
-        return {"translations": await svc.run(request, Job("translate", list(body.texts), settings, tokens))}
+        svc.check_texts(body.texts)
+        cap = svc.limits.max_new_tokens
+        settings = DecodingSettings(body.beam, body.length_penalty, body.max_len_a, body.max_len_b, cap)
+        translations = []
+        # one part at a time: a large request holds one batch's place in the queue, not all of them, so the
+        # requests that come after it are not all served after all of it
+        for texts, cost in svc.split(body.texts, settings):
+            translations += await svc.run(request, Job("translate", texts, settings, cost))
+        return {"translations": translations}
 
     @app.post("/v1/classify")
     async def classify(body: TextsBody, request: Request):
@@ -429,6 +487,9 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
         svc.check_texts([body.text])
         if not body.text.strip():
             raise APIError(422, "text: give some text to look at")
+        n, cap = len(ckpt.src_tokenizer.encode(body.text)), svc.limits.max_attention_tokens
+        if n > cap:  # the answer grows with layers x heads x the square of the length
+            raise APIError(413, f"text has {n} tokens; /v1/attention takes at most {cap} (--max-attention-tokens)")
         return (await svc.run(request, Job("attention", [body.text])))[0]
 
     @app.get("/", response_class=HTMLResponse)
@@ -506,42 +567,61 @@ def _request_models(limits: Limits) -> dict:
 
 
 class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is a 413, whether or not it says its length."""
+    """ASGI middleware: the request body is read whole before the route sees it: over `limit` bytes it is a 413
+    (whether or not it declared its length: a chunked body is counted as it comes), and a client that takes
+    over `timeout` seconds to send it (a byte a second) gets a 408 and is let go."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send)
-        seen = 0
+            return await self._refuse(scope, receive, send, 413)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except asyncio.TimeoutError:
+            return await self._refuse(scope, receive, send, 408)
+        except _TooLarge:
+            return await self._refuse(scope, receive, send, 413)
+        if body is None:  # the client went away
+            return
+        replayed = False
 
-        async def counted():
-            nonlocal seen
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, for the routes that watch for one
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> Optional[bytes]:
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.limit:
                 raise _TooLarge()
-            return message
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(send)
-
-    async def _too_large(self, send) -> None:
-        body = json.dumps({"detail": f"request body over {self.limit} bytes (--max-body-bytes)"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
+    async def _refuse(self, scope, receive, send, status: int) -> None:
+        message = (
+            f"request body over {self.limit} bytes (--max-body-bytes)"
+            if status == 413
+            else f"the request body took over {self.timeout:g} s to arrive (--body-timeout)"
         )
-        await send({"type": "http.response.body", "body": body})
+        response = error_response(scope["path"], status, message)
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
 
 class _TooLarge(Exception):
@@ -582,10 +662,14 @@ def serve(
     api_key: Optional[str] = None,
     insecure: bool = False,
     name: Optional[str] = None,
+    docs: bool = False,
+    allowed_hosts: Optional[list[str]] = None,
 ) -> None:
     """Load `checkpoint` (with the peft LoRA adapter in `adapter`, unmerged, if given) and serve it until SIGTERM
     or Ctrl-C (which finish the requests in flight first). Only on this machine's loopback unless `api_key` (or
-    `insecure`) is given: a server reachable from elsewhere without a key serves anyone."""
+    `insecure`) is given: a server reachable from elsewhere without a key serves anyone. Requests must name a
+    host of `allowed_hosts` (default: `default_hosts(host)`). If the decoding worker dies the server stops and
+    this raises (exit status 1), for a supervisor to restart it."""
     try:
         import uvicorn
     except ImportError:
@@ -599,10 +683,82 @@ def serve(
         from ..interop.peft import with_adapter
 
         ckpt = with_adapter(ckpt, adapter, resolve_device(device))
-    app = create_app(ckpt, limits, batching, bf16, int8, api_key, name)
+    hosts = allowed_hosts or default_hosts(host)
+    app = create_app(ckpt, limits, batching, bf16, int8, api_key, name, docs, hosts)
     log.info("serving %s (%s) on http://%s:%d  (pid %d)", checkpoint, ckpt.task, host, port, os.getpid())
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        limit_concurrency=batching.max_connections,
+        http=_header_timeout_protocol(limits.body_timeout),
+    )
+    server, died = _Server(config), []
+
+    def on_worker_death(error: BaseException) -> None:
+        died.append(error)
+        server.should_exit = True  # uvicorn's loop looks at it a few times a second
+
+    app.state.on_worker_death = on_worker_death
     server.run()
+    if died:
+        raise TransformerError(f"the decoding worker died ({died[0]!r}): the server stopped, to be restarted")
+
+
+def default_hosts(host: str) -> list[str]:
+    """The Host headers a server on `host` answers: loopback names for a loopback server, its own name (and
+    loopback's) for a named host, any for 0.0.0.0 or :: (the API key guards it)."""
+    local = ["127.0.0.1", "localhost", "::1"]
+    if host in ("0.0.0.0", "::"):
+        return ["*"]
+    return local if host in LOOPBACK or host.startswith("127.") else [host, *local]
+
+
+def _header_timeout_protocol(timeout: float):
+    """uvicorn's HTTP protocol, but a client that has not sent a request's headers within `timeout` seconds of
+    starting it (or of connecting) is disconnected (uvicorn has no such limit: a client sending a byte a second
+    would hold its connection for ever). None where httptools (uvicorn's fast parser) is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is in the serve extra
+        return "auto"
+
+    class Protocol(HttpToolsProtocol):
+        header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.header_timer = self.loop.call_later(timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _too_slow(self) -> None:
+            self.header_timer = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
