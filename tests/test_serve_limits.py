@@ -208,7 +208,11 @@ FIELDS = ["texts", "text", "beam", "prompt", "max_new_tokens", "temperature", "t
           "model", "messages", "max_tokens", "n", "stop", "max_len_a", "max_len_b", "length_penalty", "role",
           "content", "stream_options", "logprobs", "tools"]  # fmt: skip
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=5)
     ),
