@@ -6,10 +6,12 @@ is full or when the stop signal arrives, never because a clock ran out.
 """
 
 import asyncio
+import threading
+import time
 
 import pytest
 
-from transformer.serve.batcher import Batcher, Job
+from transformer.serve.batcher import Batcher, Job, QueueFull
 
 FOREVER_MS = 60_000
 
@@ -108,8 +110,8 @@ def test_other_settings_or_kinds_make_separate_calls(loop):
     assert batcher.batches == 4
 
 
-@pytest.mark.parametrize("kind", ["generate", "attention"])
-def test_generate_and_attention_jobs_never_share_a_call(loop, kind):
+def test_attention_jobs_never_share_a_call(loop):
+    kind = "attention"
     jobs = [job(loop, kind=kind, settings="same", texts=[t]) for t in "abc"]
     run, batcher = run_all(loop, jobs)
     assert batches(run) == [[j] for j in jobs]
@@ -152,17 +154,13 @@ def test_a_batch_holds_at_most_max_batch_texts(loop):
 
 def test_a_failing_call_reaches_the_jobs_of_that_call_only(loop):
     t1, c1, t2, c2 = job(loop), job(loop, kind="classify"), job(loop, texts=["b"]), job(loop, kind="classify")
-    g = job(loop, kind="generate", stream=True)
     later = job(loop, kind="embed")
-    run, batcher = run_all(loop, [t1, c1, t2, c2, g, later], fail_kinds=("classify", "generate"))
-    assert batches(run) == [[t1, t2], [c1, c2], [g], [later]]  # the worker went on after the failures
+    run, batcher = run_all(loop, [t1, c1, t2, c2, later], fail_kinds=("classify",))
+    assert batches(run) == [[t1, t2], [c1, c2], [later]]  # the worker went on after the failure
     assert t1.future.result() == ["translate:None:a"] and t2.future.result() == ["translate:None:b"]
     for j in (c1, c2):
         with pytest.raises(RuntimeError, match="classify failed"):
             j.future.result()
-    with pytest.raises(RuntimeError, match="generate failed"):
-        g.future.result()
-    assert g.stream.get_nowait() is None  # a streaming handler is told the stream ended
     assert later.future.result() == ["embed:None:a"]
     assert batcher.batches == 2  # only the calls that returned count
 
@@ -179,22 +177,89 @@ def test_cancelled_jobs_are_not_run(loop):
     assert run.calls == [] and batcher.batches == 0
 
 
-def test_a_streamed_call_delivers_nothing_itself(loop):
-    j = job(loop, kind="generate", stream=True)
+class FakePool:
+    """A continuous batcher that answers each job after `steps` rounds, and fails its round `fail_at`."""
 
-    def stream(kind, settings, texts, jobs):
-        for piece in ("he", "llo"):
-            jobs[0].emit(piece)
-        jobs[0].emit(None)
-        jobs[0].deliver("done")
-        return None
+    def __init__(self, steps=3, fail_at=None, log=None, until=lambda: True):
+        self.pending, self.rows, self.steps, self.fail_at, self.rounds = [], [], steps, fail_at, 0
+        self.log, self.until = log if log is not None else [], until
 
-    batcher = Batcher(stream, 1000, FOREVER_MS, 1000)
-    batcher.submit(j)
+    @property
+    def busy(self):
+        return bool(self.pending or self.rows)
+
+    def add(self, job):
+        self.pending.append(job)
+
+    def advance(self):
+        self.rounds += 1
+        if self.rounds == self.fail_at:
+            raise RuntimeError("step failed")
+        self.rows += [[j, 0] for j in self.pending]
+        self.pending = []
+        for row in self.rows:
+            row[1] += 1
+            self.log.append(("step", row[0].texts[0]))
+        done = [r for r in self.rows if r[1] >= self.steps and self.until()]
+        for j, _ in done:
+            j.deliver([f"done:{j.texts[0]}"])
+        self.rows = [r for r in self.rows if r not in done]
+
+    def abandon(self):
+        jobs = [r[0] for r in self.rows] + self.pending
+        self.rows, self.pending = [], []
+        return jobs
+
+
+def test_generation_goes_to_the_pool_and_other_batches_run_between_its_steps(loop):
+    log, run = [], Recorder()
+
+    def recorded(kind, settings, texts, jobs):
+        log.append(("call", texts[0]))
+        return run(kind, settings, texts, jobs)
+
+    pool = FakePool(log=log, until=lambda: ("call", "t") in log)  # the generation lasts until the text has run
+    gen, text = job(loop, kind="complete", texts=["g"]), job(loop, texts=["t"])
+    batcher = Batcher(recorded, 1000, 0, 1000, pool)
+    batcher.submit(gen)
+    while not log:  # the generation is under way
+        time.sleep(0.001)
+    batcher.submit(text)
     batcher.close(timeout=30)
     loop.run_until_complete(asyncio.sleep(0))
-    assert [j.stream.get_nowait() for _ in range(3)] == ["he", "llo", None]
-    assert j.future.result() == "done" and batcher.batches == 1
+    assert gen.future.result() == ["done:g"] and text.future.result() == ["translate:None:t"]
+    call = log.index(("call", "t"))
+    assert ("step", "g") in log[:call] and ("step", "g") in log[call:]  # steps before and after the call
+    assert [c[2] for c in run.calls] == [["t"]]  # the generation never went through `run`
+
+
+def test_a_failed_step_answers_every_generation_with_the_error(loop):
+    pool = FakePool(steps=5, fail_at=2)
+    a, b = job(loop, kind="complete", texts=["a"]), job(loop, kind="complete", texts=["b"], stream=True)
+    batcher = Batcher(Recorder(), 1000, 0, 1000, pool)
+    batcher.submit(a)
+    batcher.submit(b)
+    batcher.close(timeout=30)
+    loop.run_until_complete(asyncio.sleep(0))
+    with pytest.raises(RuntimeError, match="step failed"):
+        a.future.result()
+    assert isinstance(b.stream.get_nowait(), RuntimeError)  # a stream is told (an error event, then the end)
+    assert not pool.busy and batcher.thread.is_alive() is False  # closed cleanly after the failure
+
+
+def test_the_queue_is_bounded(loop):
+    block = threading.Event()
+    batcher = Batcher(lambda *a: block.wait(30) and [], 1000, 0, 1000, max_queue=2)
+    first = job(loop)
+    batcher.submit(first)
+    while batcher.queue.qsize():  # the worker took the first and is stuck in it
+        time.sleep(0.001)
+    batcher.submit(job(loop))
+    batcher.submit(job(loop))
+    with pytest.raises(QueueFull, match="--max-queue"):
+        batcher.submit(job(loop))
+    block.set()
+    batcher.close(timeout=30)
 
 
 def test_a_job_settles_only_once_and_a_job_without_a_loop_is_ignored(loop):

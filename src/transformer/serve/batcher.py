@@ -5,7 +5,9 @@ first waiting job, keeps collecting for at most `max_wait_ms` or until `max_batc
 `max_batch` texts) are gathered, groups the jobs that can run as one call (same kind, same decoding settings),
 runs each group through the library's own functions, and hands every job exactly its own results. One worker,
 so the CPU's cores run one model call at a time (its own threads), never several fighting over them. A job
-whose client went away is dropped before it is run.
+whose client went away is dropped before it is run (and a running translation stops at its next step).
+Generation jobs ("complete") go to a continuous batcher (`continuous.py`) that the same worker advances one
+step at a time, the other batches running between its steps.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional
 
+from ..generate import DecodingCancelled
+
 log = logging.getLogger("transformer")
 
 
 @dataclass
 class Job:
-    """Work for the model: `kind` ("translate", "classify", "embed", "generate", "attention"), its `texts`,
-    the `settings` that must match for jobs to share a batch (`generate.DecodingSettings`, `SamplingSettings` or
-    None), and the source `tokens` it adds to a batch."""
+    """Work for the model: `kind` ("translate", "classify", "embed", "attention", or "complete": generation),
+    its `texts`, the `settings` that must match for jobs to share a batch (`generate.DecodingSettings`, None, or
+    for "complete" a `continuous.Completion`), and the `tokens` it adds to a batch."""
 
     kind: str
     texts: list[str]
@@ -33,7 +37,7 @@ class Job:
     tokens: int = 1
     loop: Optional[asyncio.AbstractEventLoop] = None
     future: Optional[asyncio.Future] = None
-    stream: Optional[asyncio.Queue] = None  # generate with stream: pieces of text, then None
+    stream: Optional[asyncio.Queue] = None  # a streamed generation's events, then None
     cancelled: bool = False
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -66,7 +70,7 @@ class Batcher:
 
     def __init__(
         self,
-        run: Callable[[str, Hashable, list[str], list[Job]], Optional[list]],
+        run: Callable[[str, Hashable, list[str], list[Job]], list],
         max_batch_tokens: int,
         max_wait_ms: float,
         max_batch: int,
@@ -182,13 +186,15 @@ class Batcher:
         try:
             results = self.run(group[0].kind, group[0].settings, texts, group)
             self.batches += 1
+        except DecodingCancelled as e:  # every client gone, or out of time: nobody waits for an answer
+            log.info("%s", e)
+            for j in group:
+                j.deliver(error=e)
+            return
         except Exception as e:  # the handlers turn it into an error response; the worker goes on
             log.exception("decoding failed")
             for j in group:
                 j.deliver(error=e)
-                j.emit(None)
-            return
-        if results is None:  # streamed
             return
         start = 0
         for j in group:

@@ -99,7 +99,7 @@ class Runner:
         """Drop what was prepared: the model multiplies by its own weights again."""
         self._prepared.close()
 
-    def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> Optional[list]:
+    def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> list:
         """`settings`: a `DecodingSettings` (translate) or None."""
         ck = self.ckpt
 
@@ -225,6 +225,10 @@ class _Service:
                 "Please reduce the prompt or max_tokens.",
                 "max_tokens",
                 "context_length_exceeded",
+            )
+        if n > self.batching.max_batch:
+            raise APIError(
+                413, f"n is {n}; the server generates at most {self.batching.max_batch} at once (--max-batch)", "n"
             )
         budget = self.batching.max_kv_tokens
         if n * (len(ids) + max_tokens) > budget:
