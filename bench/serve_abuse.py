@@ -9,7 +9,8 @@ limits. Two phases of --seconds each, on a fresh server each:
 - abuse: the same clients, and beside them, each in a loop: texts of the maximal length with max_len_a 10 and the
   largest max_len_b; 64 texts at beam 16; /v1/attention on the longest text allowed and on one too long; slow
   clients that send their body a byte every 0.5 s and their headers a byte every 0.5 s; clients that send a
-  large request and disconnect after 0.2 s; bodies over the limit without a declared length.
+  large request and disconnect after 0.2 s; bodies over the limit without a declared length. The abusive clients
+run in a process of their own (all share the machine's cores with the server).
 
 For each phase: the well-formed clients' requests and latency p50/p95; every status seen, by kind of client; 5xx
 (the target is none); the server's RSS (largest sample); /health polled every 0.5 s (its worst latency and any
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import collections
 import json
+import multiprocessing
 import socket
 import statistics
 import subprocess
@@ -124,6 +126,39 @@ def health_poller(url: str, until: float, out: dict) -> None:
         time.sleep(0.5)
 
 
+def abuse_process(url: str, port: int, sentences: list[str], seconds: float, results) -> None:
+    """Every abusive client, for `seconds`; their statuses put on `results`."""
+    out = {"status": collections.defaultdict(collections.Counter)}
+    until = time.perf_counter() + seconds
+    threads = [
+        threading.Thread(target=slow_client, args=(port, kind, until, out), daemon=True)
+        for kind in ("slow body", "slow headers")
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    longest = max(sentences, key=len)
+    big = (longest + " ") * (2000 // (len(longest) + 1))
+
+    async def everyone():
+        await asyncio.gather(
+            abuser(url, "maximal lengths", {"texts": [big] * 8, "max_len_a": 10, "max_len_b": 512}, "/v1/translate",
+                   until, out),
+            abuser(url, "beam 16 x 64 texts", {"texts": sentences[:64], "beam": 16}, "/v1/translate", until, out),
+            abuser(url, "attention, longest allowed", {"text": " ".join(longest.split()[:20])}, "/v1/attention",
+                   until, out),
+            abuser(url, "attention, too long", {"text": big}, "/v1/attention", until, out),
+            abuser(url, "disconnect after 0.2 s", {"texts": sentences[:64], "beam": 16}, "/v1/translate", until,
+                   out, hang_up=0.2),
+            unbounded_body(url, until, out),
+        )  # fmt: skip
+
+    asyncio.run(everyone())
+    for t in threads:
+        t.join(timeout=30)
+    results.put({k: dict(v) for k, v in out["status"].items()})
+
+
 def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool) -> dict:
     import httpx
 
@@ -144,7 +179,6 @@ def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: 
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        longest = max(sentences, key=len)
         warm = time.perf_counter() + 5
         asyncio.run(asyncio.wait_for(well_formed(url, sentences, 0, warm, out), 60))  # warm-up, not counted
         out["latency"].clear()
@@ -155,36 +189,25 @@ def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: 
             threading.Thread(target=sample_rss, args=(proc.pid, samples, seconds), daemon=True),
             threading.Thread(target=health_poller, args=(url, until, out), daemon=True),
         ]
-        if abuse:
-            threads += [
-                threading.Thread(target=slow_client, args=(port, kind, until, out), daemon=True)
-                for kind in ("slow body", "slow headers")
-                for _ in range(4)
-            ]
+        abusers = None
+        if abuse:  # in their own process: their Python work is not billed to the well-formed clients' latency
+            ctx = multiprocessing.get_context("fork")
+            results = ctx.Queue()
+            abusers = ctx.Process(target=abuse_process, args=(url, port, sentences, seconds, results))
+            abusers.start()
         for t in threads:
             t.start()
 
         async def everyone():
-            tasks = [well_formed(url, sentences, i, until, out) for i in range(clients)]
-            if abuse:
-                big = (longest + " ") * (2000 // (len(longest) + 1))
-                tasks += [
-                    abuser(url, "maximal lengths", {"texts": [big] * 8, "max_len_a": 10, "max_len_b": 512},
-                           "/v1/translate", until, out),
-                    abuser(url, "beam 16 x 64 texts", {"texts": sentences[:64], "beam": 16}, "/v1/translate",
-                           until, out),
-                    abuser(url, "attention, longest allowed", {"text": " ".join(longest.split()[:20])},
-                           "/v1/attention", until, out),
-                    abuser(url, "attention, too long", {"text": big}, "/v1/attention", until, out),
-                    abuser(url, "disconnect after 0.2 s", {"texts": sentences[:64], "beam": 16}, "/v1/translate",
-                           until, out, hang_up=0.2),
-                    unbounded_body(url, until, out),
-                ]  # fmt: skip
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*(well_formed(url, sentences, i, until, out) for i in range(clients)))
 
         asyncio.run(everyone())
         for t in threads:
             t.join(timeout=30)
+        if abusers is not None:
+            for kind, counts in results.get(timeout=120).items():
+                out["status"][kind].update(counts)
+            abusers.join(timeout=30)
         lat = out["latency"]
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [float("nan")] * 99
         statuses = {k: {str(s): n for s, n in v.items()} for k, v in out["status"].items()}

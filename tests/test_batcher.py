@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from transformer.generate import DecodingCancelled
 from transformer.serve.batcher import Batcher, Job, QueueFull
 
 FOREVER_MS = 60_000
@@ -23,7 +24,7 @@ class Recorder:
         self.calls = []
         self.fail_kinds = fail_kinds
 
-    def __call__(self, kind, settings, texts, jobs):
+    def __call__(self, kind, settings, texts, jobs, pause=None):
         self.calls.append((kind, settings, list(texts), list(jobs)))
         if kind in self.fail_kinds:
             raise RuntimeError(f"{kind} failed")
@@ -84,7 +85,7 @@ def test_each_result_goes_to_the_job_of_its_text_even_with_equal_texts(loop):
     # results depend on the position, not the text: a mix-up between jobs with equal texts would show
     counter = iter(range(100))
     jobs = [job(loop, texts=["x", "x"]), job(loop, texts=["x"]), job(loop, texts=["x", "x", "x"])]
-    batcher = Batcher(lambda kind, settings, texts, js: [next(counter) for _ in texts], 1000, FOREVER_MS, 1000)
+    batcher = Batcher(lambda kind, settings, texts, js, pause: [next(counter) for _ in texts], 1000, FOREVER_MS, 1000)
     for j in jobs:
         batcher.submit(j)
     batcher.close(timeout=30)
@@ -214,7 +215,7 @@ class FakePool:
 def test_generation_goes_to_the_pool_and_other_batches_run_between_its_steps(loop):
     log, run = [], Recorder()
 
-    def recorded(kind, settings, texts, jobs):
+    def recorded(kind, settings, texts, jobs, pause):
         log.append(("call", texts[0]))
         return run(kind, settings, texts, jobs)
 
@@ -244,6 +245,7 @@ def test_a_failed_step_answers_every_generation_with_the_error(loop):
     with pytest.raises(RuntimeError, match="step failed"):
         a.future.result()
     assert isinstance(b.stream.get_nowait(), RuntimeError)  # a stream is told (an error event, then the end)
+    assert isinstance(b.future.exception(), RuntimeError)
     assert not pool.busy and batcher.thread.is_alive() is False  # closed cleanly after the failure
 
 
@@ -270,3 +272,44 @@ def test_a_job_settles_only_once_and_a_job_without_a_loop_is_ignored(loop):
     assert j.future.result() == ["first"]
     Job("translate", ["a"]).deliver(["x"])  # no loop, no future: nothing to do, no error
     Job("translate", ["a"]).emit("x")
+
+
+def test_small_jobs_run_between_the_steps_of_a_long_batch(loop):
+    """A batch that has run for a slice (here 0 ms) lets small waiting jobs run at its next step; a big waiting
+    job waits for it to end; and a batch whose clients have all gone is abandoned at its next step."""
+    order, started = [], threading.Event()
+
+    def run(kind, settings, texts, jobs, pause):
+        order.append(texts[0])
+        if texts[0] in ("long", "abandoned"):
+            started.set()
+            for _ in range(10_000):  # the long batch's decoding steps
+                if pause():
+                    raise DecodingCancelled("abandoned")
+                if "small" in order:
+                    break
+                time.sleep(0.001)
+            order.append(f"{texts[0]} done")
+        return list(texts)
+
+    long, small, big = job(loop, texts=["long"], tokens=500), job(loop, texts=["small"]), job(loop, texts=["big"])
+    big.tokens = 500
+    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0)
+    batcher.submit(long)
+    started.wait(30)
+    batcher.submit(big)
+    batcher.submit(small)
+    batcher.close(timeout=30)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert order == ["long", "small", "long done", "big"]
+    assert [j.future.result() for j in (long, small, big)] == [["long"], ["small"], ["big"]]
+    gone = job(loop, texts=["abandoned"])
+    order.clear()
+    started.clear()
+    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0)
+    batcher.submit(gone)
+    started.wait(30)
+    gone.cancelled = True
+    batcher.close(timeout=30)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert order == ["abandoned"] and isinstance(gone.future.exception(), DecodingCancelled)

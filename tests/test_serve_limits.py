@@ -241,3 +241,48 @@ def test_fuzz_no_route_answers_5xx(fuzz_clients, route, body, which):
     r = fuzz_clients[which].post(route, json=body)
     assert r.status_code < 500, (route, body, r.status_code, r.text)
     assert r.headers["content-type"].startswith(("application/json", "text/event-stream")), r.headers
+
+
+def test_small_requests_run_inside_a_long_batch_and_get_their_own_answers(ckpt):
+    """With a slice of 0 every decoding step of the long batch lets the waiting requests run first (nested in
+    it, the model's prepared weights and caches shared): everyone still gets the library's answers."""
+    with TestClient(create_app(ckpt, batching=Batching(max_wait_ms=0))) as c:
+        batcher = c.app.state.service.batcher
+        batcher.slice = 0.0
+        ran, real_group, real_run = [], batcher._run_group, batcher.run
+        batcher._run_group = lambda group: (
+            ran.append((batcher._inside, [t for j in group for t in j.texts])),
+            real_group(group),
+        )[1]
+
+        waited = []
+
+        def run(kind, settings, texts, jobs, pause):
+            if len(texts) > 1 and not waited:  # the big request's first batch waits for the others to queue
+                while batcher.queue.qsize() < len(WORDS):
+                    time.sleep(0.001)
+                waited.append(True)
+            return real_run(kind, settings, texts, jobs, pause)
+
+        batcher.run = run
+        out = {}
+
+        def ask(key, body):
+            out[key] = c.post("/v1/translate", json=body).json()["translations"]
+
+        big = threading.Thread(target=ask, args=("big", {"texts": WORDS * 8, "beam": 16}))
+        big.start()
+        while not ran:
+            time.sleep(0.001)
+        smalls = [threading.Thread(target=ask, args=(w, {"texts": [w]})) for w in WORDS]
+        for t in smalls:
+            t.start()
+        for t in [big, *smalls]:
+            t.join()
+    want = translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS, DecodingSettings(16))
+    assert out["big"] == want * 8
+    assert [out[w] for w in WORDS] == [
+        [a] for a in translate_texts(ckpt.model, ckpt.src_tokenizer, ckpt.tgt_tokenizer, WORDS)
+    ]
+    inside = sorted(t for was_inside, texts in ran if was_inside for t in texts)
+    assert inside == sorted(WORDS)  # all of them ran inside the big request's first batch

@@ -63,19 +63,21 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """The worker thread and its queue. `run(kind, settings, texts, jobs)` computes one group: it returns one
-    result per text (sliced back to the jobs here). Jobs of kind "complete" go to `pool` (a
+    """The worker thread and its queue. `run(kind, settings, texts, jobs, pause)` computes one group: it returns
+    one result per text (sliced back to the jobs here), calling `pause()` between its decoding steps (True: stop,
+    raising generate.DecodingCancelled; see `_pause`). Jobs of kind "complete" go to `pool` (a
     `continuous.ContinuousBatcher`), which the worker advances one decoding step at a time, with the other
     kinds' batches run between steps. At most `max_queue` jobs wait (beyond that `submit` raises QueueFull)."""
 
     def __init__(
         self,
-        run: Callable[[str, Hashable, list[str], list[Job]], list],
+        run: Callable[[str, Hashable, list[str], list[Job], Callable[[], bool]], list],
         max_batch_tokens: int,
         max_wait_ms: float,
         max_batch: int,
         pool=None,
         max_queue: int = 256,
+        slice_ms: float = 50.0,
     ) -> None:
         self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
         self.pool, self.max_queue = pool, max_queue
@@ -83,6 +85,7 @@ class Batcher:
         self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
         self.batches = 0  # model calls made (for /v1/model and the tests)
         self.closing = False
+        self.slice, self._since, self._inside = slice_ms / 1000, 0.0, False  # see _pause
         self.on_death: Optional[Callable[[BaseException], None]] = None  # told if the worker thread dies
         self.thread = threading.Thread(target=self._live, name="decoding-worker", daemon=True)
         self.thread.start()
@@ -135,7 +138,9 @@ class Batcher:
     def _collect(self, wait: bool = True) -> Optional[list[Job]]:
         """The next batch of jobs: at least one (waiting for it) if `wait`, more while they fit and time allows;
         without `wait` (sequences are being generated), only those already queued. None: stop now."""
-        jobs, self.held = self.held, []
+        jobs: list[Job] = []
+        while self.held and (not jobs or self._fits(jobs, self.held[0])):  # those taken out before, in order
+            jobs.append(self.held.pop(0))
         free = time.perf_counter()
         if not jobs and wait:
             if self.closing:
@@ -145,14 +150,14 @@ class Batcher:
                 return None
             jobs = [first]
         deadline = free if not jobs else max(jobs[0].arrived, free) + self.max_wait
-        if not wait or jobs[0].kind == "complete":
-            # the running sequences' next step waits for nobody, and a generation need not wait for company:
-            # whoever comes later joins it at its next step
+        if not wait or self.held or jobs[0].kind == "complete":
+            # the running sequences' next step waits for nobody, nor do jobs that waited already, and a
+            # generation need not wait for company: whoever comes later joins it at its next step
             deadline = free
         # Wait at most max_wait from when the first job arrived or the worker came free, whichever is later:
         # under load the clients just answered are sending their next requests, and a batch that waits a few
         # milliseconds for them replaces the next, smaller one (two half batches cost nearly twice one).
-        while sum(j.tokens for j in jobs) < self.max_tokens and sum(len(j.texts) for j in jobs) < self.max_batch:
+        while not self.held and self._fits(jobs):
             try:
                 nxt = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
@@ -160,14 +165,59 @@ class Batcher:
             if nxt is None:
                 self.closing = True  # stop once this batch and the sequences being generated are done
                 break
-            if nxt.kind != "complete" and (
-                sum(j.tokens for j in jobs) + nxt.tokens > self.max_tokens
-                or sum(len(j.texts) for j in jobs) + len(nxt.texts) > self.max_batch
-            ):
+            if nxt.kind != "complete" and not self._fits(jobs, nxt):
                 self.held.append(nxt)
                 break
             jobs.append(nxt)
         return [j for j in jobs if not j.cancelled]
+
+    def _fits(self, jobs: list[Job], more: Optional[Job] = None) -> bool:
+        """Whether `jobs` (and `more`) stay under the batch's token and text budgets (at the budget: full)."""
+        extra = [] if more is None else [more]
+        tokens = sum(j.tokens for j in jobs + extra)
+        texts = sum(len(j.texts) for j in jobs + extra)
+        if more is None:
+            return tokens < self.max_tokens and texts < self.max_batch
+        return more.kind == "complete" or (tokens <= self.max_tokens and texts <= self.max_batch)
+
+    def _pause(self, group: list[Job]) -> bool:
+        """Called by a batch between its decoding steps: True abandons it (every client gone or out of time).
+        A batch that has run for `slice` seconds first lets the small jobs waiting (a sentence or a few, a
+        tenth of the token budget at most) run as their own batches, so that a long batch (64 texts at beam
+        16, the longest outputs) delays the requests behind it by a slice, not by all of it."""
+        if all(j.cancelled for j in group):
+            return True
+        if self._inside or time.perf_counter() - self._since < self.slice:
+            return False
+        self._inside = True
+        try:
+            self._take_queued()
+            small, budget = [], self.max_tokens
+            for j in self.held:
+                if j.kind in ("translate", "classify", "embed") and j.tokens <= self.max_tokens // 10:
+                    if j.tokens > budget:
+                        break
+                    small.append(j)
+                    budget -= j.tokens
+            self.held = [j for j in self.held if all(j is not k for k in small)]
+            for g in self._groups([j for j in small if not j.cancelled]):
+                self._run_group(g)
+        finally:
+            self._inside = False
+            self._since = time.perf_counter()
+        return False
+
+    def _take_queued(self) -> None:
+        """Everything queued now, into `held` (in order)."""
+        while True:
+            try:
+                nxt = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if nxt is None:
+                self.closing = True
+            else:
+                self.held.append(nxt)
 
     @staticmethod
     def _groups(jobs: list[Job]) -> list[list[Job]]:
@@ -183,8 +233,10 @@ class Batcher:
         if not group:
             return
         texts = [t for j in group for t in j.texts]
+        if not self._inside:
+            self._since = time.perf_counter()
         try:
-            results = self.run(group[0].kind, group[0].settings, texts, group)
+            results = self.run(group[0].kind, group[0].settings, texts, group, lambda: self._pause(group))
             self.batches += 1
         except DecodingCancelled as e:  # every client gone, or out of time: nobody waits for an answer
             log.info("%s", e)

@@ -99,13 +99,11 @@ class Runner:
         """Drop what was prepared: the model multiplies by its own weights again."""
         self._prepared.close()
 
-    def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job]) -> list:
-        """`settings`: a `DecodingSettings` (translate) or None."""
+    def __call__(self, kind: str, settings, texts: list[str], jobs: list[Job], pause=None) -> list:
+        """`settings`: a `DecodingSettings` (translate) or None. `pause()`, called between a translation's
+        decoding steps, may run other work and says whether to abandon this one."""
         ck = self.ckpt
-
-        def abandoned() -> bool:  # checked between decoding steps: every client gone, or out of time
-            return all(j.cancelled for j in jobs)
-
+        abandoned = pause or (lambda: all(j.cancelled for j in jobs))
         with self.context():
             if kind == "translate":
                 from ..generate import translate_texts
