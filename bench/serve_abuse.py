@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.serve_load import free_port, rss_mib, sample_rss
+from bench.serve_load import free_port, rss_mib, sample_rss, wait_for_health
 
 
 async def well_formed(url: str, sentences: list[str], i: int, until: float, out: dict) -> None:
@@ -160,7 +160,6 @@ def abuse_process(url: str, port: int, sentences: list[str], seconds: float, res
 
 
 def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool) -> dict:
-    import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu"]
@@ -173,12 +172,7 @@ def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: 
         "health_failures": 0,
     }
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for_health(url)
         warm = time.perf_counter() + 5
         asyncio.run(asyncio.wait_for(well_formed(url, sentences, 0, warm, out), 60))  # warm-up, not counted
         out["latency"].clear()

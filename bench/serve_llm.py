@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.serve_load import free_port, rss_mib, sample_rss
+from bench.serve_load import free_port, rss_mib, sample_rss, wait_for_health
 
 
 def build_checkpoint(out: Path, smoke: bool) -> tuple[Path, Path]:
@@ -176,19 +176,13 @@ def _vocab(ckpt: str) -> int:
 
 def run(cmd: list[str], name: str, port: int, vocab: int, args) -> dict:
     """Start the server `cmd` (listening on `port`, serving model `name`), load it, stop it."""
-    import httpx
 
     rng = random.Random(0)
     prompts = [" ".join(f"w{rng.randrange(5, vocab)}" for _ in range(32)) for _ in range(args.clients)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for_health(url)
         asyncio.run(sequential(url, name, prompts[:2], args.max_tokens))  # warm-up
         table = {"clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens}
         table["sequential"] = summary(asyncio.run(sequential(url, name, prompts, args.max_tokens)))

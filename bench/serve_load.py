@@ -33,6 +33,19 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def wait_for_health(url: str, seconds: float = 120) -> None:
+    """Until the server at `url` answers /health (it loads its checkpoint first)."""
+    import httpx
+
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,7 +136,6 @@ def sample_rss(pid: int, samples: list[float], seconds: float, every: float = 2.
 def run_server(
     ckpt: str, extra: list[str], sentences: list[str], n: int, seconds: float, beam: int, warmup: float = 10.0
 ) -> dict:
-    import httpx
 
     port = free_port()
     proc = subprocess.Popen(
@@ -132,12 +144,7 @@ def run_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for_health(url)
         cold_rss = rss_mib(proc.pid)
         # warm-up at the full load, not counted: the first batches of each size allocate what every later batch
         # of that size reuses (PyTorch's and the C library's allocators keep freed memory for reuse)
