@@ -252,3 +252,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(checkpoint, *flags):
+    """`transformer serve CHECKPOINT --port P --device cpu FLAGS` as a process, once it answers /health.
+    Returns (its URL, the process); the caller kills it."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "transformer", "serve", str(checkpoint), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {proc.stderr.read()}")

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from helpers import CHROMIUM_FLAGS, chromium_or_skip, free_port, tiny_decoder_dir  # noqa: E402
+from helpers import CHROMIUM_FLAGS, chromium_or_skip, start_server, tiny_decoder_dir  # noqa: E402
 from transformer.chat import ChatSession  # noqa: E402
 from transformer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from transformer.generate import SamplingSettings, TextStream, sample  # noqa: E402
@@ -37,22 +37,6 @@ def chat_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(chat_checkpoint):
     return load_checkpoint(chat_checkpoint)
-
-
-def start_server(checkpoint, *flags):
-    port = free_port()
-    cmd = [sys.executable, "-m", "transformer", "serve", str(checkpoint), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"the server did not start: {proc.stderr.read()}")
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +14,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from helpers import CHROMIUM_FLAGS, chromium_or_skip, free_port  # noqa: E402
+from helpers import CHROMIUM_FLAGS, chromium_or_skip, start_server  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Batching, Limits, create_app  # noqa: E402
@@ -152,20 +150,7 @@ def test_generation_streams_server_sent_events(tmp_path):
 
 @pytest.fixture
 def server(reverse_checkpoint):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "transformer", "serve", str(reverse_checkpoint), "--port", str(port), "--device", "cpu"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    url, proc = start_server(reverse_checkpoint)
     yield url, proc
     if proc.poll() is None:
         proc.kill()
