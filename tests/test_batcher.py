@@ -2,7 +2,8 @@
 
 No test depends on timing: the batcher waits up to a minute for more jobs (max_wait_ms), and every test
 submits all its jobs and then closes the batcher, whose stop signal queues behind them: a batch ends when it
-is full or when the stop signal arrives, never because a clock ran out.
+is full or when the stop signal arrives, never because a clock ran out. Jobs run in arrival order
+(ms_per_token=0) but in the tests of the order by due time, which set the jobs' arrival times themselves.
 """
 
 import asyncio
@@ -54,7 +55,7 @@ def run_all(loop, jobs, max_batch_tokens=1000, max_batch=1000, fail_kinds=()):
     """Submit `jobs`, let the worker finish them, and settle their futures on `loop`. Returns the Recorder
     and the batcher."""
     run = Recorder(fail_kinds)
-    batcher = Batcher(run, max_batch_tokens=max_batch_tokens, max_wait_ms=FOREVER_MS, max_batch=max_batch)
+    batcher = Batcher(run, max_batch_tokens, FOREVER_MS, max_batch, ms_per_token=0)
     for j in jobs:
         batcher.submit(j)
     batcher.close(timeout=30)
@@ -275,8 +276,9 @@ def test_a_job_settles_only_once_and_a_job_without_a_loop_is_ignored(loop):
 
 
 def test_small_jobs_run_between_the_steps_of_a_long_batch(loop):
-    """A batch that has run for a slice (here 0 ms) lets small waiting jobs run at its next step; a big waiting
-    job waits for it to end; and a batch whose clients have all gone is abandoned at its next step."""
+    """A batch that has run for a slice (here 0 ms) lets the small waiting jobs due before it run at its next
+    step; a big waiting job, or a small one due after it, waits for it to end; and a batch whose clients have
+    all gone is abandoned at its next step."""
     order, started = [], threading.Event()
 
     def run(kind, settings, texts, jobs, pause):
@@ -292,24 +294,59 @@ def test_small_jobs_run_between_the_steps_of_a_long_batch(loop):
             order.append(f"{texts[0]} done")
         return list(texts)
 
-    long, small, big = job(loop, texts=["long"], tokens=500), job(loop, texts=["small"]), job(loop, texts=["big"])
-    big.tokens = 500
-    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0)
+    long, big = job(loop, texts=["long"], tokens=500), job(loop, texts=["big"], tokens=500)
+    small, late = job(loop, texts=["small"]), job(loop, texts=["late"], settings="other")
+    # at 1 ms a token, due at 100.5 (long), 100.6 (big), 100.101 (small) and 100.901 (late)
+    long.arrived, big.arrived, small.arrived, late.arrived = 100.0, 100.1, 100.1, 100.9
+    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0, ms_per_token=1)
     batcher.submit(long)
     started.wait(30)
-    batcher.submit(big)
-    batcher.submit(small)
+    for j in (late, big, small):
+        batcher.submit(j)
     batcher.close(timeout=30)
     loop.run_until_complete(asyncio.sleep(0))
-    assert order == ["long", "small", "long done", "big"]
-    assert [j.future.result() for j in (long, small, big)] == [["long"], ["small"], ["big"]]
+    assert order == ["long", "small", "long done", "big", "late"]
+    assert [j.future.result() for j in (long, small, big, late)] == [["long"], ["small"], ["big"], ["late"]]
     gone = job(loop, texts=["abandoned"])
     order.clear()
     started.clear()
-    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0)
+    batcher = Batcher(run, 1000, 0, 1000, slice_ms=0, ms_per_token=0)
     batcher.submit(gone)
     started.wait(30)
     gone.cancelled = True
     batcher.close(timeout=30)
     loop.run_until_complete(asyncio.sleep(0))
     assert order == ["abandoned"] and isinstance(gone.future.exception(), DecodingCancelled)
+
+
+def blocked_batcher(loop, ms_per_token):
+    """A batcher whose worker is busy with a first job until `release` is set: what is submitted meanwhile
+    waits in its queue. Returns (batcher, release, order of the texts run)."""
+    order, release = [], threading.Event()
+
+    def run(kind, settings, texts, jobs, pause):
+        order.append(texts[0])
+        if texts[0] == "first":
+            release.wait(30)
+        return list(texts)
+
+    batcher = Batcher(run, 1000, 0, 1000, ms_per_token=ms_per_token)
+    batcher.submit(job(loop, texts=["first"]))
+    while not order:
+        time.sleep(0.001)
+    return batcher, release, order
+
+
+def test_small_jobs_go_before_large_ones_that_came_shortly_before_them(loop):
+    """A job of n tokens is due n x ms_per_token after it arrived: a sentence (1 token) that arrives 0.5 s
+    after a job of 1000 tokens at 1 ms a token runs first; one that arrives 1.5 s after it runs after it."""
+    batcher, release, order = blocked_batcher(loop, ms_per_token=1)
+    big, small, later = job(loop, texts=["big"], tokens=1000), job(loop, texts=["small"]), job(loop, texts=["later"])
+    big.arrived, small.arrived, later.arrived = 100.0, 100.5, 101.5  # due at 101.0, 100.501 and 101.501
+    for j in (big, later, small):
+        batcher.submit(j)
+    release.set()
+    batcher.close(timeout=30)
+    assert order == ["first", "small", "big", "later"]
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [j.future.result() for j in (big, small, later)] == [["big"], ["small"], ["later"]]

@@ -1,7 +1,8 @@
 """Dynamic batching: requests that arrive together are decoded together, by one worker thread per model.
 
 Request handlers (on the server's event loop) submit `Job`s and await their futures; the worker takes the
-first waiting job, keeps collecting for at most `max_wait_ms` or until `max_batch_tokens` source tokens (or
+waiting job that is due first (small jobs before large ones that came a little earlier: see `Batcher.due`), keeps
+collecting for at most `max_wait_ms` or until `max_batch_tokens` source tokens (or
 `max_batch` texts) are gathered, groups the jobs that can run as one call (same kind, same decoding settings),
 runs each group through the library's own functions, and hands every job exactly its own results. One worker,
 so the CPU's cores run one model call at a time (its own threads), never several fighting over them. A job
@@ -13,6 +14,7 @@ step at a time, the other batches running between its steps.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import queue
 import threading
@@ -67,7 +69,9 @@ class Batcher:
     one result per text (sliced back to the jobs here), calling `pause()` between its decoding steps (True: stop,
     raising generate.DecodingCancelled; see `_pause`). Jobs of kind "complete" go to `pool` (a
     `continuous.ContinuousBatcher`), which the worker advances one decoding step at a time, with the other
-    kinds' batches run between steps. At most `max_queue` jobs wait (beyond that `submit` raises QueueFull)."""
+    kinds' batches run between steps. At most `max_queue` jobs wait (beyond that `submit` raises QueueFull).
+    Waiting jobs run in the order they are due: a job of n tokens is due n x `ms_per_token` after it arrived
+    (0: in arrival order)."""
 
     def __init__(
         self,
@@ -77,12 +81,14 @@ class Batcher:
         max_batch: int,
         pool=None,
         max_queue: int = 256,
-        slice_ms: float = 50.0,
+        slice_ms: float = 10.0,
+        ms_per_token: float = 0.1,
     ) -> None:
         self.run, self.max_tokens, self.max_wait, self.max_batch = run, max_batch_tokens, max_wait_ms / 1000, max_batch
         self.pool, self.max_queue = pool, max_queue
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.held: list[Job] = []  # collected but left for the next batch (over the token budget)
+        self.held: list[Job] = []  # taken from the queue and not run yet, in the order they are due
+        self.per_token = ms_per_token / 1000
         self.batches = 0  # model calls made (for /v1/model and the tests)
         self.closing = False
         self.slice, self._since, self._inside = slice_ms / 1000, 0.0, False  # see _pause
@@ -135,11 +141,22 @@ class Batcher:
                 job.deliver(error=e)
                 job.emit(e)
 
+    def due(self, job: Job) -> float:
+        """When `job` should run: its arrival, later by `ms_per_token` for each of its tokens. A sentence is due
+        at once and goes before the parts of a long request that came shortly before it (4096 token slots: in
+        the next 0.4 s at the default), which then go before those that come after that: large requests make
+        way for small ones, for a while, and are never left behind for ever."""
+        return job.arrived + job.tokens * self.per_token
+
+    def _hold(self, job: Job) -> None:
+        bisect.insort(self.held, job, key=self.due)
+
     def _collect(self, wait: bool = True) -> Optional[list[Job]]:
         """The next batch of jobs: at least one (waiting for it) if `wait`, more while they fit and time allows;
         without `wait` (sequences are being generated), only those already queued. None: stop now."""
+        self._take_queued()
         jobs: list[Job] = []
-        while self.held and (not jobs or self._fits(jobs, self.held[0])):  # those taken out before, in order
+        while self.held and (not jobs or self._fits(jobs, self.held[0])):  # the jobs due first
             jobs.append(self.held.pop(0))
         free = time.perf_counter()
         if not jobs and wait:
@@ -150,7 +167,7 @@ class Batcher:
                 return None
             jobs = [first]
         deadline = free if not jobs else max(jobs[0].arrived, free) + self.max_wait
-        if not wait or self.held or jobs[0].kind == "complete":
+        if not wait or self.held or self.closing or jobs[0].kind == "complete":
             # the running sequences' next step waits for nobody, nor do jobs that waited already, and a
             # generation need not wait for company: whoever comes later joins it at its next step
             deadline = free
@@ -166,7 +183,7 @@ class Batcher:
                 self.closing = True  # stop once this batch and the sequences being generated are done
                 break
             if nxt.kind != "complete" and not self._fits(jobs, nxt):
-                self.held.append(nxt)
+                self._hold(nxt)
                 break
             jobs.append(nxt)
         return [j for j in jobs if not j.cancelled]
@@ -182,9 +199,9 @@ class Batcher:
 
     def _pause(self, group: list[Job]) -> bool:
         """Called by a batch between its decoding steps: True abandons it (every client gone or out of time).
-        A batch that has run for `slice` seconds first lets the small jobs waiting (a sentence or a few, a
-        tenth of the token budget at most) run as their own batches, so that a long batch (64 texts at beam
-        16, the longest outputs) delays the requests behind it by a slice, not by all of it."""
+        A batch that has run for `slice` seconds first lets the small jobs waiting that are due before it (a
+        sentence or a few, a tenth of the token budget at most) run as their own batches, so that a long batch
+        (64 texts at beam 16, the longest outputs) delays the requests behind it by a slice, not by all of it."""
         if all(j.cancelled for j in group):
             return True
         if self._inside or time.perf_counter() - self._since < self.slice:
@@ -192,10 +209,10 @@ class Batcher:
         self._inside = True
         try:
             self._take_queued()
-            small, budget = [], self.max_tokens
+            small, budget, due = [], self.max_tokens, min(self.due(j) for j in group)
             for j in self.held:
                 if j.kind in ("translate", "classify", "embed") and j.tokens <= self.max_tokens // 10:
-                    if j.tokens > budget:
+                    if j.tokens > budget or self.due(j) > due:
                         break
                     small.append(j)
                     budget -= j.tokens
@@ -208,7 +225,7 @@ class Batcher:
         return False
 
     def _take_queued(self) -> None:
-        """Everything queued now, into `held` (in order)."""
+        """Everything queued now, into `held` (in the order they are due)."""
         while True:
             try:
                 nxt = self.queue.get_nowait()
@@ -217,7 +234,7 @@ class Batcher:
             if nxt is None:
                 self.closing = True
             else:
-                self.held.append(nxt)
+                self._hold(nxt)
 
     @staticmethod
     def _groups(jobs: list[Job]) -> list[list[Job]]:

@@ -492,7 +492,8 @@ def _add_text_routes(app, svc: _Service, models: dict) -> None:
         n, cap = len(ckpt.src_tokenizer.encode(body.text)), svc.limits.max_attention_tokens
         if n > cap:  # the answer grows with layers x heads x the square of the length
             raise APIError(413, f"text has {n} tokens; /v1/attention takes at most {cap} (--max-attention-tokens)")
-        return (await svc.run(request, Job("attention", [body.text])))[0]
+        # its cost, for its place in the queue: the maps' forward pass and a translation, about 3 x n tokens
+        return (await svc.run(request, Job("attention", [body.text], tokens=3 * n)))[0]
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
