@@ -25,7 +25,7 @@ from helpers import free_port, tiny_model  # noqa: E402
 from transformer.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from transformer.generate import DecodingCancelled, DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Batching, Limits, create_app  # noqa: E402
-from transformer.serve.server import check_exposure, default_hosts  # noqa: E402
+from transformer.serve.guards import check_exposure, default_hosts  # noqa: E402
 from transformer.tokenizers import CharTokenizer  # noqa: E402
 
 WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
@@ -223,7 +223,8 @@ bodies = st.dictionaries(st.sampled_from(FIELDS), values, max_size=6) | values
 
 @pytest.fixture(scope="module")
 def fuzz_clients(ckpt, lm):
-    limits = Limits(max_new_tokens=8, max_texts=8, request_timeout=20)
+    # refusals by the thousand from one address: not slowed here (the slowing has its own test)
+    limits = Limits(max_new_tokens=8, max_texts=8, request_timeout=20, max_refusals_per_s=0)
     with TestClient(create_app(ckpt, limits), raise_server_exceptions=False) as a:
         with TestClient(create_app(lm, limits, name="lm"), raise_server_exceptions=False) as b:
             yield a, b
@@ -286,3 +287,54 @@ def test_small_requests_run_inside_a_long_batch_and_get_their_own_answers(ckpt):
     ]
     inside = sorted(t for was_inside, texts in ran if was_inside for t in texts)
     assert inside == sorted(WORDS)  # all of them ran inside the big request's first batch
+
+
+def test_a_client_that_keeps_being_refused_is_answered_late():
+    """SlowRefusals with a stopped clock and a recorded sleep: the first `rate` refusals of an address are
+    answered at once, the next one `delay` late; its well-formed requests and other addresses are not slowed;
+    a second later the bucket has drained by `rate`."""
+    import asyncio
+
+    from transformer.serve.guards import SlowRefusals
+
+    async def app(scope, receive, send):
+        status = 413 if scope["path"] == "/bad" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    guard, now, slept = SlowRefusals(app, rate=3, delay=1.0, addresses=2), [100.0], []
+    guard.clock = lambda: now[0]
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    guard.sleep = sleep
+
+    def call(path, address="10.0.0.1"):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(guard({"type": "http", "path": path, "client": (address, 5000)}, None, send))
+        return sent[0]["status"], len(slept)
+
+    assert [call("/bad") for _ in range(3)] == [(413, 0)] * 3
+    assert call("/bad") == (413, 1) and slept == [1.0]  # the 4th refusal within the second: late
+    assert call("/good") == (200, 1)  # a well-formed request of the same address: at once
+    assert call("/bad", "10.0.0.2") == (413, 1)  # another address: its own count
+    now[0] += 1.0  # 3 refusals drained: 4 - 3 + 1 = 2 <= 3
+    assert call("/bad") == (413, 1)
+    call("/bad", "10.0.0.3")
+    assert set(guard.buckets) == {"10.0.0.1", "10.0.0.3"}  # at most `addresses` remembered: the oldest forgotten
+    guard.rate = 0  # off: never slowed, nothing counted
+    assert [call("/bad")[1] for _ in range(10)] == [1] * 10
+
+
+def test_the_server_slows_refusals(ckpt):
+    """Installed by create_app, outside every other guard: at 0.5 refusals a second the first is 1 s late
+    (a lower bound on time: true on any machine)."""
+    with TestClient(create_app(ckpt, Limits(max_texts=1, max_refusals_per_s=0.5))) as c:
+        start = time.perf_counter()
+        r = c.post("/v1/translate", json={"texts": ["a", "b"]})
+        assert r.status_code == 413 and time.perf_counter() - start >= 1.0

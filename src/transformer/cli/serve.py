@@ -61,6 +61,13 @@ def add_serve(sub) -> None:
         help="seconds a client may take to send a request's headers, and its body; then it is cut off (default 10)",
     )
     sv.add_argument(
+        "--max-refusals-per-s",
+        type=nonneg_float,
+        default=10.0,
+        help="refused requests (4xx) a second from one client address; further ones are answered 1 s late, to slow "
+        "a client that floods the server (0: off; default 10)",
+    )
+    sv.add_argument(
         "--max-connections", type=positive_int, default=512, help="open connections; beyond, 503 (default 512)"
     )
     sv.add_argument("--docs", action="store_true", help="serve the OpenAPI page at /docs (its scripts come from a CDN)")
@@ -97,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         args.max_attention_tokens,
         args.request_timeout,
         args.body_timeout,
+        args.max_refusals_per_s,
     )
     batching = Batching(
         args.max_batch_tokens,

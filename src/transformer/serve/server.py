@@ -18,7 +18,6 @@ API key 401. The handlers run the same library functions as the command line, th
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -38,8 +37,17 @@ from ..task_registry import routes
 from ..templates import template
 from .batcher import Batcher, Job, QueueFull
 from .continuous import Completion, ContinuousBatcher
+from .guards import (
+    ApiKey,
+    BodyLimit,
+    SlowRefusals,
+    check_exposure,
+    default_hosts,
+    error_response,
+    header_timeout_protocol,
+)
 from .openai import PATHS as OPENAI_PATHS
-from .openai import APIError, add_openai_routes, error_body
+from .openai import APIError, add_openai_routes
 
 log = logging.getLogger("transformer")
 
@@ -56,6 +64,7 @@ class Limits:
     max_attention_tokens: int = 128  # source tokens of /v1/attention (its answer grows with their square)
     request_timeout: float = 300.0  # seconds a request may wait and run (a stream: between two pieces); then 504
     body_timeout: float = 10.0  # seconds a client may take to send its request body; then 408
+    max_refusals_per_s: float = 10.0  # 4xx a second to one client address; further ones answered 1 s late (0: off)
 
 
 @dataclass
@@ -376,28 +385,20 @@ def create_app(
     hidden = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="transformer", version=__version__, lifespan=lifespan, **hidden)
     app.state.service, app.state.on_worker_death = svc, None
-    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes, timeout=limits.body_timeout)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.body_timeout)
     if api_key:
-        app.add_middleware(_ApiKey, key=api_key)
+        app.add_middleware(ApiKey, key=api_key)
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    app.add_middleware(SlowRefusals, rate=limits.max_refusals_per_s)  # the last added: sees every refusal
     _add_error_handlers(app)
     models = _request_models(limits)
     _add_text_routes(app, svc, models)
     _add_generate_route(app, svc, models["generate"])
     add_openai_routes(app, svc)
     return app
-
-
-def error_response(path: str, status: int, message: str, param=None, code=None, headers=None):
-    """The JSON error of a route: OpenAI's shape on its routes, {"detail": ...} on the others."""
-    from fastapi.responses import JSONResponse
-
-    openai = path.startswith(OPENAI_PATHS)
-    body = error_body(status, message, param, code) if openai else {"detail": message}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _add_error_handlers(app) -> None:
@@ -569,89 +570,6 @@ def _request_models(limits: Limits) -> dict:
     return {"texts": Texts, "translate": Translate, "attention": Attention, "generate": Generate}
 
 
-class _BodyLimit:
-    """ASGI middleware: the request body is read whole before the route sees it: over `limit` bytes it is a 413
-    (whether or not it declared its length: a chunked body is counted as it comes), and a client that takes
-    over `timeout` seconds to send it (a byte a second) gets a 408 and is let go."""
-
-    def __init__(self, app, limit: int, timeout: float) -> None:
-        self.app, self.limit, self.timeout = app, limit, timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send, 413)
-        try:
-            body = await asyncio.wait_for(self._read(receive), self.timeout)
-        except asyncio.TimeoutError:
-            return await self._refuse(scope, receive, send, 408)
-        except _TooLarge:
-            return await self._refuse(scope, receive, send, 413)
-        if body is None:  # the client went away
-            return
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: a disconnect, for the routes that watch for one
-
-        await self.app(scope, replay, send)
-
-    async def _read(self, receive) -> Optional[bytes]:
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.limit:
-                raise _TooLarge()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def _refuse(self, scope, receive, send, status: int) -> None:
-        message = (
-            f"request body over {self.limit} bytes (--max-body-bytes)"
-            if status == 413
-            else f"the request body took over {self.timeout:g} s to arrive (--body-timeout)"
-        )
-        response = error_response(scope["path"], status, message)
-        response.headers["Connection"] = "close"
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _ApiKey:
-    """ASGI middleware: every request but /health and the page (which holds no data: it asks for the key)
-    needs `Authorization: Bearer <key>`; a missing or wrong one is a 401 (compared in constant time)."""
-
-    OPEN = ("/health", "/")
-
-    def __init__(self, app, key: str) -> None:
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
-            return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if hmac.compare_digest(given, b"Bearer " + self.key):
-            return await self.app(scope, receive, send)
-        message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
-        response = error_response(scope["path"], 401, message, None, "invalid_api_key")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
-
-
 def serve(
     checkpoint: str,
     host: str = "127.0.0.1",
@@ -696,7 +614,7 @@ def serve(
         log_level="warning",
         timeout_graceful_shutdown=30,
         limit_concurrency=batching.max_connections,
-        http=_header_timeout_protocol(limits.body_timeout),
+        http=header_timeout_protocol(limits.body_timeout),
     )
     server, died = _Server(config), []
 
@@ -708,75 +626,6 @@ def serve(
     server.run()
     if died:
         raise TransformerError(f"the decoding worker died ({died[0]!r}): the server stopped, to be restarted")
-
-
-def default_hosts(host: str) -> list[str]:
-    """The Host headers a server on `host` answers: loopback names for a loopback server, its own name (and
-    loopback's) for a named host, any for 0.0.0.0 or :: (the API key guards it)."""
-    local = ["127.0.0.1", "localhost", "::1"]
-    if host in ("0.0.0.0", "::"):
-        return ["*"]
-    return local if host in LOOPBACK or host.startswith("127.") else [host, *local]
-
-
-def _header_timeout_protocol(timeout: float):
-    """uvicorn's HTTP protocol, but a client that has not sent a request's headers within `timeout` seconds of
-    starting it (or of connecting) is disconnected (uvicorn has no such limit: a client sending a byte a second
-    would hold its connection for ever). None where httptools (uvicorn's fast parser) is missing."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # pragma: no cover - httptools is in the serve extra
-        return "auto"
-
-    class Protocol(HttpToolsProtocol):
-        header_timer = None
-
-        def _arm(self) -> None:
-            self._disarm()
-            self.header_timer = self.loop.call_later(timeout, self._too_slow)
-
-        def _disarm(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def _too_slow(self) -> None:
-            self.header_timer = None
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return Protocol
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def check_exposure(host: str, api_key: Optional[str], insecure: bool) -> None:
-    """Refuse to listen beyond loopback without an API key, unless `insecure` (then warn)."""
-    if host in LOOPBACK or host.startswith("127.") or api_key:
-        return
-    if not insecure:
-        raise TransformerError(
-            f"--host {host} makes the server reachable from other machines: give it an API key (--api-key KEY or "
-            "the TRANSFORMER_API_KEY environment variable), or --insecure to serve anyone who can reach it"
-        )
-    log.warning("serving on %s without an API key (--insecure): anyone who can reach this port can use it", host)
 
 
 def _server_class():
