@@ -1,9 +1,9 @@
 """Abuse under load: well-formed translation clients with and without abusive ones beside them, over loopback.
 
-    python -m bench.serve_abuse CKPT --src FILE [--clients 8] [--seconds 60]
+    python -m bench.serve_abuse CKPT --src FILE [--clients 8] [--seconds 60] [--serve-args "--max-refusals-per-s 0"]
 
 CKPT is a translation checkpoint (`make demo` writes one: demo-run/best). The server runs with its default
-limits. Two phases of --seconds each, on a fresh server each:
+limits, or those --serve-args give (in both phases). Two phases of --seconds each, on a fresh server each:
 
 - baseline: --clients well-formed clients, each sending one sentence of FILE per request (beam 1), back to back;
 - abuse: the same clients, and beside them, each in a loop: texts of the maximal length with max_len_a 10 and the
@@ -24,6 +24,7 @@ import asyncio
 import collections
 import json
 import multiprocessing
+import shlex
 import socket
 import statistics
 import subprocess
@@ -159,10 +160,9 @@ def abuse_process(url: str, port: int, sentences: list[str], seconds: float, res
     results.put({k: dict(v) for k, v in out["status"].items()})
 
 
-def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool) -> dict:
-
+def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool, flags=()) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu", *flags]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     out = {
@@ -225,13 +225,15 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, help="sentences for the well-formed clients, one per line")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--serve-args", default="", help="more `transformer serve` flags, for both phases")
     p.add_argument("--json", default="bench/serve_abuse.json")
     args = p.parse_args(argv)
+    flags = shlex.split(args.serve_args)
     sentences = [s.strip() for s in Path(args.src).read_text(encoding="utf-8").splitlines() if s.strip()]
-    table = {"clients": args.clients, "seconds": args.seconds}
-    table["baseline"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=False)
+    table = {"clients": args.clients, "seconds": args.seconds, "serve_args": flags}
+    table["baseline"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=False, flags=flags)
     print("baseline", table["baseline"], flush=True)
-    table["abuse"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=True)
+    table["abuse"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=True, flags=flags)
     print("abuse", table["abuse"], flush=True)
     table["p95_ratio"] = round(table["abuse"]["p95_ms"] / table["baseline"]["p95_ms"], 2)
     print(json.dumps(table, indent=1))
