@@ -327,6 +327,8 @@ def test_a_client_that_keeps_being_refused_is_answered_late():
     assert call("/bad") == (413, 1)
     call("/bad", "10.0.0.3")
     assert set(guard.buckets) == {"10.0.0.1", "10.0.0.3"}  # at most `addresses` remembered: the oldest forgotten
+    guard.most_sleeping = 0  # as many refusals waiting as allowed: those over the rate are answered at once
+    assert [call("/bad") for _ in range(3)] == [(413, 1)] * 3  # counts 3, 4, 5: two over the rate
     guard.rate = 0  # off: never slowed, nothing counted
     assert [call("/bad")[1] for _ in range(10)] == [1] * 10
 

@@ -1,9 +1,9 @@
 """Dynamic batching: requests that arrive together are decoded together, by one worker thread per model.
 
 Request handlers (on the server's event loop) submit `Job`s and await their futures; the worker takes the
-waiting job that is due first (small jobs before large ones that came a little earlier: see `Batcher.due`), keeps
-collecting for at most `max_wait_ms` or until `max_batch_tokens` source tokens (or
-`max_batch` texts) are gathered, groups the jobs that can run as one call (same kind, same decoding settings),
+waiting job that is due first (small jobs before large ones that came a little earlier: see `Batcher.due`),
+keeps collecting for at most `max_wait_ms` or until `max_batch_tokens` source tokens (or `max_batch` texts)
+are gathered, groups the jobs that can run as one call (same kind, same decoding settings),
 runs each group through the library's own functions, and hands every job exactly its own results. One worker,
 so the CPU's cores run one model call at a time (its own threads), never several fighting over them. A job
 whose client went away is dropped before it is run (and a running translation stops at its next step).

@@ -116,13 +116,16 @@ class SlowRefusals:
     refuse (each cheap to refuse, but thousands a second) is slowed to about `rate` a second, holding a sleeping
     connection rather than the event loop; its well-formed requests, and every other client's, are not delayed.
     `rate` 0: off. The count is a leaky bucket per address (`rate` refusals a second drain it), so a client's
-    occasional mistakes, or a short burst of up to `rate`, are answered at once."""
+    occasional mistakes, or a short burst of up to `rate`, are answered at once. At most `sleeping` refusals wait
+    at a time (the others are answered at once), so a flood over many connections cannot fill the server's
+    connection limit with them."""
 
     clock, sleep = staticmethod(time.monotonic), staticmethod(asyncio.sleep)  # (a test's to replace)
 
-    def __init__(self, app, rate: float, delay: float = 1.0, addresses: int = 10_000) -> None:
+    def __init__(self, app, rate: float, delay: float = 1.0, addresses: int = 10_000, sleeping: int = 64) -> None:
         self.app, self.rate, self.delay, self.addresses = app, rate, delay, addresses
         self.buckets: dict[str, tuple[float, float]] = {}  # address -> (refusals counted, when)
+        self.sleeping, self.most_sleeping = 0, sleeping
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.rate:
@@ -130,8 +133,13 @@ class SlowRefusals:
         address = (scope.get("client") or ("?",))[0]
 
         async def send_late(message):
-            if message["type"] == "http.response.start" and 400 <= message["status"] < 500 and self.over(address):
-                await self.sleep(self.delay)
+            refused = message["type"] == "http.response.start" and 400 <= message["status"] < 500
+            if refused and self.over(address) and self.sleeping < self.most_sleeping:
+                self.sleeping += 1
+                try:
+                    await self.sleep(self.delay)
+                finally:
+                    self.sleeping -= 1
             await send(message)
 
         await self.app(scope, receive, send_late)
