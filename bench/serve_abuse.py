@@ -13,7 +13,8 @@ limits, or those --serve-args give (in both phases). Two phases of --seconds eac
 run in a process of their own (all share the machine's cores with the server).
 
 For each phase: the well-formed clients' requests and latency p50/p95; every status seen, by kind of client; 5xx
-(the target is none); the server's RSS (largest sample); /health polled every 0.5 s (its worst latency and any
+(the target is none); the server's RSS (largest sample, and that of the first and of the last third of the phase:
+bounded memory does not grow); /health polled every 0.5 s (its worst latency and any
 failure). Prints the abuse/baseline p95 ratio (the target is <= 2) and writes --json.
 """
 
@@ -212,11 +213,18 @@ def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: 
             "statuses": statuses,
             "5xx": sum(n for v in out["status"].values() for s, n in v.items() if str(s).startswith("5")),
             "rss_max_mib": round(max(samples, default=rss_mib(proc.pid)), 1),
+            # bounded, not growing: the largest sample of the first and of the last third of the phase
+            "rss_first_last_third_mib": [round(max(part, default=0), 1) for part in thirds(samples)],
             "health_worst_ms": round(out["health_worst_ms"], 1),
             "health_failures": out["health_failures"],
         }
     finally:
         proc.kill()
+
+
+def thirds(samples: list[float]) -> tuple[list[float], list[float]]:
+    k = max(1, len(samples) // 3)
+    return samples[:k], samples[-k:]
 
 
 def main(argv=None) -> int:
