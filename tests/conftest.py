@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -7,8 +9,10 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the peers must never reach for a hub: everything is on local disk
-# prepared corpora go to a directory of this test session's, not the user's cache
-os.environ.setdefault("TRANSFORMER_CACHE", tempfile.mkdtemp(prefix="transformer-test-cache-"))
+# prepared corpora go to a directory of this test session's, not the user's cache, removed when the session ends
+if "TRANSFORMER_CACHE" not in os.environ:
+    os.environ["TRANSFORMER_CACHE"] = tempfile.mkdtemp(prefix="transformer-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRANSFORMER_CACHE"], ignore_errors=True)
 
 
 def _fix_cpu_paths() -> None:
