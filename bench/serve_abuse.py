@@ -1,6 +1,7 @@
 """Abuse under load: well-formed translation clients with and without abusive ones beside them, over loopback.
 
-    python -m bench.serve_abuse CKPT --src FILE [--clients 8] [--seconds 60] [--serve-args "--max-refusals-per-s 0"]
+    python -m bench.serve_abuse CKPT --src FILE [--clients 8] [--seconds 60] [--warmup 5]
+                                [--serve-args "--max-refusals-per-s 0"]
 
 CKPT is a translation checkpoint (`make demo` writes one: demo-run/best). The server runs with its default
 limits, or those --serve-args give (in both phases). Two phases of --seconds each, on a fresh server each:
@@ -161,7 +162,9 @@ def abuse_process(url: str, port: int, sentences: list[str], seconds: float, res
     results.put({k: dict(v) for k, v in out["status"].items()})
 
 
-def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool, flags=()) -> dict:
+def phase(
+    ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: bool, flags=(), warmup: float = 5.0
+) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "transformer", "serve", ckpt, "--port", str(port), "--device", "cpu", *flags]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -174,7 +177,7 @@ def phase(ckpt: str, sentences: list[str], clients: int, seconds: float, abuse: 
     }
     try:
         wait_for_health(url)
-        warm = time.perf_counter() + 5
+        warm = time.perf_counter() + warmup
         asyncio.run(asyncio.wait_for(well_formed(url, sentences, 0, warm, out), 60))  # warm-up, not counted
         out["latency"].clear()
         out["status"].clear()
@@ -233,15 +236,17 @@ def main(argv=None) -> int:
     p.add_argument("--src", required=True, help="sentences for the well-formed clients, one per line")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of well-formed load before each phase")
     p.add_argument("--serve-args", default="", help="more `transformer serve` flags, for both phases")
     p.add_argument("--json", default="bench/serve_abuse.json")
     args = p.parse_args(argv)
     flags = shlex.split(args.serve_args)
     sentences = [s.strip() for s in Path(args.src).read_text(encoding="utf-8").splitlines() if s.strip()]
     table = {"clients": args.clients, "seconds": args.seconds, "serve_args": flags}
-    table["baseline"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=False, flags=flags)
+    run = dict(flags=flags, warmup=args.warmup)
+    table["baseline"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=False, **run)
     print("baseline", table["baseline"], flush=True)
-    table["abuse"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=True, flags=flags)
+    table["abuse"] = phase(args.checkpoint, sentences, args.clients, args.seconds, abuse=True, **run)
     print("abuse", table["abuse"], flush=True)
     table["p95_ratio"] = round(table["abuse"]["p95_ms"] / table["baseline"]["p95_ms"], 2)
     print(json.dumps(table, indent=1))

@@ -69,6 +69,27 @@ def test_bench_smoke(tmp_path):
     assert any("peak_mib" in r for r in data["rows"])
 
 
+def test_serve_abuse_runs_and_the_server_holds(reverse_checkpoint, tmp_path):
+    """bench.serve_abuse in a few seconds: both phases run, every well-formed request is answered 200 beside
+    the abusive clients, none of which gets a 5xx, and the over-the-limit ones are refused (413)."""
+    pytest.importorskip("fastapi", reason="serving needs the serve extra: pip install 'transformer[serve]'")
+    pytest.importorskip("httpx", reason="the bench's HTTP client: pip install httpx")
+    words, out = tmp_path / "words.txt", tmp_path / "abuse.json"
+    words.write_text("\n".join(["abc", "hello", "world", "reverse", "tiny", "words"]) + "\n")
+    cmd = [sys.executable, "-m", "bench.serve_abuse", str(reverse_checkpoint), "--src", str(words)]
+    flags = ["--seconds", "2", "--clients", "2", "--warmup", "0.5", "--json", str(out)]
+    proc = subprocess.run([*cmd, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for name in ("baseline", "abuse"):
+        phase = data[name]
+        assert phase["well_formed_requests"] > 0 and phase["statuses"]["well-formed"] == {
+            "200": phase["well_formed_requests"]
+        }
+        assert phase["5xx"] == 0
+    assert set(data["abuse"]["statuses"]["attention, too long"]) == {"413"}
+
+
 @pytest.mark.parametrize("beam", [1, 5])
 def test_decoding_contenders_write_the_same_tokens(beam):
     """Every decoding contender writes exactly batch x new_tokens tokens: </s> is suppressed the same way for
