@@ -9,6 +9,10 @@ import torch
 FP32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7
 
 
+# words the reverse-task fixture (conftest's reverse_run) is asked to reverse in the tests of decoding and serving
+REVERSE_WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
+
+
 def fp32_atol(reference: torch.Tensor, depth: int) -> float:
     """Absolute tolerance for two fp32 evaluations of one function that differ only in the order of their sums
     (another kernel; padding, batching or a cache that changes how a product is blocked; another BLAS on

@@ -8,13 +8,12 @@ ctranslate2 = pytest.importorskip(
     "ctranslate2", reason="CTranslate2 is in the bench and dev extras: pip install ctranslate2"
 )
 
+from helpers import REVERSE_WORDS as WORDS  # noqa: E402
 from transformer import CheckpointError  # noqa: E402
 from transformer.batching import pad_batch  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import beam_search, greedy  # noqa: E402
 from transformer.interop.ctranslate2 import export_ct2  # noqa: E402
-
-WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from helpers import REVERSE_WORDS as WORDS
 from helpers import tiny_model, tiny_run_config
 from transformer.batching import pad_batch
 from transformer.checkpoint import load_checkpoint
@@ -19,7 +20,6 @@ from transformer.train import Trainer
 pytestmark = pytest.mark.cuda
 
 # strings of different lengths: sentences finish at different steps, so the active batch shrinks mid-decoding
-WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
 
 
 def test_a_few_training_steps_on_the_gpu(tmp_path):

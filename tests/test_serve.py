@@ -15,11 +15,10 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client: pip install
 from fastapi.testclient import TestClient  # noqa: E402
 
 from helpers import CHROMIUM_FLAGS, chromium_or_skip, start_server  # noqa: E402
+from helpers import REVERSE_WORDS as WORDS  # noqa: E402
 from transformer.checkpoint import load_checkpoint  # noqa: E402
 from transformer.generate import DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Batching, Limits, create_app  # noqa: E402
-
-WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
 
 
 @pytest.fixture(scope="module")

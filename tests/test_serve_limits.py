@@ -21,14 +21,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from helpers import REVERSE_WORDS as WORDS  # noqa: E402
 from helpers import free_port, tiny_model  # noqa: E402
 from transformer.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from transformer.generate import DecodingCancelled, DecodingSettings, translate_texts  # noqa: E402
 from transformer.serve import Batching, Limits, create_app  # noqa: E402
 from transformer.serve.guards import check_exposure, default_hosts  # noqa: E402
 from transformer.tokenizers import CharTokenizer  # noqa: E402
-
-WORDS = ["abc", "hello", "zyxwvut", "q", "transfor", "mmmm", "ab", "qwertyui"]
 
 
 @pytest.fixture(scope="module")
